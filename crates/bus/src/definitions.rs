@@ -1,0 +1,284 @@
+//! Stream, consumer and bucket definitions from `streams/`, applied idempotently.
+//!
+//! The files are embedded in the binary at build time, so `mozaiks` runs from any directory;
+//! `MOZAIKS_STREAMS_DIR` (or [`Definitions::load_dir`]) points at another set, e.g. the
+//! replicated production definitions.
+
+use std::path::Path;
+
+use async_nats::jetstream::{self, consumer, stream};
+use serde::Deserialize;
+use tracing::info;
+
+use crate::{Bus, Error};
+
+/// A durable consumer: the stream it reads and its NATS configuration.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ConsumerDef {
+    pub stream: String,
+    pub config: consumer::Config,
+}
+
+/// A key-value bucket.
+#[derive(Clone, Debug, Deserialize)]
+pub struct BucketDef {
+    pub bucket: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default = "one")]
+    pub history: i64,
+    #[serde(default)]
+    pub storage: stream::StorageType,
+    #[serde(default = "one_usize")]
+    pub num_replicas: usize,
+}
+
+fn one() -> i64 {
+    1
+}
+fn one_usize() -> usize {
+    1
+}
+
+/// Everything the runtime needs on the server.
+#[derive(Clone, Debug, Default)]
+pub struct Definitions {
+    pub streams: Vec<stream::Config>,
+    pub consumers: Vec<ConsumerDef>,
+    pub buckets: Vec<BucketDef>,
+}
+
+const EMBEDDED: &[(&str, &str)] = &[
+    ("MZ_EVT.json", include_str!("../../../streams/MZ_EVT.json")),
+    ("MZ_CMD.json", include_str!("../../../streams/MZ_CMD.json")),
+    (
+        "MZ_USAGE.json",
+        include_str!("../../../streams/MZ_USAGE.json"),
+    ),
+    ("MZ_OPS.json", include_str!("../../../streams/MZ_OPS.json")),
+    (
+        "consumers/workers.json",
+        include_str!("../../../streams/consumers/workers.json"),
+    ),
+    (
+        "consumers/projector.json",
+        include_str!("../../../streams/consumers/projector.json"),
+    ),
+    (
+        "consumers/billing.json",
+        include_str!("../../../streams/consumers/billing.json"),
+    ),
+    (
+        "kv/MZ_APPS.json",
+        include_str!("../../../streams/kv/MZ_APPS.json"),
+    ),
+];
+
+impl Definitions {
+    /// The definitions shipped in `streams/`, embedded at build time.
+    pub fn embedded() -> Result<Definitions, Error> {
+        let mut defs = Definitions::default();
+        for (file, text) in EMBEDDED {
+            defs.add(file, text)?;
+        }
+        Ok(defs)
+    }
+
+    /// Reads `*.json`, `consumers/*.json` and `kv/*.json` under `dir`.
+    pub fn load_dir(dir: &Path) -> Result<Definitions, Error> {
+        let mut defs = Definitions::default();
+        for sub in ["", "consumers", "kv"] {
+            let d = dir.join(sub);
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            let mut files: Vec<_> = entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect();
+            files.sort();
+            for path in files {
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::Definition {
+                    file: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                let rel = if sub.is_empty() {
+                    path.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .to_string()
+                } else {
+                    format!(
+                        "{sub}/{}",
+                        path.file_name().unwrap_or_default().to_string_lossy()
+                    )
+                };
+                defs.add(&rel, &text)?;
+            }
+        }
+        if defs.streams.is_empty() {
+            return Err(Error::Definition {
+                file: dir.display().to_string(),
+                reason: "no stream definitions found".into(),
+            });
+        }
+        Ok(defs)
+    }
+
+    fn add(&mut self, file: &str, text: &str) -> Result<(), Error> {
+        let bad = |e: serde_json::Error| Error::Definition {
+            file: file.to_string(),
+            reason: e.to_string(),
+        };
+        if file.starts_with("consumers/") {
+            self.consumers
+                .push(serde_json::from_str(text).map_err(bad)?);
+        } else if file.starts_with("kv/") {
+            self.buckets.push(serde_json::from_str(text).map_err(bad)?);
+        } else {
+            let cfg: stream::Config = serde_json::from_str(text).map_err(bad)?;
+            if cfg.name.is_empty() {
+                return Err(Error::Definition {
+                    file: file.to_string(),
+                    reason: "stream needs a name".into(),
+                });
+            }
+            self.streams.push(cfg);
+        }
+        Ok(())
+    }
+}
+
+impl Bus {
+    /// Creates or updates every stream, consumer and bucket. Safe to run concurrently from many
+    /// replicas and on every start.
+    pub async fn apply(&self, defs: &Definitions) -> Result<(), Error> {
+        let s = self.subjects();
+        for cfg in &defs.streams {
+            let mut cfg = cfg.clone();
+            cfg.name = s.name(&cfg.name);
+            cfg.subjects = cfg.subjects.iter().map(|x| s.apply(x)).collect();
+            if let Some(sources) = cfg.sources.as_mut() {
+                for src in sources {
+                    src.name = s.name(&src.name);
+                    if let Some(f) = src.filter_subject.as_mut() {
+                        *f = s.apply(f);
+                    }
+                }
+            }
+            apply_stream(self.jetstream(), cfg).await?;
+        }
+        for def in &defs.consumers {
+            let stream = self.stream(&def.stream).await?;
+            let mut cfg = def.config.clone();
+            if !cfg.filter_subject.is_empty() {
+                cfg.filter_subject = s.apply(&cfg.filter_subject);
+            }
+            let name = cfg.durable_name.clone().unwrap_or_default();
+            // create_consumer creates, or updates a consumer whose config differs in editable fields.
+            stream
+                .create_consumer(cfg)
+                .await
+                .map_err(|e| Error::JetStream(format!("consumer {name}: {e}")))?;
+        }
+        for b in &defs.buckets {
+            let cfg = jetstream::kv::Config {
+                bucket: s.name(&b.bucket),
+                description: b.description.clone(),
+                history: b.history,
+                storage: b.storage,
+                num_replicas: b.num_replicas,
+                ..Default::default()
+            };
+            self.jetstream()
+                .create_or_update_key_value(cfg)
+                .await
+                .map_err(|e| Error::JetStream(format!("bucket {}: {e}", b.bucket)))?;
+        }
+        info!(
+            streams = defs.streams.len(),
+            consumers = defs.consumers.len(),
+            buckets = defs.buckets.len(),
+            "Stream definitions applied."
+        );
+        Ok(())
+    }
+}
+
+async fn apply_stream(js: &jetstream::Context, cfg: stream::Config) -> Result<(), Error> {
+    let name = cfg.name.clone();
+    match js.get_stream(&name).await {
+        Ok(mut existing) => {
+            let current = existing.info().await.map_err(Error::js)?.config.clone();
+            if differs(&current, &cfg) {
+                js.update_stream(&cfg)
+                    .await
+                    .map_err(|e| Error::JetStream(format!("update stream {name}: {e}")))?;
+                info!(stream = %name, "Stream updated to match its definition.");
+            }
+            Ok(())
+        }
+        Err(_) => match js.create_stream(cfg.clone()).await {
+            Ok(_) => {
+                info!(stream = %name, "Stream created.");
+                Ok(())
+            }
+            // Another replica created it between our get and create.
+            Err(e) if js.get_stream(&name).await.is_ok() => {
+                tracing::debug!(stream = %name, error = %e, "Stream created concurrently.");
+                Ok(())
+            }
+            Err(e) => Err(Error::JetStream(format!("create stream {name}: {e}"))),
+        },
+    }
+}
+
+/// Whether the editable parts of a stream's configuration differ from its definition.
+fn differs(current: &stream::Config, wanted: &stream::Config) -> bool {
+    current.subjects != wanted.subjects
+        || current.max_age != wanted.max_age
+        || current.max_bytes != wanted.max_bytes
+        || current.max_messages != wanted.max_messages
+        || current.max_message_size != wanted.max_message_size
+        || current.duplicate_window != wanted.duplicate_window
+        || current.num_replicas != wanted.num_replicas
+        || current.description != wanted.description
+        || current.sources != wanted.sources
+        || current.allow_direct != wanted.allow_direct
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_definitions_parse() {
+        let d = Definitions::embedded().unwrap();
+        assert_eq!(d.streams.len(), 4);
+        assert_eq!(d.consumers.len(), 3);
+        assert_eq!(d.buckets.len(), 1);
+        let evt = d.streams.iter().find(|s| s.name == "MZ_EVT").unwrap();
+        assert_eq!(evt.duplicate_window, std::time::Duration::from_secs(120));
+    }
+
+    #[test]
+    fn embedded_match_the_streams_folder() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../streams");
+        let from_dir = Definitions::load_dir(&dir).unwrap();
+        assert_eq!(
+            from_dir.streams.len(),
+            4,
+            "a new file in streams/ must be embedded too"
+        );
+        assert_eq!(from_dir.consumers.len(), 3);
+        assert_eq!(from_dir.buckets.len(), 1);
+    }
+
+    #[test]
+    fn a_broken_file_names_itself() {
+        let mut d = Definitions::default();
+        let err = d.add("MZ_X.json", "{ not json").unwrap_err();
+        assert!(matches!(err, Error::Definition { ref file, .. } if file == "MZ_X.json"));
+    }
+}

@@ -1,0 +1,122 @@
+//! NATS JetStream access for every role.
+//!
+//! [`Bus`] wraps one NATS connection with its namespace ([`Subjects`]). It applies the stream,
+//! consumer and bucket definitions of `streams/` ([`definitions`]), appends events to a chat's log
+//! with optimistic concurrency ([`Bus::append`]), sends commands, and reads a chat's log back.
+
+pub mod definitions;
+mod log;
+pub mod metrics;
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+pub use log::{Appended, ChatPosition};
+use mozaiks_events::subjects::Subjects;
+
+/// Errors of the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    /// Another writer appended to the chat first (expected-last-subject-sequence failed).
+    #[error("chat {chat_id} was written concurrently")]
+    Conflict { chat_id: String },
+    #[error("invalid definition {file}: {reason}")]
+    Definition { file: String, reason: String },
+    #[error("JetStream request failed: {0}")]
+    JetStream(String),
+    #[error(transparent)]
+    Codec(#[from] mozaiks_events::Error),
+}
+
+impl Error {
+    pub(crate) fn js(e: impl std::fmt::Display) -> Error {
+        Error::JetStream(e.to_string())
+    }
+}
+
+/// One NATS connection with its namespace. Cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+}
+
+impl Bus {
+    /// Connects to `url` (comma-separated for a cluster); `namespace` prefixes every subject and
+    /// stream name (empty for the default install).
+    pub async fn connect(url: &str, namespace: &str, name: &str) -> Result<Bus, Error> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(5))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(url)
+            .await
+            .map_err(|e| Error::Connect {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?;
+        // `retry_on_initial_connect` returns at once; wait until the first connect succeeds so that a
+        // wrong URL is reported at start rather than by the first request.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Connect {
+                    url: url.to_string(),
+                    reason: "no answer within 10 s".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let js = jetstream::new(client.clone());
+        Ok(Bus {
+            client,
+            js,
+            subjects: Subjects::new(namespace),
+        })
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// Whether the connection is up (for readiness).
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Round-trips to the server and JetStream (for readiness).
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.client.flush().await.map_err(Error::js)?;
+        self.js.query_account().await.map_err(Error::js)?;
+        Ok(())
+    }
+
+    /// A stream of this namespace by its base name (`"MZ_EVT"`).
+    pub async fn stream(&self, base: &str) -> Result<jetstream::stream::Stream, Error> {
+        self.js
+            .get_stream(self.subjects.name(base))
+            .await
+            .map_err(Error::js)
+    }
+
+    /// The epoch of the event log: when `MZ_EVT` was created, as RFC 3339. A recreated stream has a
+    /// new epoch, so clients holding seqs of the old one are told to resync instead of resuming.
+    pub async fn log_epoch(&self) -> Result<String, Error> {
+        let mut stream = self.stream("MZ_EVT").await?;
+        let info = stream.info().await.map_err(Error::js)?;
+        let created = info.created;
+        Ok(format!("{}", created.unix_timestamp_nanos()))
+    }
+}

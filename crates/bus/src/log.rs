@@ -1,0 +1,193 @@
+//! A chat's log: append with optimistic concurrency, read back, follow live.
+
+use std::time::Instant;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer};
+use futures::{Stream, StreamExt};
+use mozaiks_events::{CommandEnvelope, Envelope, codec};
+
+use crate::{Bus, Error, metrics as m};
+
+/// Header naming the codec of a message's payload.
+pub const CODEC_HEADER: &str = "Mz-Codec";
+
+/// Where a chat's log ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChatPosition {
+    /// The last per-chat `seq` (0 for a chat with no events).
+    pub seq: u64,
+    /// The stream sequence of that event (0 for none); the next append expects it.
+    pub stream_seq: u64,
+}
+
+/// An event that reached the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub stream_seq: u64,
+}
+
+impl Bus {
+    /// Appends one event to its chat's log, only if the chat's last event is still at
+    /// `expected_stream_seq` (0: the chat has no events). [`Error::Conflict`] means another writer
+    /// got there first: reload the chat and decide again.
+    pub async fn append(
+        &self,
+        env: &Envelope,
+        expected_stream_seq: u64,
+    ) -> Result<Appended, Error> {
+        let started = Instant::now();
+        let subject = self
+            .subjects()
+            .event(&env.app_id, &env.chat_id, env.event.type_name());
+        let payload = codec::encode_event(env)?;
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", env.event_id.to_string().as_str());
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            expected_stream_seq.to_string().as_str(),
+        );
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence-Subject",
+            self.subjects()
+                .chat_events(&env.app_id, &env.chat_id)
+                .as_str(),
+        );
+        headers.insert(CODEC_HEADER, codec::CODEC);
+        let ack = self
+            .jetstream()
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(Error::js)?
+            .await;
+        match ack {
+            Ok(ack) => {
+                metrics::counter!(m::APPENDS).increment(1);
+                metrics::histogram!(m::APPEND_SECONDS).record(started.elapsed().as_secs_f64());
+                Ok(Appended {
+                    stream_seq: ack.sequence,
+                })
+            }
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                metrics::counter!(m::APPEND_CONFLICTS).increment(1);
+                Err(Error::Conflict {
+                    chat_id: env.chat_id.clone(),
+                })
+            }
+            Err(e) => Err(Error::js(e)),
+        }
+    }
+
+    /// Sends a command to a chat's owner. `msg_id` deduplicates within the stream's window (for
+    /// example `chat_id:client_msg_id`); without it the command id is used.
+    pub async fn send_command(
+        &self,
+        cmd: &CommandEnvelope,
+        msg_id: Option<&str>,
+    ) -> Result<(), Error> {
+        let subject = self.subjects().command(&cmd.app_id, &cmd.chat_id);
+        let mut headers = HeaderMap::new();
+        let id = msg_id
+            .map(str::to_string)
+            .unwrap_or_else(|| cmd.command_id.to_string());
+        headers.insert("Nats-Msg-Id", id.as_str());
+        headers.insert(CODEC_HEADER, codec::CODEC);
+        self.jetstream()
+            .publish_with_headers(subject, headers, codec::encode_command(cmd)?.into())
+            .await
+            .map_err(Error::js)?
+            .await
+            .map_err(Error::js)?;
+        metrics::counter!(m::COMMANDS_SENT).increment(1);
+        Ok(())
+    }
+
+    /// The end of a chat's log.
+    pub async fn chat_position(&self, app_id: &str, chat_id: &str) -> Result<ChatPosition, Error> {
+        Ok(self
+            .last_event(app_id, chat_id)
+            .await?
+            .map(|(env, stream_seq)| ChatPosition {
+                seq: env.seq,
+                stream_seq,
+            })
+            .unwrap_or_default())
+    }
+
+    /// A chat's last event and its stream sequence, or `None` for a chat that does not exist.
+    pub async fn last_event(
+        &self,
+        app_id: &str,
+        chat_id: &str,
+    ) -> Result<Option<(Envelope, u64)>, Error> {
+        let stream = self.stream("MZ_EVT").await?;
+        match stream
+            .get_last_raw_message_by_subject(&self.subjects().chat_events(app_id, chat_id))
+            .await
+        {
+            Ok(msg) => Ok(Some((codec::decode_event(&msg.payload)?, msg.sequence))),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(Error::js(e)),
+        }
+    }
+
+    /// Every event of a chat with `seq > after`, in order, each with its stream sequence.
+    pub async fn read_chat(
+        &self,
+        app_id: &str,
+        chat_id: &str,
+        after: u64,
+    ) -> Result<Vec<(Envelope, u64)>, Error> {
+        let end = self.chat_position(app_id, chat_id).await?;
+        if end.seq <= after {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity((end.seq - after) as usize);
+        let mut events = self.follow_chat(app_id, chat_id, 0).await?;
+        while let Some(item) = events.next().await {
+            let (env, stream_seq) = item?;
+            if env.seq > after {
+                out.push((env, stream_seq));
+            }
+            if stream_seq >= end.stream_seq {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A chat's events from stream sequence `from_stream_seq` (0: from its first event), then live,
+    /// in order, without gaps (an ordered consumer, recreated by the client on a gap).
+    pub async fn follow_chat(
+        &self,
+        app_id: &str,
+        chat_id: &str,
+        from_stream_seq: u64,
+    ) -> Result<impl Stream<Item = Result<(Envelope, u64), Error>> + use<>, Error> {
+        let stream = self.stream("MZ_EVT").await?;
+        let deliver_policy = if from_stream_seq == 0 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from_stream_seq,
+            }
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.subjects().chat_events(app_id, chat_id),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(Error::js)?;
+        let messages = consumer.messages().await.map_err(Error::js)?;
+        Ok(messages.map(|m| {
+            let m = m.map_err(Error::js)?;
+            let stream_seq = m.info().map_err(Error::js)?.stream_sequence;
+            let env = codec::decode_event(&m.payload)?;
+            Ok((env, stream_seq))
+        }))
+    }
+}

@@ -1,0 +1,20 @@
+//! Metric names of the bus.
+
+pub const APPENDS: &str = "mozaiks_bus_appends_total";
+pub const APPEND_CONFLICTS: &str = "mozaiks_bus_append_conflicts_total";
+pub const APPEND_SECONDS: &str = "mozaiks_bus_append_seconds";
+pub const COMMANDS_SENT: &str = "mozaiks_bus_commands_sent_total";
+
+pub fn describe() {
+    metrics::describe_counter!(APPENDS, "Events appended to chat logs.");
+    metrics::describe_counter!(
+        APPEND_CONFLICTS,
+        "Appends refused because another writer appended to the chat first."
+    );
+    metrics::describe_histogram!(
+        APPEND_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to append one event."
+    );
+    metrics::describe_counter!(COMMANDS_SENT, "Commands published to MZ_CMD.");
+}

@@ -1,0 +1,28 @@
+//! Metric names of the workers.
+
+pub const COMMANDS: &str = "mozaiks_worker_commands_total";
+pub const RUNS_STARTED: &str = "mozaiks_runs_started_total";
+pub const RUNS_ENDED: &str = "mozaiks_runs_ended_total";
+pub const ACTIVE_RUNS: &str = "mozaiks_active_runs";
+pub const RUN_SECONDS: &str = "mozaiks_run_seconds";
+pub const MODEL_SECONDS: &str = "mozaiks_llm_latency_seconds";
+pub const TOKENS: &str = "mozaiks_tokens_total";
+pub const ACTIVE_CHATS: &str = "mozaiks_worker_active_chats";
+
+pub fn describe() {
+    metrics::describe_counter!(COMMANDS, "Commands handled, by type and outcome.");
+    metrics::describe_counter!(RUNS_STARTED, "Workflow runs started, by app_id.");
+    metrics::describe_counter!(RUNS_ENDED, "Workflow runs ended, by app_id and outcome.");
+    metrics::describe_gauge!(ACTIVE_RUNS, "Runs in progress on this worker, by app_id.");
+    metrics::describe_histogram!(RUN_SECONDS, metrics::Unit::Seconds, "Run duration.");
+    metrics::describe_histogram!(
+        MODEL_SECONDS,
+        metrics::Unit::Seconds,
+        "Model call latency, by model kind."
+    );
+    metrics::describe_counter!(
+        TOKENS,
+        "Tokens charged, by app_id and kind (prompt, completion)."
+    );
+    metrics::describe_gauge!(ACTIVE_CHATS, "Chats with a live actor on this worker.");
+}

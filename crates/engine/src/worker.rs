@@ -1,0 +1,487 @@
+//! The worker service.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use chrono::Utc;
+use futures::StreamExt;
+use mozaiks_bus::Bus;
+use mozaiks_control::Registry;
+use mozaiks_events::{CommandEnvelope, ENVELOPE_VERSION, Envelope, Event, RunFailed, codec};
+use mozaiks_packs::{Catalog, Pack};
+use tokio::sync::{Semaphore, mpsc};
+use tracing::{Instrument, debug, info, info_span, warn};
+use uuid::Uuid;
+
+use crate::chat::{Chat, Next};
+use crate::model::Model;
+use crate::{Error, metrics as m};
+
+/// Worker settings.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Runs in progress at once on this worker (`MAX_CONCURRENT_WORKFLOWS`).
+    pub max_concurrent_runs: usize,
+    /// A run that lasts longer fails with `timeout` (`WORKFLOW_TIMEOUT_SECONDS`).
+    pub run_timeout: Duration,
+    /// A chat actor with nothing to do for this long is dropped (its state is in the log).
+    pub idle_evict: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_concurrent_runs: 50,
+            run_timeout: Duration::from_secs(300),
+            idle_evict: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A command with the bus message to acknowledge once its events are durable.
+struct Job {
+    cmd: CommandEnvelope,
+    msg: jetstream::Message,
+}
+
+/// Shared by every chat actor of a worker.
+struct Shared {
+    bus: Bus,
+    registry: Registry,
+    catalog: Catalog,
+    model: Model,
+    runs: Semaphore,
+    opts: Options,
+}
+
+/// The worker service. See the crate docs.
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+impl Worker {
+    pub fn new(
+        bus: Bus,
+        registry: Registry,
+        catalog: Catalog,
+        model: Model,
+        opts: Options,
+    ) -> Worker {
+        m::describe();
+        Worker {
+            shared: Arc::new(Shared {
+                bus,
+                registry,
+                catalog,
+                model,
+                runs: Semaphore::new(opts.max_concurrent_runs.max(1)),
+                opts,
+            }),
+        }
+    }
+
+    /// Pulls commands until `shutdown` resolves, then lets chat actors finish what they hold.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let sh = self.shared.clone();
+        let stream = sh.bus.stream("MZ_CMD").await?;
+        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+            .get_consumer(&sh.bus.subjects().name("workers"))
+            .await
+            .map_err(|e| Error::Consumer(e.to_string()))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| Error::Consumer(e.to_string()))?;
+        info!(
+            max_concurrent_runs = sh.opts.max_concurrent_runs,
+            "Worker started."
+        );
+        let mut actors: HashMap<(String, String), mpsc::UnboundedSender<Job>> = HashMap::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            let msg = tokio::select! {
+                _ = &mut shutdown => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+                msg = messages.next() => msg,
+            };
+            let msg = match msg {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    warn!(error = %e, "Command consumer error.");
+                    continue;
+                }
+                None => return Err(Error::Consumer("command stream ended".into())),
+            };
+            let cmd = match codec::decode_command(&msg.payload) {
+                Ok(cmd) => cmd,
+                Err(e) => {
+                    warn!(subject = %msg.subject, error = %e, "Dropping a command that does not decode.");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
+            let key = (cmd.app_id.clone(), cmd.chat_id.clone());
+            let mut job = Job { cmd, msg };
+            loop {
+                let tx = actors.entry(key.clone()).or_insert_with(|| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let sh = sh.clone();
+                    let (app_id, chat_id) = key.clone();
+                    let span = info_span!("chat", app_id = %app_id, chat_id = %chat_id);
+                    tasks.spawn(actor(sh, app_id, chat_id, rx).instrument(span));
+                    tx
+                });
+                match tx.send(job) {
+                    Ok(()) => break,
+                    // The actor went idle and stopped: start a fresh one.
+                    Err(mpsc::error::SendError(back)) => {
+                        actors.remove(&key);
+                        job = back;
+                    }
+                }
+            }
+            actors.retain(|_, tx| !tx.is_closed());
+            metrics::gauge!(m::ACTIVE_CHATS).set(actors.len() as f64);
+        }
+        info!(
+            chats = actors.len(),
+            "Worker stopping; finishing chats in hand."
+        );
+        drop(actors);
+        let deadline = tokio::time::sleep(Duration::from_secs(10));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = tasks.join_next() => if next.is_none() { break },
+                _ = &mut deadline => {
+                    warn!(left = tasks.len(), "Chats still busy at the shutdown deadline; their commands will be redelivered.");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The state an actor keeps for its chat.
+struct Owned {
+    app_id: String,
+    chat_id: String,
+    user_id: String,
+    workflow: String,
+    parent_chat_id: Option<String>,
+    chat: Chat,
+    /// Stream sequence of the chat's last event (0: none).
+    stream_seq: u64,
+    run_started: Option<Instant>,
+}
+
+impl Owned {
+    async fn load(
+        sh: &Shared,
+        app_id: &str,
+        chat_id: &str,
+        first: &CommandEnvelope,
+    ) -> Result<Owned, Error> {
+        let events = sh.bus.read_chat(app_id, chat_id, 0).await?;
+        let mut o = Owned {
+            app_id: app_id.to_string(),
+            chat_id: chat_id.to_string(),
+            user_id: first.user_id.clone(),
+            workflow: first.workflow.clone(),
+            parent_chat_id: None,
+            chat: Chat::default(),
+            stream_seq: 0,
+            run_started: None,
+        };
+        if let mozaiks_events::Command::StartSession { parent_chat_id, .. } = &first.command {
+            o.parent_chat_id = parent_chat_id.clone();
+        }
+        if let Some((head, _)) = events.first() {
+            o.user_id = head.user_id.clone();
+            o.workflow = head.workflow.clone();
+            o.parent_chat_id = head.parent_chat_id.clone();
+        }
+        o.chat = Chat::from_events(events.iter().map(|(e, _)| (&e.event, e.causation_id)));
+        o.stream_seq = events.last().map(|(_, s)| *s).unwrap_or(0);
+        if o.chat.run.is_some() {
+            o.run_started = Some(Instant::now());
+        }
+        Ok(o)
+    }
+
+    /// Appends events in order; the aggregate applies each once it is durable.
+    async fn append(
+        &mut self,
+        sh: &Shared,
+        events: Vec<Event>,
+        causation: Option<Uuid>,
+    ) -> Result<(), Error> {
+        for event in events {
+            let env = Envelope {
+                v: ENVELOPE_VERSION,
+                event_id: Uuid::now_v7(),
+                app_id: self.app_id.clone(),
+                chat_id: self.chat_id.clone(),
+                user_id: self.user_id.clone(),
+                workflow: self.workflow.clone(),
+                seq: self.chat.seq + 1,
+                ts: Utc::now(),
+                parent_chat_id: self.parent_chat_id.clone(),
+                causation_id: causation,
+                event,
+            };
+            let ack = sh.bus.append(&env, self.stream_seq).await?;
+            self.stream_seq = ack.stream_seq;
+            self.observe(&env.event);
+            self.chat.apply(&env.event, causation);
+            debug!(
+                seq = env.seq,
+                r#type = env.event.type_name(),
+                "Event appended."
+            );
+        }
+        Ok(())
+    }
+
+    fn observe(&mut self, event: &Event) {
+        let app = self.app_id.clone();
+        match event {
+            Event::RunStarted(_) => {
+                self.run_started = Some(Instant::now());
+                metrics::counter!(m::RUNS_STARTED, "app_id" => app.clone()).increment(1);
+                metrics::gauge!(m::ACTIVE_RUNS, "app_id" => app).increment(1.0);
+            }
+            Event::RunCompleted(_) | Event::RunFailed(_) | Event::RunCancelled(_) => {
+                let outcome = match event {
+                    Event::RunCompleted(_) => "completed",
+                    Event::RunFailed(_) => "failed",
+                    _ => "cancelled",
+                };
+                if let Some(t) = self.run_started.take() {
+                    metrics::histogram!(m::RUN_SECONDS).record(t.elapsed().as_secs_f64());
+                    metrics::gauge!(m::ACTIVE_RUNS, "app_id" => app.clone()).decrement(1.0);
+                }
+                metrics::counter!(m::RUNS_ENDED, "app_id" => app, "outcome" => outcome)
+                    .increment(1);
+                info!(outcome, "Run ended.");
+            }
+            Event::UsageCharged(u) => {
+                metrics::counter!(m::TOKENS, "app_id" => app.clone(), "kind" => "prompt")
+                    .increment(u.prompt_tokens);
+                metrics::counter!(m::TOKENS, "app_id" => app, "kind" => "completion")
+                    .increment(u.completion_tokens);
+            }
+            _ => {}
+        }
+    }
+}
+
+const MAX_CONFLICT_RETRIES: usize = 5;
+
+/// One chat's actor: handles its commands in order and drives its runs.
+async fn actor(
+    sh: Arc<Shared>,
+    app_id: String,
+    chat_id: String,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+) {
+    let Some(first) = rx.recv().await else { return };
+    let mut owned = match Owned::load(&sh, &app_id, &chat_id, &first.cmd).await {
+        Ok(o) => o,
+        Err(e) => {
+            warn!(error = %e, "Cannot load the chat; the command will be redelivered.");
+            let _ = first
+                .msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
+    };
+    let mut next_job = Some(first);
+    loop {
+        if let Some(job) = next_job.take() {
+            handle(&sh, &mut owned, job).await;
+        }
+        // Drive the run, taking commands in between steps so that cancel and new messages are
+        // handled mid-run.
+        drive(&sh, &mut owned, &mut rx).await;
+        next_job = match tokio::time::timeout(sh.opts.idle_evict, rx.recv()).await {
+            Ok(Some(job)) => Some(job),
+            Ok(None) | Err(_) => break,
+        };
+    }
+    debug!("Chat actor idle; stopping.");
+}
+
+async fn handle(sh: &Shared, owned: &mut Owned, job: Job) {
+    let Job { cmd, msg } = job;
+    let kind = cmd.command.type_name();
+    let Some(pack) = sh.catalog.get(&owned.workflow) else {
+        warn!(workflow = %owned.workflow, "Command for a workflow this worker does not have; dropped.");
+        metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "unknown_workflow")
+            .increment(1);
+        let _ = msg.ack_with(AckKind::Term).await;
+        return;
+    };
+    let app_ctx = sh
+        .registry
+        .get(&owned.app_id)
+        .map(|a| a.context.clone())
+        .unwrap_or_default();
+    for attempt in 0..=MAX_CONFLICT_RETRIES {
+        let outcome = match owned
+            .chat
+            .handle(cmd.command_id, &cmd.command, &pack, &app_ctx)
+        {
+            Err(refusal) => {
+                info!(code = refusal.code(), command = kind, "Command refused.");
+                metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => refusal.code())
+                    .increment(1);
+                let _ = msg.ack().await;
+                return;
+            }
+            Ok(events) => owned.append(sh, events, Some(cmd.command_id)).await,
+        };
+        match outcome {
+            Ok(()) => {
+                metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "ok").increment(1);
+                let _ = msg.ack().await;
+                return;
+            }
+            Err(Error::Bus(mozaiks_bus::Error::Conflict { .. }))
+                if attempt < MAX_CONFLICT_RETRIES =>
+            {
+                warn!(attempt, "Chat written concurrently; reloading it.");
+                if let Err(e) = reload(sh, owned).await {
+                    warn!(error = %e, "Reload failed.");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, command = kind, "Command failed; it will be redelivered.");
+                metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "error").increment(1);
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
+async fn reload(sh: &Shared, owned: &mut Owned) -> Result<(), Error> {
+    let events = sh.bus.read_chat(&owned.app_id, &owned.chat_id, 0).await?;
+    owned.chat = Chat::from_events(events.iter().map(|(e, _)| (&e.event, e.causation_id)));
+    owned.stream_seq = events.last().map(|(_, s)| *s).unwrap_or(0);
+    Ok(())
+}
+
+async fn drive(sh: &Shared, owned: &mut Owned, rx: &mut mpsc::UnboundedReceiver<Job>) {
+    let Some(pack) = sh.catalog.get(&owned.workflow) else {
+        return;
+    };
+    if owned.chat.next(&pack, Uuid::nil()) == Next::Idle {
+        return;
+    }
+    let Ok(_permit) = sh.runs.acquire().await else {
+        return;
+    };
+    let mut conflicts = 0;
+    loop {
+        // Commands that arrived meanwhile (cancel, more messages) go first.
+        while let Ok(job) = rx.try_recv() {
+            handle(sh, owned, job).await;
+        }
+        let result = step(sh, owned, &pack).await;
+        match result {
+            Ok(true) => conflicts = 0,
+            Ok(false) => return,
+            Err(Error::Bus(mozaiks_bus::Error::Conflict { .. }))
+                if conflicts < MAX_CONFLICT_RETRIES =>
+            {
+                conflicts += 1;
+                let _ = reload(sh, owned).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "Run step failed; retrying shortly.");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                conflicts += 1;
+                if conflicts > MAX_CONFLICT_RETRIES {
+                    warn!(
+                        "Giving up on the run for now; it resumes with the chat's next command or owner."
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Takes one step of the run. `Ok(false)` when there is nothing left to do.
+async fn step(sh: &Shared, owned: &mut Owned, pack: &Pack) -> Result<bool, Error> {
+    if let (Some(run), Some(started)) = (&owned.chat.run, owned.run_started)
+        && started.elapsed() > sh.opts.run_timeout
+    {
+        let ev = Event::RunFailed(RunFailed {
+            run_id: run.run_id,
+            code: "timeout".into(),
+            reason: format!("the run exceeded {} s", sh.opts.run_timeout.as_secs()),
+        });
+        owned.append(sh, vec![ev], None).await?;
+        return Ok(true);
+    }
+    match owned.chat.next(pack, Uuid::now_v7()) {
+        Next::Idle => Ok(false),
+        Next::Emit(events) => {
+            owned.append(sh, events, None).await?;
+            Ok(true)
+        }
+        Next::CallModel { agent, step, .. } => {
+            let Some(agent_def) = pack.agent(&agent) else {
+                let run_id = owned
+                    .chat
+                    .run
+                    .as_ref()
+                    .map(|r| r.run_id)
+                    .unwrap_or_default();
+                let ev = Event::RunFailed(RunFailed {
+                    run_id,
+                    code: "unknown_agent".into(),
+                    reason: format!("agent {agent:?} is not in the pack"),
+                });
+                owned.append(sh, vec![ev], None).await?;
+                return Ok(true);
+            };
+            let started = Instant::now();
+            let reply = sh.model.complete(agent_def, &owned.chat).await;
+            metrics::histogram!(m::MODEL_SECONDS, "model" => sh.model.name())
+                .record(started.elapsed().as_secs_f64());
+            match reply {
+                Ok(reply) => {
+                    debug!(step, agent = %agent, "Model answered.");
+                    let events = owned.chat.on_reply(pack, &reply);
+                    owned.append(sh, events, None).await?;
+                }
+                Err(e) => {
+                    let run_id = owned
+                        .chat
+                        .run
+                        .as_ref()
+                        .map(|r| r.run_id)
+                        .unwrap_or_default();
+                    let ev = Event::RunFailed(RunFailed {
+                        run_id,
+                        code: e.code.to_string(),
+                        reason: e.message,
+                    });
+                    owned.append(sh, vec![ev], None).await?;
+                }
+            }
+            Ok(true)
+        }
+    }
+}

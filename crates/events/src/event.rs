@@ -1,0 +1,272 @@
+//! The event envelope and the event types.
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Version of the envelope layout. Readers accept every version up to their own.
+pub const ENVELOPE_VERSION: u16 = 1;
+
+/// One fact in a chat's log.
+///
+/// `seq` is per chat, starting at 1 and gapless: the chat's owner assigns it and JetStream's
+/// expected-last-subject-sequence check makes sure only one writer wins.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Envelope {
+    /// Envelope layout version ([`ENVELOPE_VERSION`]).
+    #[serde(default = "default_version")]
+    pub v: u16,
+    /// UUID v7, unique per event; also the JetStream message id (dedup).
+    pub event_id: Uuid,
+    pub app_id: String,
+    pub chat_id: String,
+    pub user_id: String,
+    /// The workflow pack the chat runs.
+    pub workflow: String,
+    /// Per-chat sequence, from 1, gapless.
+    pub seq: u64,
+    pub ts: DateTime<Utc>,
+    /// The chat that spawned this one, for child workflows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_chat_id: Option<String>,
+    /// The command or event that caused this event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<Uuid>,
+    /// `type` and `data`.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+fn default_version() -> u16 {
+    ENVELOPE_VERSION
+}
+
+/// The event types. `type` names have exactly two dot-separated parts, because the type is the
+/// last two tokens of the event's subject.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", content = "data")]
+pub enum Event {
+    #[serde(rename = "session.started")]
+    SessionStarted(SessionStarted),
+    #[serde(rename = "message.user")]
+    MessageUser(MessageUser),
+    #[serde(rename = "run.started")]
+    RunStarted(RunStarted),
+    #[serde(rename = "step.started")]
+    StepStarted(StepStarted),
+    #[serde(rename = "agent.message")]
+    AgentMessage(AgentMessage),
+    #[serde(rename = "tool.call")]
+    ToolCall(ToolCall),
+    #[serde(rename = "tool.result")]
+    ToolResult(ToolResult),
+    #[serde(rename = "usage.charged")]
+    UsageCharged(UsageCharged),
+    #[serde(rename = "step.completed")]
+    StepCompleted(StepCompleted),
+    #[serde(rename = "child.spawned")]
+    ChildSpawned(ChildSpawned),
+    #[serde(rename = "child.completed")]
+    ChildCompleted(ChildCompleted),
+    #[serde(rename = "input.requested")]
+    InputRequested(InputRequested),
+    #[serde(rename = "run.completed")]
+    RunCompleted(RunCompleted),
+    #[serde(rename = "run.failed")]
+    RunFailed(RunFailed),
+    #[serde(rename = "run.cancelled")]
+    RunCancelled(RunCancelled),
+}
+
+impl Event {
+    /// The contract name of the type, e.g. `"agent.message"`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::SessionStarted(_) => "session.started",
+            Event::MessageUser(_) => "message.user",
+            Event::RunStarted(_) => "run.started",
+            Event::StepStarted(_) => "step.started",
+            Event::AgentMessage(_) => "agent.message",
+            Event::ToolCall(_) => "tool.call",
+            Event::ToolResult(_) => "tool.result",
+            Event::UsageCharged(_) => "usage.charged",
+            Event::StepCompleted(_) => "step.completed",
+            Event::ChildSpawned(_) => "child.spawned",
+            Event::ChildCompleted(_) => "child.completed",
+            Event::InputRequested(_) => "input.requested",
+            Event::RunCompleted(_) => "run.completed",
+            Event::RunFailed(_) => "run.failed",
+            Event::RunCancelled(_) => "run.cancelled",
+        }
+    }
+
+    /// Every type name, in declaration order.
+    pub const TYPE_NAMES: [&'static str; 15] = [
+        "session.started",
+        "message.user",
+        "run.started",
+        "step.started",
+        "agent.message",
+        "tool.call",
+        "tool.result",
+        "usage.charged",
+        "step.completed",
+        "child.spawned",
+        "child.completed",
+        "input.requested",
+        "run.completed",
+        "run.failed",
+        "run.cancelled",
+    ];
+
+    /// Whether the event ends a run.
+    pub fn ends_run(&self) -> bool {
+        matches!(
+            self,
+            Event::RunCompleted(_) | Event::RunFailed(_) | Event::RunCancelled(_)
+        )
+    }
+}
+
+/// A session was opened.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SessionStarted {
+    /// Context variables the chat starts with (app defaults merged with the request's).
+    #[serde(default)]
+    pub context: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A user's message entered the chat.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MessageUser {
+    pub text: String,
+    /// The client's idempotency key; a repeated key is not appended twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
+}
+
+/// A run of the workflow began (one per user message that the workflow answers).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunStarted {
+    pub run_id: Uuid,
+    /// Seq of the `message.user` that triggered the run.
+    pub trigger_seq: u64,
+}
+
+/// An agent's turn began.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepStarted {
+    pub run_id: Uuid,
+    /// Turn number within the run, from 1.
+    pub step: u32,
+    pub agent: String,
+}
+
+/// An agent spoke.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentMessage {
+    pub run_id: Uuid,
+    pub step: u32,
+    pub agent: String,
+    pub text: String,
+}
+
+/// An agent called a tool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ToolCall {
+    pub run_id: Uuid,
+    pub step: u32,
+    pub call_id: String,
+    pub tool: String,
+    pub arguments: serde_json::Value,
+}
+
+/// A tool answered (or failed: `error` is set and the run goes on).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ToolResult {
+    pub run_id: Uuid,
+    pub step: u32,
+    pub call_id: String,
+    pub tool: String,
+    #[serde(default)]
+    pub result: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Tokens charged for one model call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct UsageCharged {
+    pub run_id: Uuid,
+    pub step: u32,
+    pub agent: String,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+/// An agent's turn ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepCompleted {
+    pub run_id: Uuid,
+    pub step: u32,
+    pub agent: String,
+    /// The agent that speaks next, if any (a handoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// A child workflow was spawned.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ChildSpawned {
+    pub run_id: Uuid,
+    pub child_chat_id: String,
+    pub workflow: String,
+}
+
+/// A child workflow finished.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ChildCompleted {
+    pub run_id: Uuid,
+    pub child_chat_id: String,
+    /// `completed`, `failed` or `cancelled`.
+    pub status: String,
+    #[serde(default)]
+    pub output: serde_json::Value,
+}
+
+/// The run waits for the user.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct InputRequested {
+    pub run_id: Uuid,
+    pub request_id: String,
+    pub prompt: String,
+}
+
+/// The run finished.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunCompleted {
+    pub run_id: Uuid,
+    pub steps: u32,
+    /// The last agent message, as the run's output.
+    #[serde(default)]
+    pub output: String,
+}
+
+/// The run failed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunFailed {
+    pub run_id: Uuid,
+    /// A stable code, e.g. `model_error`, `timeout`.
+    pub code: String,
+    pub reason: String,
+}
+
+/// The run was cancelled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunCancelled {
+    pub run_id: Uuid,
+    pub reason: String,
+}

@@ -1,0 +1,232 @@
+//! WebSocket frames (contract, DESIGN.md §4).
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::Envelope;
+
+/// A server → client frame: `{"id", "seq", "type", "ts", "data"}`.
+///
+/// Durable events carry their per-chat `seq`; ephemeral frames (errors, pongs, notices, token
+/// deltas) carry `"seq": null`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Frame {
+    pub id: Uuid,
+    pub seq: Option<u64>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub ts: DateTime<Utc>,
+    pub data: serde_json::Value,
+}
+
+impl Frame {
+    /// The frame of a durable event.
+    pub fn from_envelope(env: &Envelope) -> Frame {
+        // Serializing the adjacently tagged enum yields {"type": .., "data": ..}.
+        let data = match serde_json::to_value(&env.event) {
+            Ok(serde_json::Value::Object(mut m)) => m.remove("data").unwrap_or_default(),
+            _ => serde_json::Value::Null,
+        };
+        Frame {
+            id: env.event_id,
+            seq: Some(env.seq),
+            kind: env.event.type_name().to_string(),
+            ts: env.ts,
+            data,
+        }
+    }
+
+    /// An ephemeral frame (`seq: null`).
+    pub fn ephemeral(kind: &str, data: serde_json::Value) -> Frame {
+        Frame {
+            id: Uuid::now_v7(),
+            seq: None,
+            kind: kind.to_string(),
+            ts: Utc::now(),
+            data,
+        }
+    }
+
+    /// An error frame; the connection stays up.
+    pub fn error(code: &str, message: impl Into<String>) -> Frame {
+        Frame::ephemeral(
+            "error",
+            serde_json::to_value(ErrorFrame {
+                code: code.to_string(),
+                message: message.into(),
+            })
+            .unwrap_or_default(),
+        )
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_string())
+    }
+}
+
+/// The `data` of an `error` frame.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorFrame {
+    /// Stable, machine-readable code, e.g. `bad_frame`, `unknown_type`.
+    pub code: String,
+    pub message: String,
+}
+
+/// A client → server frame.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Idempotent on `client_msg_id`.
+    #[serde(rename = "user.message")]
+    UserMessage {
+        text: String,
+        #[serde(default)]
+        client_msg_id: Option<String>,
+    },
+    #[serde(rename = "input.response")]
+    InputResponse {
+        #[serde(default)]
+        request_id: Option<String>,
+        text: String,
+    },
+    #[serde(rename = "cancel")]
+    Cancel {
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    #[serde(rename = "ping")]
+    Ping {},
+}
+
+/// Why a client frame was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Longest accepted `text` of a user message, in bytes.
+pub const MAX_TEXT_BYTES: usize = 32 * 1024;
+/// Longest accepted `client_msg_id`.
+pub const MAX_CLIENT_MSG_ID: usize = 128;
+
+impl ClientFrame {
+    /// Parses and validates a text frame.
+    pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| FrameError {
+            code: "bad_json",
+            message: format!("frame is not valid JSON: {e}"),
+        })?;
+        let kind = value
+            .get("type")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| FrameError {
+                code: "bad_frame",
+                message: "frame needs a string field \"type\"".into(),
+            })?
+            .to_string();
+        if !["user.message", "input.response", "cancel", "ping"].contains(&kind.as_str()) {
+            return Err(FrameError {
+                code: "unknown_type",
+                message: format!(
+                    "unknown frame type {kind:?}; expected user.message, input.response, cancel or ping"
+                ),
+            });
+        }
+        let frame: ClientFrame = serde_json::from_value(value).map_err(|e| FrameError {
+            code: "bad_frame",
+            message: format!("invalid {kind} frame: {e}"),
+        })?;
+        frame.validate()?;
+        Ok(frame)
+    }
+
+    fn validate(&self) -> Result<(), FrameError> {
+        let text_ok = |t: &str| {
+            if t.trim().is_empty() {
+                Err(FrameError {
+                    code: "bad_frame",
+                    message: "\"text\" must not be empty".into(),
+                })
+            } else if t.len() > MAX_TEXT_BYTES {
+                Err(FrameError {
+                    code: "too_large",
+                    message: format!("\"text\" is longer than {MAX_TEXT_BYTES} bytes"),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            ClientFrame::UserMessage {
+                text,
+                client_msg_id,
+            } => {
+                text_ok(text)?;
+                if let Some(id) = client_msg_id
+                    && (id.is_empty() || id.len() > MAX_CLIENT_MSG_ID)
+                {
+                    return Err(FrameError {
+                        code: "bad_frame",
+                        message: format!(
+                            "\"client_msg_id\" must be 1 to {MAX_CLIENT_MSG_ID} characters"
+                        ),
+                    });
+                }
+                Ok(())
+            }
+            ClientFrame::InputResponse { text, .. } => text_ok(text),
+            ClientFrame::Cancel { .. } | ClientFrame::Ping {} => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_contract_frames() {
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"user.message","text":"hi","client_msg_id":"m1"}"#),
+            Ok(ClientFrame::UserMessage {
+                text: "hi".into(),
+                client_msg_id: Some("m1".into())
+            })
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"ping"}"#),
+            Ok(ClientFrame::Ping {})
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"cancel"}"#),
+            Ok(ClientFrame::Cancel { reason: None })
+        );
+        assert!(matches!(
+            ClientFrame::parse(r#"{"type":"input.response","text":"yes"}"#),
+            Ok(ClientFrame::InputResponse { .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_bad_frames_with_codes() {
+        let code = |s: &str| ClientFrame::parse(s).unwrap_err().code;
+        assert_eq!(code("not json"), "bad_json");
+        assert_eq!(code("[1,2]"), "bad_frame");
+        assert_eq!(code(r#"{"type":7}"#), "bad_frame");
+        assert_eq!(code(r#"{"type":"launch.missiles"}"#), "unknown_type");
+        assert_eq!(code(r#"{"type":"user.message"}"#), "bad_frame");
+        assert_eq!(code(r#"{"type":"user.message","text":"  "}"#), "bad_frame");
+        assert_eq!(
+            code(r#"{"type":"user.message","text":"a","extra":1}"#),
+            "bad_frame"
+        );
+        let long = format!(
+            r#"{{"type":"user.message","text":"{}"}}"#,
+            "x".repeat(MAX_TEXT_BYTES + 1)
+        );
+        assert_eq!(code(&long), "too_large");
+    }
+}

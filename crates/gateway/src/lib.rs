@@ -1,0 +1,214 @@
+//! The gateway: the stateless HTTP and WebSocket front door.
+//!
+//! Any replica answers any request: sessions are tickets (a runtime token), events come from the
+//! log, reads from the Mongo projections. Nothing is kept between requests but caches of shared
+//! state (the app registry). See [`ws`] for the WebSocket protocol.
+
+pub mod auth;
+pub mod error;
+pub mod health;
+pub mod metrics;
+pub mod sessions;
+pub mod ws;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use mozaiks_auth::Auth;
+use mozaiks_bus::Bus;
+use mozaiks_control::Registry;
+use mozaiks_packs::Catalog;
+use mozaiks_store::Store;
+use tokio::sync::watch;
+use tower_http::trace::TraceLayer;
+use tracing::info;
+
+/// Gateway settings.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub listen: SocketAddr,
+    /// Base of the `ws_url` handed out, e.g. `wss://chat.example.com`; by default derived from the
+    /// request's `Host` header.
+    pub public_ws_url: Option<String>,
+    /// Largest WebSocket frame accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// How long a draining replica waits for its sockets to close.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            listen: ([127, 0, 0, 1], 8000).into(),
+            public_ws_url: None,
+            max_frame_bytes: 64 * 1024,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct State(Arc<Inner>);
+
+pub struct Inner {
+    pub bus: Bus,
+    pub store: Store,
+    pub auth: Auth,
+    pub registry: Registry,
+    pub catalog: Catalog,
+    pub prometheus: Option<PrometheusHandle>,
+    pub opts: Options,
+    /// The event log's epoch (see [`Bus::log_epoch`]).
+    pub epoch: String,
+    /// Flips to `true` when the replica starts draining.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl std::ops::Deref for State {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl State {
+    /// `ws://host` or `wss://host` for the `ws_url` of a session ticket.
+    pub fn ws_base(&self, headers: &HeaderMap) -> String {
+        if let Some(url) = &self.opts.public_ws_url {
+            return url.trim_end_matches('/').to_string();
+        }
+        let host = headers
+            .get(axum::http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("127.0.0.1:8000");
+        let secure = headers
+            .get("x-forwarded-proto")
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|p| p == "https");
+        format!("{}://{host}", if secure { "wss" } else { "ws" })
+    }
+}
+
+/// The gateway service.
+pub struct Gateway {
+    state: State,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+/// Everything the gateway needs from the rest of the process.
+pub struct Parts {
+    pub bus: Bus,
+    pub store: Store,
+    pub auth: Auth,
+    pub registry: Registry,
+    pub catalog: Catalog,
+    pub prometheus: Option<PrometheusHandle>,
+}
+
+impl Gateway {
+    pub async fn new(parts: Parts, opts: Options) -> Result<Gateway, mozaiks_bus::Error> {
+        metrics::describe();
+        let epoch = parts.bus.log_epoch().await?;
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let state = State(Arc::new(Inner {
+            bus: parts.bus,
+            store: parts.store,
+            auth: parts.auth,
+            registry: parts.registry,
+            catalog: parts.catalog,
+            prometheus: parts.prometheus,
+            opts,
+            epoch,
+            shutdown,
+        }));
+        Ok(Gateway { state, shutdown_tx })
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn router(&self) -> Router {
+        router(self.state.clone())
+    }
+
+    /// Serves until `shutdown` resolves, then drains: stops accepting, tells every WebSocket to
+    /// reconnect elsewhere (1012), and waits for connections to close up to the drain timeout.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.state.opts.listen).await?;
+        self.serve(listener, shutdown).await
+    }
+
+    /// Like [`Gateway::run`] on a listener the caller bound.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        info!(listen = %listener.local_addr()?, "Gateway listening.");
+        let app = self.router();
+        let tx = self.shutdown_tx;
+        let drain = self.state.opts.drain_timeout;
+        let signal = async move {
+            shutdown.await;
+            info!("Gateway draining.");
+            let _ = tx.send(true);
+        };
+        let server = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(signal);
+        let server = tokio::spawn(async move { server.await });
+        let mut rx = self.state.shutdown.clone();
+        let _ = rx.wait_for(|d| *d).await;
+        match tokio::time::timeout(drain, server).await {
+            Ok(joined) => joined.map_err(std::io::Error::other)??,
+            Err(_) => tracing::warn!("Drain deadline passed with connections still open."),
+        }
+        info!("Gateway stopped.");
+        Ok(())
+    }
+}
+
+/// Every route of the gateway.
+pub fn router(state: State) -> Router {
+    Router::new()
+        .route("/api/health", get(health::live))
+        .route("/health", get(health::live))
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .route("/metrics", get(health::metrics))
+        .route(
+            "/api/sessions",
+            post(sessions::start).get(sessions::list_sessions),
+        )
+        .route("/api/sessions/{chat_id}", get(sessions::get_session))
+        .route("/api/sessions/{chat_id}/messages", get(sessions::messages))
+        .route("/api/workflows", get(sessions::workflows))
+        .route("/api/usage/{app_id}", get(sessions::usage))
+        .route(
+            "/ws/{workflow}/{app_id}/{chat_id}/{user_id}",
+            get(ws::upgrade),
+        )
+        .fallback(|| async { error::ApiError::not_found("not_found", "no such endpoint") })
+        .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                // The token query parameter never reaches a log line.
+                let uri = mozaiks_auth::redact_token(&req.uri().to_string());
+                tracing::info_span!("http", method = %req.method(), uri = %uri)
+            }),
+        )
+        .with_state(state)
+}

@@ -1,0 +1,353 @@
+//! The session broker and the read endpoints: `POST /api/sessions`, `GET /api/sessions...`,
+//! `GET /api/workflows`, `GET /api/usage/{app_id}`.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::{Path, State as St};
+use axum::http::{HeaderMap, StatusCode};
+use chrono::{DateTime, Utc};
+use mozaiks_events::{Command, CommandEnvelope, ids};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tracing::info;
+use uuid::Uuid;
+
+use crate::State;
+use crate::auth::User;
+use crate::error::{ApiError, Body, Query};
+use crate::metrics as m;
+
+/// `POST /api/sessions` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartSession {
+    pub app_id: String,
+    pub workflow_name: String,
+    /// Resume this chat (or start one with this id).
+    #[serde(default)]
+    pub chat_id: Option<String>,
+    /// Context variables for a new chat.
+    #[serde(default)]
+    pub context: Option<serde_json::Map<String, Value>>,
+    /// A first message, answered right away (new chats only).
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// `POST /api/sessions` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionTicket {
+    pub chat_id: String,
+    /// WebSocket URL; append `?token=<runtime_token>&after=<last seq seen>`.
+    pub ws_url: String,
+    pub runtime_token: String,
+    pub expires_at: DateTime<Utc>,
+    pub app_id: String,
+    pub workflow_name: String,
+    /// Whether an existing chat was resumed.
+    pub resumed: bool,
+    /// The chat's last seq when the ticket was issued (0 for a new chat).
+    pub last_seq: u64,
+    /// The event log's epoch; pass it back as `epoch=` so a recreated log is detected.
+    pub epoch: String,
+}
+
+fn check_id(what: &'static str, value: &str) -> Result<(), ApiError> {
+    ids::check_token(what, value).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_id",
+            e.to_string(),
+        )
+    })
+}
+
+pub async fn start(
+    St(state): St<State>,
+    User(user): User,
+    headers: HeaderMap,
+    Body(req): Body<StartSession>,
+) -> Result<(StatusCode, Json<SessionTicket>), ApiError> {
+    let started = Instant::now();
+    check_id("app_id", &req.app_id)?;
+    check_id("workflow_name", &req.workflow_name)?;
+    if let Some(c) = &req.chat_id {
+        check_id("chat_id", c)?;
+    }
+    if req.app_id != user.app_id {
+        return Err(ApiError::forbidden(
+            "app_mismatch",
+            "app_id differs from the token's app",
+        ));
+    }
+    if let Some(text) = &req.message
+        && (text.trim().is_empty() || text.len() > mozaiks_events::frame_limits::MAX_TEXT_BYTES)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_message",
+            "message must be non-empty and at most 32 KiB",
+        ));
+    }
+    let app = state
+        .registry
+        .get(&req.app_id)
+        .filter(|a| a.status != mozaiks_control::AppStatus::Deleted)
+        .ok_or_else(|| ApiError::not_found("app_not_found", "no such app"))?;
+    if !app.is_active() {
+        return Err(ApiError::forbidden("app_suspended", "the app is suspended"));
+    }
+    if state.catalog.get(&req.workflow_name).is_none() || !app.allows_workflow(&req.workflow_name) {
+        return Err(ApiError::forbidden(
+            "workflow_not_allowed",
+            format!(
+                "workflow {:?} is not enabled for this app",
+                req.workflow_name
+            ),
+        ));
+    }
+    let user_id = user.sub.clone();
+    let (chat_id, resumed, last_seq) = match &req.chat_id {
+        Some(chat_id) => match state.bus.last_event(&req.app_id, chat_id).await? {
+            Some((last, _)) => {
+                // Only the chat's owner may resume it; others learn nothing about it.
+                if last.user_id != user_id {
+                    return Err(ApiError::not_found("chat_not_found", "no such chat"));
+                }
+                if last.workflow != req.workflow_name {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "workflow_mismatch",
+                        format!("chat runs workflow {:?}", last.workflow),
+                    ));
+                }
+                (chat_id.clone(), true, last.seq)
+            }
+            None => (chat_id.clone(), false, 0),
+        },
+        None => (ids::new_chat_id(), false, 0),
+    };
+    if !resumed {
+        let cmd = CommandEnvelope {
+            v: 1,
+            command_id: Uuid::now_v7(),
+            app_id: req.app_id.clone(),
+            chat_id: chat_id.clone(),
+            user_id: user_id.clone(),
+            workflow: req.workflow_name.clone(),
+            ts: Utc::now(),
+            command: Command::StartSession {
+                context: req.context.clone().unwrap_or_default(),
+                parent_chat_id: None,
+                message: req.message.clone(),
+            },
+        };
+        // Dedup on the chat id: a retried start within the window is one command.
+        state
+            .bus
+            .send_command(&cmd, Some(&format!("start:{}:{chat_id}", req.app_id)))
+            .await?;
+    }
+    let (runtime_token, expires_at) =
+        state
+            .auth
+            .mint_runtime(&req.app_id, &user_id, &chat_id, &req.workflow_name)?;
+    let base = state.ws_base(&headers);
+    let ws_url = format!(
+        "{base}/ws/{}/{}/{chat_id}/{}",
+        req.workflow_name, req.app_id, user_id
+    );
+    let kind = if resumed { "resumed" } else { "started" };
+    metrics::counter!(m::SESSIONS_STARTED, "app_id" => req.app_id.clone(), "kind" => kind)
+        .increment(1);
+    metrics::histogram!(m::SESSION_START_SECONDS).record(started.elapsed().as_secs_f64());
+    info!(app_id = %req.app_id, chat_id = %chat_id, workflow = %req.workflow_name, kind, "Session ticket issued.");
+    let status = if resumed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        Json(SessionTicket {
+            chat_id,
+            ws_url,
+            runtime_token,
+            expires_at,
+            app_id: req.app_id,
+            workflow_name: req.workflow_name,
+            resumed,
+            last_seq,
+            epoch: state.epoch.clone(),
+        }),
+    ))
+}
+
+fn session_json(s: &mozaiks_store::SessionDoc) -> Value {
+    json!({
+        "app_id": s.app_id,
+        "chat_id": s.chat_id,
+        "user_id": s.user_id,
+        "workflow_name": s.workflow_name,
+        "status": s.status,
+        "parent_chat_id": s.parent_chat_id,
+        "last_seq": s.last_seq,
+        "last_event_type": s.last_event_type,
+        "created_at": s.created_at,
+        "updated_at": s.updated_at,
+    })
+}
+
+/// Loads a session the caller may see: same app, and its owner (or an admin of the app).
+async fn visible_session(
+    state: &State,
+    user: &mozaiks_auth::UserClaims,
+    chat_id: &str,
+) -> Result<mozaiks_store::SessionDoc, ApiError> {
+    check_id("chat_id", chat_id)?;
+    let session = state
+        .store
+        .session(&user.app_id, chat_id)
+        .await?
+        .filter(|s| s.user_id == user.sub || user.is_admin())
+        .ok_or_else(|| ApiError::not_found("chat_not_found", "no such chat"))?;
+    Ok(session)
+}
+
+pub async fn get_session(
+    St(state): St<State>,
+    User(user): User,
+    Path(chat_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let s = visible_session(&state, &user, &chat_id).await?;
+    Ok(Json(session_json(&s)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub app_id: String,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub limit: Option<i64>,
+}
+
+pub async fn list_sessions(
+    St(state): St<State>,
+    User(user): User,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    check_id("app_id", &q.app_id)?;
+    if q.app_id != user.app_id {
+        return Err(ApiError::forbidden(
+            "app_mismatch",
+            "app_id differs from the token's app",
+        ));
+    }
+    let user_id = q.user_id.unwrap_or_else(|| user.sub.clone());
+    if user_id != user.sub && !user.is_admin() {
+        return Err(ApiError::forbidden(
+            "user_mismatch",
+            "only admins may list other users' sessions",
+        ));
+    }
+    let limit = q.limit.unwrap_or(50).clamp(1, 200);
+    let sessions = state
+        .store
+        .sessions_of_user(&q.app_id, &user_id, limit)
+        .await?;
+    Ok(Json(
+        json!({ "sessions": sessions.iter().map(session_json).collect::<Vec<_>>() }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessagesQuery {
+    #[serde(default)]
+    pub after: Option<u64>,
+    #[serde(default)]
+    pub limit: Option<i64>,
+}
+
+pub async fn messages(
+    St(state): St<State>,
+    User(user): User,
+    Path(chat_id): Path<String>,
+    Query(q): Query<MessagesQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let s = visible_session(&state, &user, &chat_id).await?;
+    let limit = q.limit.unwrap_or(500).clamp(1, 1000);
+    let msgs = state
+        .store
+        .messages(&s.app_id, &s.chat_id, q.after.unwrap_or(0), limit)
+        .await?;
+    let out: Vec<Value> = msgs
+        .iter()
+        .map(|m| {
+            json!({
+                "seq": m.seq, "id": m.event_id, "type": m.kind, "role": m.role,
+                "agent": m.agent, "text": m.text, "data": m.data, "ts": m.ts,
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({ "chat_id": s.chat_id, "last_seq": s.last_seq, "messages": out }),
+    ))
+}
+
+pub async fn workflows(St(state): St<State>, User(user): User) -> Result<Json<Value>, ApiError> {
+    let app = state
+        .registry
+        .get(&user.app_id)
+        .ok_or_else(|| ApiError::not_found("app_not_found", "no such app"))?;
+    let list: Vec<Value> = state
+        .catalog
+        .iter()
+        .filter(|p| app.allows_workflow(&p.name))
+        .map(|p| json!({ "name": p.name, "description": p.description }))
+        .collect();
+    Ok(Json(Value::Array(list)))
+}
+
+pub async fn usage(
+    St(state): St<State>,
+    User(user): User,
+    Path(app_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check_id("app_id", &app_id)?;
+    user.require_app_admin(&app_id)?;
+    let u = state.store.usage(&app_id).await?;
+    Ok(Json(json!({
+        "app_id": u.app_id,
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "charges": u.charges,
+        "runs": u.runs,
+    })))
+}
+
+trait AdminCheck {
+    fn require_app_admin(&self, app_id: &str) -> Result<(), ApiError>;
+}
+
+impl AdminCheck for mozaiks_auth::UserClaims {
+    fn require_app_admin(&self, app_id: &str) -> Result<(), ApiError> {
+        if self.is_superadmin() || (self.app_id == app_id && self.is_admin()) {
+            Ok(())
+        } else if self.app_id != app_id {
+            Err(ApiError::forbidden(
+                "app_mismatch",
+                "the token is not valid for this app_id",
+            ))
+        } else {
+            Err(ApiError::forbidden(
+                "admin_required",
+                "this endpoint needs the admin role",
+            ))
+        }
+    }
+}

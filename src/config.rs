@@ -1,0 +1,158 @@
+//! Configuration: the seeds' environment names, with flags that override them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+/// The development JWT secret used with `--dev` when `JWT_SECRET` is not set.
+pub const DEV_SECRET: &str = "mozaiks-development-secret-not-for-production";
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// NATS server URL(s), comma-separated for a cluster.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    pub nats_url: String,
+    /// MongoDB URI (also read from MONGODB_URI).
+    #[arg(long, env = "MONGO_URI", global = true)]
+    pub mongo_uri: Option<String>,
+    /// Shared database of the read models.
+    #[arg(
+        long,
+        env = "MOZAIKS_MONGO_DB",
+        default_value = "mozaiks",
+        global = true
+    )]
+    pub mongo_db: String,
+    /// Prefix of every subject, stream and bucket (lets several installs share one NATS).
+    #[arg(long, env = "MOZAIKS_NAMESPACE", default_value = "", global = true)]
+    pub namespace: String,
+    /// Folder of workflow packs.
+    #[arg(
+        long,
+        env = "MOZAIKS_WORKFLOWS_DIR",
+        default_value = "workflows",
+        global = true
+    )]
+    pub workflows_dir: PathBuf,
+    /// Folder of stream definitions (default: the ones built into the binary).
+    #[arg(long, env = "MOZAIKS_STREAMS_DIR", global = true)]
+    pub streams_dir: Option<PathBuf>,
+    /// HS256 secret of user and runtime tokens (at least 32 bytes unless --dev).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, global = true)]
+    pub jwt_secret: Option<String>,
+    /// Development mode: a built-in JWT secret when JWT_SECRET is unset, short secrets allowed.
+    #[arg(
+        long,
+        env = "MOZAIKS_DEV",
+        global = true,
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub dev: bool,
+    /// The app that exists from the first start with every workflow enabled.
+    #[arg(long, env = "DEFAULT_APP_ID", default_value = "default", global = true)]
+    pub default_app_id: String,
+    /// Log level or filter (e.g. info, debug, mozaiks_gateway=debug).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+    /// Log format: text or json.
+    #[arg(
+        long,
+        env = "MOZAIKS_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: String,
+    /// Runs in progress at once per worker.
+    #[arg(
+        long,
+        env = "MAX_CONCURRENT_WORKFLOWS",
+        default_value_t = 50,
+        global = true
+    )]
+    pub max_concurrent_workflows: usize,
+    /// A run that lasts longer fails with `timeout`.
+    #[arg(
+        long,
+        env = "WORKFLOW_TIMEOUT_SECONDS",
+        default_value_t = 300,
+        global = true
+    )]
+    pub workflow_timeout_seconds: u64,
+}
+
+impl Global {
+    pub fn mongo_uri(&self) -> String {
+        self.mongo_uri
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| std::env::var("MONGODB_URI").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| "mongodb://127.0.0.1:27017/?directConnection=true".into())
+    }
+
+    pub fn jwt_secret(&self) -> anyhow::Result<Vec<u8>> {
+        match self.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+            Some(s) => Ok(s.as_bytes().to_vec()),
+            None if self.dev => Ok(DEV_SECRET.as_bytes().to_vec()),
+            None => anyhow::bail!(
+                "JWT_SECRET is not set: set a secret of at least 32 bytes, or run with --dev (MOZAIKS_DEV=1) for the development secret"
+            ),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// Address the gateway listens on.
+    #[arg(long, env = "MOZAIKS_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    /// Base of the ws_url in session tickets, e.g. wss://chat.example.com (default: from Host).
+    #[arg(long, env = "MOZAIKS_PUBLIC_WS_URL")]
+    pub public_ws_url: Option<String>,
+    /// Largest WebSocket frame accepted, in bytes.
+    #[arg(long, env = "MOZAIKS_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Seconds a draining gateway waits for its sockets to close.
+    #[arg(long, env = "MOZAIKS_DRAIN_SECONDS", default_value_t = 10)]
+    pub drain_seconds: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TokenArgs {
+    /// User id (`sub`).
+    #[arg(long, default_value = "dev-user")]
+    pub sub: String,
+    /// App id; defaults to DEFAULT_APP_ID.
+    #[arg(long)]
+    pub app: Option<String>,
+    /// Roles, comma-separated (user, admin, superadmin).
+    #[arg(long, default_value = "user")]
+    pub roles: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl: u64,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum WorkflowsCmd {
+    /// Validates every pack in DIR (default: the workflows folder) and lists them.
+    Check { dir: Option<PathBuf> },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SchemasArgs {
+    /// Folder to write to.
+    #[arg(default_value = "schemas")]
+    pub dir: PathBuf,
+    /// Fail if the files differ instead of writing them.
+    #[arg(long)]
+    pub check: bool,
+}

@@ -1,0 +1,376 @@
+//! Wiring of the roles.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use mozaiks_bus::Bus;
+use mozaiks_bus::definitions::Definitions;
+use mozaiks_control::Registry;
+use mozaiks_packs::Catalog;
+use mozaiks_store::Store;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::config::{GatewayArgs, Global, SchemasArgs, TokenArgs, WorkflowsCmd};
+
+/// Which roles a process runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Roles {
+    gateway: bool,
+    worker: bool,
+    projector: bool,
+    billing: bool,
+}
+
+impl Roles {
+    pub fn all() -> Roles {
+        Roles {
+            gateway: true,
+            worker: true,
+            projector: true,
+            billing: true,
+        }
+    }
+    pub fn gateway() -> Roles {
+        Roles {
+            gateway: true,
+            ..Default::default()
+        }
+    }
+    pub fn worker() -> Roles {
+        Roles {
+            worker: true,
+            ..Default::default()
+        }
+    }
+    pub fn projector() -> Roles {
+        Roles {
+            projector: true,
+            ..Default::default()
+        }
+    }
+    pub fn billing() -> Roles {
+        Roles {
+            billing: true,
+            ..Default::default()
+        }
+    }
+    fn names(&self) -> String {
+        let mut v = Vec::new();
+        for (on, name) in [
+            (self.gateway, "gateway"),
+            (self.worker, "worker"),
+            (self.projector, "projector"),
+            (self.billing, "billing"),
+        ] {
+            if on {
+                v.push(name);
+            }
+        }
+        v.join(",")
+    }
+}
+
+fn init_tracing(g: &Global) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&g.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    let _ = if g.log_format == "json" {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    mozaiks_bus::metrics::describe();
+    mozaiks_store::metrics::describe();
+    Ok(handle)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn load_catalog(g: &Global) -> anyhow::Result<Catalog> {
+    Catalog::load_dir(&g.workflows_dir).map_err(|e| anyhow::anyhow!("invalid workflow pack: {e}"))
+}
+
+/// Runs `roles` until SIGTERM.
+pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow::Result<ExitCode> {
+    init_tracing(g);
+    let prometheus = init_metrics()?;
+    info!(roles = %roles.names(), version = env!("CARGO_PKG_VERSION"), "Mozaiks starting.");
+
+    let bus = Bus::connect(
+        &g.nats_url,
+        &g.namespace,
+        &format!("mozaiks-{}", roles.names()),
+    )
+    .await
+    .context("NATS")?;
+    let defs = match &g.streams_dir {
+        Some(dir) => Definitions::load_dir(dir)?,
+        None => Definitions::embedded()?,
+    };
+    bus.apply(&defs)
+        .await
+        .context("applying stream definitions")?;
+
+    let needs_store = roles.gateway || roles.projector || roles.billing;
+    let store = if needs_store {
+        Some(
+            Store::connect(&g.mongo_uri(), &g.mongo_db)
+                .await
+                .context("MongoDB")?,
+        )
+    } else {
+        None
+    };
+    let needs_catalog = roles.gateway || roles.worker;
+    let catalog = if needs_catalog {
+        Some(load_catalog(g)?)
+    } else {
+        None
+    };
+    let registry = if roles.gateway || roles.worker {
+        let reg = Registry::open(&bus).await.context("app registry")?;
+        reg.ensure_app(&g.default_app_id, "Default app", "starter")
+            .await?;
+        Some(reg)
+    } else {
+        None
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+
+    if roles.projector {
+        let p = mozaiks_projector::Projector::new(bus.clone(), store.clone().context("store")?);
+        let s = stopped();
+        tasks.spawn(async move {
+            p.run(s)
+                .await
+                .map_err(anyhow::Error::from)
+                .context("projector")
+        });
+    }
+    if roles.billing {
+        let b = mozaiks_billing::Billing::new(bus.clone(), store.clone().context("store")?);
+        let s = stopped();
+        tasks.spawn(async move {
+            b.run(s)
+                .await
+                .map_err(anyhow::Error::from)
+                .context("billing")
+        });
+    }
+    if roles.worker {
+        let opts = mozaiks_engine::Options {
+            max_concurrent_runs: g.max_concurrent_workflows,
+            run_timeout: Duration::from_secs(g.workflow_timeout_seconds.max(1)),
+            ..Default::default()
+        };
+        let w = mozaiks_engine::Worker::new(
+            bus.clone(),
+            registry.clone().context("registry")?,
+            catalog.clone().context("catalog")?,
+            mozaiks_engine::model::Model::Offline,
+            opts,
+        );
+        let s = stopped();
+        tasks.spawn(async move {
+            w.run(s)
+                .await
+                .map_err(anyhow::Error::from)
+                .context("worker")
+        });
+    }
+    if roles.gateway {
+        let args = gw.context("gateway arguments")?;
+        let auth = mozaiks_auth::Auth::new(mozaiks_auth::Config::hs256(g.jwt_secret()?, g.dev))
+            .context("JWT configuration")?;
+        let gateway = mozaiks_gateway::Gateway::new(
+            mozaiks_gateway::Parts {
+                bus: bus.clone(),
+                store: store.clone().context("store")?,
+                auth,
+                registry: registry.clone().context("registry")?,
+                catalog: catalog.clone().context("catalog")?,
+                prometheus: Some(prometheus.clone()),
+            },
+            mozaiks_gateway::Options {
+                listen: args.listen,
+                public_ws_url: args.public_ws_url.clone(),
+                max_frame_bytes: args.max_frame_bytes,
+                drain_timeout: Duration::from_secs(args.drain_seconds),
+            },
+        )
+        .await?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let s = stopped();
+        tasks.spawn(async move {
+            gateway
+                .serve(listener, s)
+                .await
+                .map_err(anyhow::Error::from)
+                .context("gateway")
+        });
+    }
+
+    // Upkeep: render the prometheus histograms' buckets periodically.
+    let upkeep = prometheus.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+
+    info!("Mozaiks ready.");
+    let mut failed = None;
+    tokio::select! {
+        _ = terminated() => info!("Termination requested; shutting down."),
+        Some(done) = tasks.join_next() => {
+            if let Ok(Err(e)) = done {
+                failed = Some(e);
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    let deadline = tokio::time::sleep(Duration::from_secs(20));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => match next {
+                None => break,
+                Some(Ok(Err(e))) if failed.is_none() => failed = Some(e),
+                Some(_) => {}
+            },
+            _ = &mut deadline => {
+                tracing::warn!("Shutdown deadline passed.");
+                break;
+            }
+        }
+    }
+    bus.client().flush().await.ok();
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            info!("Mozaiks stopped.");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub fn token(g: &Global, args: TokenArgs) -> anyhow::Result<ExitCode> {
+    let auth = mozaiks_auth::Auth::new(mozaiks_auth::Config::hs256(g.jwt_secret()?, g.dev))?;
+    let app = args.app.unwrap_or_else(|| g.default_app_id.clone());
+    let roles: Vec<&str> = args
+        .roles
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .collect();
+    let token = auth.mint_user(&args.sub, &app, &roles, args.ttl)?;
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn workflows(g: &Global, cmd: WorkflowsCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        WorkflowsCmd::Check { dir } => {
+            let dir = dir.unwrap_or_else(|| g.workflows_dir.clone());
+            match Catalog::load_dir(&dir) {
+                Ok(c) => {
+                    for p in c.iter() {
+                        println!(
+                            "ok  {:<24} {} agent(s)  {}",
+                            p.name,
+                            p.agents.len(),
+                            p.description
+                        );
+                    }
+                    println!("{} pack(s) valid in {}", c.len(), dir.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    }
+}
+
+/// Every generated schema: `(file, text)`.
+pub fn generated_schemas() -> Vec<(String, String)> {
+    let mut all: Vec<(String, String)> = mozaiks_events::schema::all()
+        .into_iter()
+        .map(|(f, t)| (f.to_string(), t))
+        .collect();
+    all.push(("workflow-pack.schema.json".into(), mozaiks_packs::schema()));
+    all
+}
+
+pub fn schemas(args: SchemasArgs) -> anyhow::Result<ExitCode> {
+    let mut drift = Vec::new();
+    for (file, text) in generated_schemas() {
+        let path = args.dir.join(&file);
+        if args.check {
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                drift.push(file);
+            }
+        } else {
+            std::fs::create_dir_all(&args.dir)?;
+            std::fs::write(&path, text)?;
+            println!("wrote {}", path.display());
+        }
+    }
+    if !drift.is_empty() {
+        eprintln!(
+            "schemas out of date: {} (run `mozaiks schemas`)",
+            drift.join(", ")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
