@@ -131,6 +131,15 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
     init_tracing(g);
     let prometheus = init_metrics()?;
     info!(roles = %roles.names(), version = env!("CARGO_PKG_VERSION"), "Mozaiks starting.");
+    // Configuration errors first, before any connection is tried.
+    let auth = if roles.gateway {
+        Some(
+            mozaiks_auth::Auth::new(mozaiks_auth::Config::hs256(g.jwt_secret()?, g.dev))
+                .context("JWT_SECRET")?,
+        )
+    } else {
+        None
+    };
 
     let bus = Bus::connect(
         &g.nats_url,
@@ -224,8 +233,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
     }
     if roles.gateway {
         let args = gw.context("gateway arguments")?;
-        let auth = mozaiks_auth::Auth::new(mozaiks_auth::Config::hs256(g.jwt_secret()?, g.dev))
-            .context("JWT configuration")?;
+        let auth = auth.clone().context("auth")?;
         let gateway = mozaiks_gateway::Gateway::new(
             mozaiks_gateway::Parts {
                 bus: bus.clone(),

@@ -175,6 +175,8 @@ impl Bus {
             if !cfg.filter_subject.is_empty() {
                 cfg.filter_subject = s.apply(&cfg.filter_subject);
             }
+            cfg.durable_name = cfg.durable_name.as_deref().map(|n| s.name(n));
+            cfg.name = cfg.name.as_deref().map(|n| s.name(n));
             let name = cfg.durable_name.clone().unwrap_or_default();
             // create_consumer creates, or updates a consumer whose config differs in editable fields.
             stream
@@ -236,15 +238,33 @@ async fn apply_stream(js: &jetstream::Context, cfg: stream::Config) -> Result<()
 
 /// Whether the editable parts of a stream's configuration differ from its definition.
 fn differs(current: &stream::Config, wanted: &stream::Config) -> bool {
+    // The server reports "unlimited" as -1 where a definition may leave 0.
+    let limit = |v: i64| if v <= 0 { -1 } else { v };
+    let limit32 = |v: i32| if v <= 0 { -1 } else { v };
+    let sources = |c: &stream::Config| {
+        c.sources
+            .iter()
+            .flatten()
+            .map(|s| (s.name.clone(), s.filter_subject.clone().unwrap_or_default()))
+            .collect::<Vec<_>>()
+    };
+    let dup_window = |c: &stream::Config| {
+        // The server fills in its default (2 min) when a definition leaves it out.
+        if c.duplicate_window.is_zero() {
+            std::time::Duration::from_secs(120)
+        } else {
+            c.duplicate_window
+        }
+    };
     current.subjects != wanted.subjects
         || current.max_age != wanted.max_age
-        || current.max_bytes != wanted.max_bytes
-        || current.max_messages != wanted.max_messages
-        || current.max_message_size != wanted.max_message_size
-        || current.duplicate_window != wanted.duplicate_window
-        || current.num_replicas != wanted.num_replicas
+        || limit(current.max_bytes) != limit(wanted.max_bytes)
+        || limit(current.max_messages) != limit(wanted.max_messages)
+        || limit32(current.max_message_size) != limit32(wanted.max_message_size)
+        || dup_window(current) != dup_window(wanted)
+        || current.num_replicas.max(1) != wanted.num_replicas.max(1)
         || current.description != wanted.description
-        || current.sources != wanted.sources
+        || sources(current) != sources(wanted)
         || current.allow_direct != wanted.allow_direct
 }
 

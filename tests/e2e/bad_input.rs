@@ -1,0 +1,322 @@
+//! Bad input gets a clear error and loses nothing; one tenant never sees another's data.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::fleet::*;
+
+fn code(v: &serde_json::Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("<none>")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_bad_input_and_cross_tenant_requests_are_refused() {
+    let fleet = Fleet::start(1).await;
+    let gw = fleet.gateways[0].clone();
+    let http = &fleet.http;
+    let alice = Fleet::token("alice", "default", &["user"]);
+    let body = json!({"app_id": "default", "workflow_name": "hello"});
+
+    // Missing, expired, wrongly signed, wrong-audience tokens: 401.
+    let r = http
+        .post(format!("{gw}/api/sessions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(code(&v), "token_missing");
+    let expired = {
+        // A token that expired an hour ago (beyond the leeway), signed with the right key.
+        let now = chrono::Utc::now().timestamp();
+        let claims = json!({"sub": "alice", "app_id": "default", "roles": ["user"], "exp": now - 3600, "iat": now - 7200, "iss": "mozaiks", "aud": "mozaiks"});
+        jwt(&claims, SECRET)
+    };
+    let forged = Fleet::auth_with("another-secret-that-is-also-long-enough-000")
+        .mint_user("alice", "default", &["user"], 600)
+        .unwrap();
+    let (ticket_status, ticket) = fleet.post_session(0, &alice, body.clone()).await;
+    assert_eq!(ticket_status, 201);
+    let runtime = ticket["runtime_token"].as_str().unwrap().to_string();
+    for (name, token, want) in [
+        ("expired", expired.as_str(), "token_expired"),
+        ("forged", forged.as_str(), "token_bad_signature"),
+        (
+            "runtime token as user token",
+            runtime.as_str(),
+            "token_wrong_audience",
+        ),
+        ("garbage", "not-a-jwt", "token_malformed"),
+    ] {
+        let (s, v) = fleet.post_session(0, token, body.clone()).await;
+        assert_eq!(s, 401, "{name}: {v}");
+        assert_eq!(code(&v), want, "{name}");
+    }
+
+    // A body app_id other than the token's: 403.
+    let (s, v) = fleet
+        .post_session(
+            0,
+            &alice,
+            json!({"app_id": "other", "workflow_name": "hello"}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (403, "app_mismatch"));
+    // Malformed bodies.
+    let r = http
+        .post(format!("{gw}/api/sessions"))
+        .bearer_auth(&alice)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let (s, v) = fleet
+        .post_session(0, &alice, json!({"app_id": "default"}))
+        .await;
+    assert_eq!((s, code(&v)), (422, "invalid_body"));
+    let (s, v) = fleet
+        .post_session(
+            0,
+            &alice,
+            json!({"app_id": "default", "workflow_name": "hello", "surprise": 1}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (422, "invalid_body"));
+    let (s, v) = fleet
+        .post_session(
+            0,
+            &alice,
+            json!({"app_id": "de.fault", "workflow_name": "hello"}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (422, "invalid_id"));
+    let (s, v) = fleet
+        .post_session(
+            0,
+            &alice,
+            json!({"app_id": "default", "workflow_name": "nope"}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (403, "workflow_not_allowed"));
+    let (s, v) = fleet
+        .post_session(
+            0,
+            &alice,
+            json!({"app_id": "default", "workflow_name": "hello", "message": "  "}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (422, "invalid_message"));
+    // An app that does not exist (token for it): 404.
+    let ghost = Fleet::token("gina", "ghost", &["user"]);
+    let (s, v) = fleet
+        .post_session(
+            0,
+            &ghost,
+            json!({"app_id": "ghost", "workflow_name": "hello"}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (404, "app_not_found"));
+
+    // Cross-user and cross-tenant reads: another user of the app gets 404 for alice's chat, as
+    // does a user of another app; nobody learns whether it exists.
+    let chat = ticket["chat_id"].as_str().unwrap().to_string();
+    fleet
+        .eventually("alice's session projected", || async {
+            (fleet
+                .get(0, &format!("/api/sessions/{chat}"), &alice)
+                .await
+                .0
+                == 200)
+                .then_some(())
+        })
+        .await;
+    let mallory = Fleet::token("mallory", "default", &["user"]);
+    let outsider = Fleet::token("alice", "ghost", &["user", "admin"]);
+    for (who, token) in [("other user", &mallory), ("other app", &outsider)] {
+        for path in [
+            format!("/api/sessions/{chat}"),
+            format!("/api/sessions/{chat}/messages"),
+        ] {
+            let (s, v) = fleet.get(0, &path, token).await;
+            assert_eq!((s, code(&v)), (404, "chat_not_found"), "{who} {path}");
+        }
+    }
+    let (s, _) = fleet.get(0, "/api/sessions/nope/messages", &alice).await;
+    assert_eq!(s, 404);
+    // Resuming someone else's chat: 404, and no ticket.
+    let (s, v) = fleet
+        .post_session(
+            0,
+            &mallory,
+            json!({"app_id": "default", "workflow_name": "hello", "chat_id": chat}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (404, "chat_not_found"));
+    // Listing: another app's sessions 403; another user's sessions 403 unless admin.
+    let (s, v) = fleet
+        .get(0, "/api/sessions?app_id=default&user_id=alice", &outsider)
+        .await;
+    assert_eq!((s, code(&v)), (403, "app_mismatch"));
+    let (s, v) = fleet
+        .get(0, "/api/sessions?app_id=default&user_id=alice", &mallory)
+        .await;
+    assert_eq!((s, code(&v)), (403, "user_mismatch"));
+    let (s, v) = fleet.get(0, "/api/sessions?user_id=alice", &alice).await;
+    assert_eq!((s, code(&v)), (400, "invalid_query"));
+    let admin = Fleet::token("root", "default", &["admin"]);
+    let (s, v) = fleet
+        .get(0, "/api/sessions?app_id=default&user_id=alice", &admin)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    // Usage: admins of the app only.
+    let (s, v) = fleet.get(0, "/api/usage/default", &alice).await;
+    assert_eq!((s, code(&v)), (403, "admin_required"));
+    let (s, v) = fleet.get(0, "/api/usage/default", &outsider).await;
+    assert_eq!((s, code(&v)), (403, "app_mismatch"));
+    let (s, _) = fleet.get(0, "/api/usage/default", &admin).await;
+    assert_eq!(s, 200);
+    // Workflows: the caller's app only.
+    let (s, v) = fleet.get(0, "/api/workflows", &alice).await;
+    assert_eq!(s, 200);
+    let names: Vec<_> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        names.contains(&"hello".to_string()) && names.contains(&"triage_handoff".to_string()),
+        "{names:?}"
+    );
+    let (s, _) = fleet.get(0, "/api/workflows", &outsider).await;
+    assert_eq!(s, 404);
+    // Unknown endpoints.
+    let (s, v) = fleet.get(0, "/api/nothing", &alice).await;
+    assert_eq!((s, code(&v)), (404, "not_found"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_bad_input_is_refused_and_the_connection_survives() {
+    let fleet = Fleet::start(1).await;
+    let alice = Fleet::token("alice", "default", &["user"]);
+    let ticket = fleet.session(0, &alice, "hello", None).await;
+    let other = fleet.session(0, &alice, "hello", None).await;
+
+    // Upgrade refusals: no token, a user token, a runtime token for another chat, path user/app mismatch.
+    let url = fleet.ws_url(0, &ticket, 0);
+    let base = url.split("?token=").next().unwrap().to_string();
+    let status = |u: String| async move {
+        match tokio_tungstenite::connect_async(u.into_client_request().unwrap()).await {
+            Ok(_) => 101,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+            Err(e) => panic!("unexpected {e}"),
+        }
+    };
+    assert_eq!(status(base.clone()).await, 401);
+    assert_eq!(status(format!("{base}?token={alice}")).await, 401);
+    assert_eq!(
+        status(format!(
+            "{base}?token={}",
+            other["runtime_token"].as_str().unwrap()
+        ))
+        .await,
+        403
+    );
+    let rt = ticket["runtime_token"].as_str().unwrap();
+    assert_eq!(
+        status(format!("{}?token={rt}", base.replace("/alice", "/mallory"))).await,
+        403
+    );
+    assert_eq!(
+        status(format!(
+            "{}?token={rt}",
+            base.replace("/default/", "/ghost/")
+        ))
+        .await,
+        403
+    );
+    assert_eq!(status(format!("{base}?token={rt}&after=-1")).await, 400);
+
+    // A good connection; malformed frames get error frames and it stays up.
+    let mut ws = fleet.connect(0, &ticket, 0).await;
+    let mut bystander = fleet.connect(0, &ticket, 0).await;
+    events_n(&mut ws, 1).await;
+    events_n(&mut bystander, 1).await;
+    for (frame, want) in [
+        ("not json", "bad_json"),
+        ("[]", "bad_frame"),
+        (r#"{"type":"launch"}"#, "unknown_type"),
+        (r#"{"type":"user.message"}"#, "bad_frame"),
+        (r#"{"type":"user.message","text":""}"#, "bad_frame"),
+        (
+            r#"{"type":"input.response","text":"yes"}"#,
+            "not_waiting_for_input",
+        ),
+    ] {
+        ws.send(Message::Text(frame.into())).await.unwrap();
+        let f = next_frame(&mut ws).await;
+        assert_eq!(f["type"], "error", "{frame}");
+        assert!(f["seq"].is_null());
+        assert_eq!(f["data"]["code"], want, "{frame}");
+    }
+    ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    assert_eq!(next_frame(&mut ws).await["data"]["code"], "bad_frame");
+    send_json(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(next_frame(&mut ws).await["type"], "pong");
+    // after beyond the head: an error frame, then live events.
+    let mut ahead = fleet.connect(0, &ticket, 99).await;
+    let f = next_frame(&mut ahead).await;
+    assert_eq!(f["data"]["code"], "after_beyond_head");
+
+    // An oversized frame closes only that connection, with a reason.
+    let big = "x".repeat(70 * 1024);
+    let _ = ws
+        .send(Message::Text(
+            json!({"type": "user.message", "text": big})
+                .to_string()
+                .into(),
+        ))
+        .await;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("close in time")
+        {
+            Some(Ok(Message::Close(c))) => break c,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    let close = close.expect("a close code");
+    assert_eq!(u16::from(close.code), 1009);
+    assert!(!close.reason.is_empty());
+    // The bystander on the same chat still works.
+    send_json(
+        &mut bystander,
+        json!({"type": "user.message", "text": "still here"}),
+    )
+    .await;
+    let frames = events_until(&mut bystander, "run.completed").await;
+    assert_eq!(frames[0]["data"]["text"], "still here");
+    assert_gapless(&frames, 2);
+}
+
+/// Signs claims with HS256 (to craft expired tokens).
+fn jwt(claims: &serde_json::Value, secret: &str) -> String {
+    let _ = Fleet::auth_with(secret); // installs the crypto provider
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}

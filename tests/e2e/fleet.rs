@@ -1,0 +1,306 @@
+//! A fleet for end-to-end tests: real nats-server and Mongo-wire server (from the test kit) and
+//! real `mozaiks` processes, one per role, with N gateway replicas that share nothing but NATS.
+
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use mozaiks_testkit::TestServers;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+pub const SECRET: &str = "e2e-test-secret-that-is-long-enough-0123456789";
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub struct Proc {
+    pub role: String,
+    pub child: Child,
+    pub log: std::path::PathBuf,
+}
+
+pub struct Fleet {
+    pub servers: TestServers,
+    pub gateways: Vec<String>,
+    pub procs: Vec<Proc>,
+    pub http: reqwest::Client,
+    dir: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Fleet {
+    /// Servers, `gateways` gateway processes, and one worker, projector and billing process.
+    pub async fn start(gateways: usize) -> Fleet {
+        let servers = TestServers::start().await.expect("test servers");
+        let dir =
+            std::env::temp_dir().join(format!("mozaiks-e2e-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut fleet = Fleet {
+            servers,
+            gateways: Vec::new(),
+            procs: Vec::new(),
+            http: reqwest::Client::new(),
+            dir,
+        };
+        // Workers first: they apply the stream definitions too, but any role may.
+        for role in ["worker", "projector", "billing"] {
+            fleet.spawn(role, None);
+        }
+        for _ in 0..gateways {
+            let port = free_port();
+            fleet.spawn("gateway", Some(port));
+            fleet.gateways.push(format!("http://127.0.0.1:{port}"));
+        }
+        for gw in fleet.gateways.clone() {
+            fleet.wait_ready(&gw).await;
+        }
+        fleet
+    }
+
+    pub fn spawn(&mut self, role: &str, port: Option<u16>) -> usize {
+        let log = self.dir.join(format!("{role}-{}.log", self.procs.len()));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mozaiks"));
+        cmd.arg(role)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("NATS_URL", &self.servers.nats_url)
+            .env("MONGO_URI", &self.servers.mongo_uri)
+            .env("MOZAIKS_MONGO_DB", &self.servers.mongo_db)
+            .env("MOZAIKS_NAMESPACE", &self.servers.namespace)
+            .env("JWT_SECRET", SECRET)
+            .env(
+                "MOZAIKS_WORKFLOWS_DIR",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/workflows"),
+            )
+            .env("LOG_LEVEL", "info,async_nats=warn")
+            .env("MOZAIKS_DRAIN_SECONDS", "3")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        if let Some(p) = port {
+            cmd.env("MOZAIKS_LISTEN", format!("127.0.0.1:{p}"));
+        }
+        let child = cmd.spawn().expect("spawn mozaiks");
+        self.procs.push(Proc {
+            role: role.to_string(),
+            child,
+            log,
+        });
+        self.procs.len() - 1
+    }
+
+    pub async fn wait_ready(&self, base: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.http.get(format!("{base}/health/ready")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("{base} not ready; logs:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                format!(
+                    "--- {} ---\n{}",
+                    p.role,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn auth() -> mozaiks_auth::Auth {
+        Self::auth_with(SECRET)
+    }
+
+    pub fn auth_with(secret: &str) -> mozaiks_auth::Auth {
+        mozaiks_auth::Auth::new(mozaiks_auth::Config::hs256(secret, false)).unwrap()
+    }
+
+    pub fn token(sub: &str, app: &str, roles: &[&str]) -> String {
+        Self::auth().mint_user(sub, app, roles, 3600).unwrap()
+    }
+
+    /// POST /api/sessions; returns (status, body).
+    pub async fn post_session(&self, gw: usize, token: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/api/sessions", self.gateways[gw]))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Starts a session that must succeed.
+    pub async fn session(
+        &self,
+        gw: usize,
+        token: &str,
+        workflow: &str,
+        message: Option<&str>,
+    ) -> Value {
+        let mut body = json!({ "app_id": "default", "workflow_name": workflow });
+        if let Some(m) = message {
+            body["message"] = json!(m);
+        }
+        let (status, ticket) = self.post_session(gw, token, body).await;
+        assert_eq!(status, 201, "session start failed: {ticket}");
+        ticket
+    }
+
+    pub async fn get(&self, gw: usize, path: &str, token: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.gateways[gw]))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The WebSocket URL of a ticket on gateway `gw`.
+    pub fn ws_url(&self, gw: usize, ticket: &Value, after: u64) -> String {
+        let ws_base = self.gateways[gw].replace("http://", "ws://");
+        let path = ticket["ws_url"].as_str().unwrap();
+        let path = &path[path.find("/ws/").unwrap()..];
+        format!(
+            "{ws_base}{path}?token={}&after={after}",
+            ticket["runtime_token"].as_str().unwrap()
+        )
+    }
+
+    pub async fn connect(&self, gw: usize, ticket: &Value, after: u64) -> Ws {
+        let (ws, _) = tokio_tungstenite::connect_async(self.ws_url(gw, ticket, after))
+            .await
+            .expect("websocket connect");
+        ws
+    }
+
+    /// Polls `f` until it returns Some, for up to 20 s.
+    pub async fn eventually<T, F, Fut>(&self, what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; logs:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("process logs kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// Reads the next JSON text frame (10 s timeout).
+pub async fn next_frame(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("timed out waiting for a frame")
+            .expect("socket ended")
+            .expect("socket error");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("frame is JSON"),
+            Message::Close(c) => panic!("socket closed: {c:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// Reads durable event frames (skipping ephemeral ones) until one of type `until`.
+pub async fn events_until(ws: &mut Ws, until: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let f = next_frame(ws).await;
+        if f["seq"].is_null() {
+            continue;
+        }
+        let done = f["type"] == until;
+        out.push(f);
+        if done {
+            return out;
+        }
+    }
+}
+
+/// Reads durable event frames until `n` arrived.
+pub async fn events_n(ws: &mut Ws, n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let f = next_frame(ws).await;
+        if !f["seq"].is_null() {
+            out.push(f);
+        }
+    }
+    out
+}
+
+pub async fn send_json(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// Asserts that frames have seqs `from..` consecutive and distinct ids.
+pub fn assert_gapless(frames: &[Value], from: u64) {
+    let mut ids = std::collections::HashSet::new();
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(
+            f["seq"].as_u64().unwrap(),
+            from + i as u64,
+            "gap or duplicate at {i}: {frames:#?}"
+        );
+        assert!(
+            ids.insert(f["id"].as_str().unwrap().to_string()),
+            "duplicate id"
+        );
+    }
+}
+
+pub fn types(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| f["type"].as_str().unwrap().to_string())
+        .collect()
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests: real NATS, a real Mongo-wire server, real `mozaiks` processes, real HTTP and
+//! WebSocket clients.
+
+mod bad_input;
+mod cli;
+mod fleet;
+mod slice;
