@@ -43,6 +43,9 @@ pub struct Global {
     /// Folder of stream definitions (default: the ones built into the binary).
     #[arg(long, env = "MOZAIKS_STREAMS_DIR", global = true)]
     pub streams_dir: Option<PathBuf>,
+    /// Replicas of every stream and bucket, overriding the definitions (3 on a NATS cluster).
+    #[arg(long, env = "MOZAIKS_STREAM_REPLICAS", global = true)]
+    pub stream_replicas: Option<usize>,
     /// HS256 secret of user and runtime tokens (at least 32 bytes unless --dev).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true, global = true)]
     pub jwt_secret: Option<String>,

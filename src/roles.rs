@@ -152,6 +152,10 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
         Some(dir) => Definitions::load_dir(dir)?,
         None => Definitions::embedded()?,
     };
+    let defs = match g.stream_replicas {
+        Some(r) => defs.with_replicas(r),
+        None => defs,
+    };
     bus.apply(&defs)
         .await
         .context("applying stream definitions")?;

@@ -126,6 +126,17 @@ impl Definitions {
         Ok(defs)
     }
 
+    /// Sets the replica count of every stream and bucket (for a clustered install, e.g. 3).
+    pub fn with_replicas(mut self, replicas: usize) -> Definitions {
+        for s in &mut self.streams {
+            s.num_replicas = replicas;
+        }
+        for b in &mut self.buckets {
+            b.num_replicas = replicas;
+        }
+        self
+    }
+
     fn add(&mut self, file: &str, text: &str) -> Result<(), Error> {
         let bad = |e: serde_json::Error| Error::Definition {
             file: file.to_string(),

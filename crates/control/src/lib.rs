@@ -81,11 +81,14 @@ impl App {
     }
 }
 
+/// Apps by id, each with the KV revision it was read at.
+type AppMap = HashMap<String, (u64, Arc<App>)>;
+
 /// The replica-local view of every app, kept current by a KV watch. Cheap to clone.
 #[derive(Clone)]
 pub struct Registry {
     kv: kv::Store,
-    apps: Arc<RwLock<HashMap<String, (u64, Arc<App>)>>>,
+    apps: Arc<RwLock<AppMap>>,
 }
 
 impl Registry {
