@@ -45,6 +45,12 @@ pub struct Limits {
     pub max_websockets: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u32>,
+    /// WebSockets one user of the app may hold open (per gateway replica).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_websockets_per_user: Option<u32>,
+    /// Client frames per second one WebSocket may send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frames_per_second: Option<u32>,
 }
 
 /// A tenant's app: the current view, as stored in `MZ_APPS`.
@@ -63,6 +69,9 @@ pub struct App {
     /// Context variables every chat of the app starts with.
     #[serde(default)]
     pub context: serde_json::Map<String, serde_json::Value>,
+    /// Browser origins allowed to open WebSockets (`https://app.example.com`); `None` allows any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_origins: Option<Vec<String>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -197,6 +206,7 @@ impl Registry {
             workflows: None,
             limits: Limits::default(),
             context: Default::default(),
+            allowed_origins: None,
             created_at: now,
             updated_at: now,
         };
