@@ -56,6 +56,7 @@ const EMBEDDED: &[(&str, &str)] = &[
         include_str!("../../../streams/MZ_USAGE.json"),
     ),
     ("MZ_OPS.json", include_str!("../../../streams/MZ_OPS.json")),
+    ("MZ_CTL.json", include_str!("../../../streams/MZ_CTL.json")),
     (
         "consumers/workers.json",
         include_str!("../../../streams/consumers/workers.json"),
@@ -286,7 +287,7 @@ mod tests {
     #[test]
     fn embedded_definitions_parse() {
         let d = Definitions::embedded().unwrap();
-        assert_eq!(d.streams.len(), 4);
+        assert_eq!(d.streams.len(), 5);
         assert_eq!(d.consumers.len(), 3);
         assert_eq!(d.buckets.len(), 1);
         let evt = d.streams.iter().find(|s| s.name == "MZ_EVT").unwrap();
@@ -299,7 +300,7 @@ mod tests {
         let from_dir = Definitions::load_dir(&dir).unwrap();
         assert_eq!(
             from_dir.streams.len(),
-            4,
+            5,
             "a new file in streams/ must be embedded too"
         );
         assert_eq!(from_dir.consumers.len(), 3);

@@ -1,21 +1,46 @@
-//! The control plane's app registry.
+//! The control plane: apps, tiers, limits, and the app registry every replica shares.
 //!
-//! An [`App`] is a tenant's app: its tier, limits, workflow allowlist and context variables. The
-//! current view of every app lives in the JetStream KV bucket `MZ_APPS`; every replica keeps a
-//! local copy fed by a KV watch ([`Registry`]), so a change reaches gateways and workers without a
-//! restart. The `default` app ([`Registry::ensure_app`]) exists from the first start with every
-//! shipped workflow enabled.
+//! An [`App`] is a tenant's app, an event-sourced aggregate ([`aggregate`]): its events
+//! (`app.created`, `app.tier_changed`, …, `app.deleted`) are appended to `mz.ctl.app.{app_id}` on
+//! the stream `MZ_CTL` with optimistic concurrency, and the fold of those events — the current
+//! view — is written to the JetStream KV bucket `MZ_APPS`. Every replica keeps a local copy of the
+//! bucket fed by a KV watch ([`Registry`]), so a change reaches gateways and workers within a
+//! second, without a restart.
+//!
+//! **The log is the truth, the bucket a cache of it.** A command appends its events first, then
+//! writes the view. A process that dies between the two leaves the bucket behind the log; that is
+//! repaired (a) by the next command on the app, whose append expects the bucket's version, is
+//! refused, and re-folds the app from the log, and (b) by the reconcile loop every replica runs at
+//! start and every [`RECONCILE_EVERY`], which compares the last event of every app on `MZ_CTL`
+//! with the bucket and rewrites views that are behind. View writes are idempotent and only move
+//! forward (a view never replaces one with a higher `version`), so any number of replicas may
+//! write and reconcile at once.
+//!
+//! Tiers ([`tiers`]) come from `config/tiers.yaml` (embedded) or `MOZAIKS_TIERS_FILE`.
+
+pub mod aggregate;
+pub mod app;
+mod log;
+pub mod metrics;
+pub mod ratelimit;
+pub mod tiers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use mozaiks_bus::Bus;
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
+
+pub use aggregate::{AppCommand, AppEvent, AppPatch, AppRecord, Known, Rejection};
+pub use app::{App, AppStatus, EffectiveLimits, Limits};
+pub use ratelimit::RateLimiter;
+pub use tiers::{Tier, Tiers};
+
+/// How often every replica compares `MZ_APPS` with `MZ_CTL`.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 
 /// Errors of the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -24,93 +49,50 @@ pub enum Error {
     Unavailable(String),
     #[error("invalid app record {app_id}: {reason}")]
     Corrupt { app_id: String, reason: String },
+    #[error("invalid tiers file {file}: {reason}")]
+    Tiers { file: String, reason: String },
+    /// The command was refused; [`Rejection::code`] says why.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    #[error("app {app_id} is being changed concurrently; retry")]
+    Conflict { app_id: String },
 }
 
-/// Whether an app may be used.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AppStatus {
-    #[default]
-    Active,
-    Suspended,
-    Deleted,
-}
+/// Apps by id.
+type AppMap = HashMap<String, Arc<App>>;
 
-/// Limits of an app. `None` means the tier's default.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Limits {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_concurrent_runs: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_websockets: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requests_per_minute: Option<u32>,
-    /// WebSockets one user of the app may hold open (per gateway replica).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_websockets_per_user: Option<u32>,
-    /// Client frames per second one WebSocket may send.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_frames_per_second: Option<u32>,
-}
-
-/// A tenant's app: the current view, as stored in `MZ_APPS`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct App {
-    pub app_id: String,
-    pub name: String,
-    pub tier: String,
-    #[serde(default)]
-    pub status: AppStatus,
-    /// Allowed workflow packs; `None` allows every pack the fleet ships.
-    #[serde(default)]
-    pub workflows: Option<Vec<String>>,
-    #[serde(default)]
-    pub limits: Limits,
-    /// Context variables every chat of the app starts with.
-    #[serde(default)]
-    pub context: serde_json::Map<String, serde_json::Value>,
-    /// Browser origins allowed to open WebSockets (`https://app.example.com`); `None` allows any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allowed_origins: Option<Vec<String>>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl App {
-    pub fn is_active(&self) -> bool {
-        self.status == AppStatus::Active
-    }
-
-    /// Whether the app may run `workflow`.
-    pub fn allows_workflow(&self, workflow: &str) -> bool {
-        match &self.workflows {
-            None => true,
-            Some(list) => list.iter().any(|w| w == workflow),
-        }
-    }
-}
-
-/// Apps by id, each with the KV revision it was read at.
-type AppMap = HashMap<String, (u64, Arc<App>)>;
-
-/// The replica-local view of every app, kept current by a KV watch. Cheap to clone.
+/// The replica-local view of every app, kept current by a KV watch, and the entry point for app
+/// commands. Cheap to clone.
 #[derive(Clone)]
 pub struct Registry {
+    bus: Bus,
     kv: kv::Store,
     apps: Arc<RwLock<AppMap>>,
+    tiers: Arc<Tiers>,
+    limiter: Arc<RateLimiter>,
 }
 
 impl Registry {
-    /// Opens the `MZ_APPS` bucket, loads every app and follows changes in the background.
+    /// Loads the tiers ([`Tiers::load`]), opens the `MZ_APPS` bucket, loads every app, follows
+    /// changes in the background and starts the reconcile loop.
     pub async fn open(bus: &Bus) -> Result<Registry, Error> {
+        Registry::open_with(bus, Tiers::load()?).await
+    }
+
+    /// Like [`Registry::open`] with the given tiers.
+    pub async fn open_with(bus: &Bus, tiers: Tiers) -> Result<Registry, Error> {
+        metrics::describe();
         let kv = bus
             .jetstream()
             .get_key_value(bus.subjects().name("MZ_APPS"))
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))?;
         let reg = Registry {
+            bus: bus.clone(),
             kv,
             apps: Arc::default(),
+            tiers: Arc::new(tiers),
+            limiter: Arc::default(),
         };
         let mut watch = reg
             .kv
@@ -152,81 +134,122 @@ impl Registry {
             }
             warn!("App registry watch ended.");
         });
+        let reconciler = reg.clone();
+        tokio::spawn(async move {
+            loop {
+                match reconciler.reconcile().await {
+                    Ok(0) => {}
+                    Ok(n) => info!(views = n, "App views reconciled from the control log."),
+                    Err(e) => warn!(error = %e, "App reconcile failed; retrying later."),
+                }
+                tokio::time::sleep(RECONCILE_EVERY).await;
+            }
+        });
         Ok(reg)
     }
 
     fn observe(&self, e: kv::Entry) {
-        let mut apps = self.apps.write().unwrap_or_else(|p| p.into_inner());
-        if apps.get(&e.key).is_some_and(|(rev, _)| *rev >= e.revision) {
-            return;
-        }
         match e.operation {
             kv::Operation::Put => match serde_json::from_slice::<App>(&e.value) {
                 Ok(app) => {
-                    apps.insert(e.key, (e.revision, Arc::new(app)));
+                    self.remember(app);
                 }
                 Err(err) => {
                     warn!(app_id = %e.key, error = %err, "Ignoring an app record that does not parse.")
                 }
             },
             kv::Operation::Delete | kv::Operation::Purge => {
+                let mut apps = self.apps.write().unwrap_or_else(|p| p.into_inner());
                 apps.remove(&e.key);
             }
         }
     }
 
-    /// The replica's current view of an app.
+    /// Keeps `app` unless the local view already has a newer version.
+    fn remember(&self, app: App) -> Arc<App> {
+        let mut apps = self.apps.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(cur) = apps.get(&app.app_id)
+            && cur.version > app.version
+        {
+            return cur.clone();
+        }
+        if app.is_deleted() {
+            self.limiter.forget(&app.app_id);
+        }
+        let app = Arc::new(app);
+        apps.insert(app.app_id.clone(), app.clone());
+        app
+    }
+
+    /// The replica's current view of an app (deleted apps included: check the status).
     pub fn get(&self, app_id: &str) -> Option<Arc<App>> {
         let apps = self.apps.read().unwrap_or_else(|p| p.into_inner());
-        apps.get(app_id).map(|(_, a)| a.clone())
+        apps.get(app_id).cloned()
     }
 
     /// Every app this replica knows.
     pub fn all(&self) -> Vec<Arc<App>> {
         let apps = self.apps.read().unwrap_or_else(|p| p.into_inner());
-        apps.values().map(|(_, a)| a.clone()).collect()
+        apps.values().cloned().collect()
     }
 
-    /// Creates the app if it does not exist (idempotent; safe from many replicas at once).
+    /// The tiers in force.
+    pub fn tiers(&self) -> &Tiers {
+        &self.tiers
+    }
+
+    /// The limits in force for `app`: its tier's defaults under its overrides.
+    pub fn effective_limits(&self, app: &App) -> EffectiveLimits {
+        self.tiers.effective_limits(app)
+    }
+
+    /// The WebSocket base of the app's own runtime, or `None` for the shared fleet.
+    pub fn resolve_runtime<'a>(&self, app: &'a App) -> Option<&'a str> {
+        self.tiers.resolve_runtime(app)
+    }
+
+    /// Takes one of the app's requests-per-minute tokens on this replica, or says how long to
+    /// wait (see [`ratelimit`]).
+    pub fn check_rate(&self, app: &App) -> Result<(), Duration> {
+        let rpm = self.effective_limits(app).requests_per_minute;
+        let out = self
+            .limiter
+            .check(&app.app_id, rpm, std::time::Instant::now());
+        if out.is_err() {
+            ::metrics::counter!(metrics::RATE_LIMITED, "app_id" => app.app_id.clone()).increment(1);
+        }
+        out
+    }
+
+    /// Creates the app if it does not exist, through the aggregate (idempotent; safe from many
+    /// replicas at once). Every shipped workflow is allowed, and the tiers file's
+    /// `default_app_limits` are its overrides.
     pub async fn ensure_app(
         &self,
         app_id: &str,
         name: &str,
         tier: &str,
     ) -> Result<Arc<App>, Error> {
-        if let Some(app) = self.read_through(app_id).await? {
+        if let Some(app) = self.read_through(app_id).await?
+            && app.version > 0
+        {
             return Ok(app);
         }
-        let now = Utc::now();
-        let app = App {
-            app_id: app_id.to_string(),
+        let cmd = AppCommand::Create {
             name: name.to_string(),
             tier: tier.to_string(),
-            status: AppStatus::Active,
             workflows: None,
-            limits: Limits::default(),
-            context: Default::default(),
-            allowed_origins: None,
-            created_at: now,
-            updated_at: now,
+            limits: self.tiers.default_app_limits.clone(),
+            runtime_url: None,
         };
-        let bytes = serde_json::to_vec(&app).map_err(|e| Error::Corrupt {
-            app_id: app_id.into(),
-            reason: e.to_string(),
-        })?;
-        match self.kv.create(app_id, bytes.into()).await {
-            Ok(rev) => {
-                info!(app_id, "App created.");
-                let app = Arc::new(app);
-                let mut apps = self.apps.write().unwrap_or_else(|p| p.into_inner());
-                apps.entry(app_id.to_string()).or_insert((rev, app.clone()));
-                Ok(app)
-            }
-            // Created concurrently by another replica.
-            Err(_) => self
+        match self.execute(app_id, &cmd, "system", None).await {
+            Ok(app) => Ok(app),
+            // Created concurrently by another replica, or before (a legacy view was adopted).
+            Err(Error::Rejected(Rejection::AppExists)) => self
                 .read_through(app_id)
                 .await?
                 .ok_or_else(|| Error::Unavailable(format!("could not create app {app_id}"))),
+            Err(e) => Err(e),
         }
     }
 
@@ -238,8 +261,7 @@ impl Registry {
                     app_id: app_id.into(),
                     reason: err.to_string(),
                 })?;
-                self.observe(e);
-                Ok(Some(Arc::new(app)))
+                Ok(Some(self.remember(app)))
             }
             Ok(_) => Ok(None),
             Err(e) => Err(Error::Unavailable(e.to_string())),
