@@ -3,5 +3,6 @@
 
 mod bad_input;
 mod cli;
+mod control;
 mod fleet;
 mod slice;

@@ -4,10 +4,12 @@
 //! log, reads from the Mongo projections. Nothing is kept between requests but caches of shared
 //! state (the app registry). See [`ws`] for the WebSocket protocol.
 
+pub mod apps;
 pub mod auth;
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod openapi;
 pub mod sessions;
 pub mod ws;
 
@@ -197,6 +199,12 @@ pub fn router(state: State) -> Router {
         .route("/api/sessions/{chat_id}/messages", get(sessions::messages))
         .route("/api/workflows", get(sessions::workflows))
         .route("/api/usage/{app_id}", get(sessions::usage))
+        .route("/api/apps", post(apps::create).get(apps::list))
+        .route(
+            "/api/apps/{app_id}",
+            get(apps::get_app).patch(apps::patch).delete(apps::delete),
+        )
+        .route("/openapi.json", get(openapi::serve))
         .route(
             "/ws/{workflow}/{app_id}/{chat_id}/{user_id}",
             get(ws::upgrade),

@@ -68,7 +68,7 @@ pub async fn start(
     User(user): User,
     headers: HeaderMap,
     Body(req): Body<StartSession>,
-) -> Result<(StatusCode, Json<SessionTicket>), ApiError> {
+) -> Result<(StatusCode, Json<SessionTicket>), crate::apps::BrokerError> {
     let started = Instant::now();
     check_id("app_id", &req.app_id)?;
     check_id("workflow_name", &req.workflow_name)?;
@@ -79,7 +79,8 @@ pub async fn start(
         return Err(ApiError::forbidden(
             "app_mismatch",
             "app_id differs from the token's app",
-        ));
+        )
+        .into());
     }
     if let Some(text) = &req.message
         && (text.trim().is_empty() || text.len() > mozaiks_events::frame_limits::MAX_TEXT_BYTES)
@@ -88,7 +89,8 @@ pub async fn start(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_message",
             "message must be non-empty and at most 32 KiB",
-        ));
+        )
+        .into());
     }
     let app = state
         .registry
@@ -96,7 +98,7 @@ pub async fn start(
         .filter(|a| a.status != mozaiks_control::AppStatus::Deleted)
         .ok_or_else(|| ApiError::not_found("app_not_found", "no such app"))?;
     if !app.is_active() {
-        return Err(ApiError::forbidden("app_suspended", "the app is suspended"));
+        return Err(ApiError::forbidden("app_suspended", "the app is suspended").into());
     }
     if state.catalog.get(&req.workflow_name).is_none() || !app.allows_workflow(&req.workflow_name) {
         return Err(ApiError::forbidden(
@@ -105,7 +107,15 @@ pub async fn start(
                 "workflow {:?} is not enabled for this app",
                 req.workflow_name
             ),
-        ));
+        )
+        .into());
+    }
+    // The app's requests per minute, per replica (see mozaiks_control::ratelimit).
+    if let Err(wait) = state.registry.check_rate(&app) {
+        info!(app_id = %req.app_id, "Session start refused: requests_per_minute reached.");
+        return Err(crate::apps::BrokerError::RateLimited {
+            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+        });
     }
     let user_id = user.sub.clone();
     let (chat_id, resumed, last_seq) = match &req.chat_id {
@@ -113,14 +123,15 @@ pub async fn start(
             Some((last, _)) => {
                 // Only the chat's owner may resume it; others learn nothing about it.
                 if last.user_id != user_id {
-                    return Err(ApiError::not_found("chat_not_found", "no such chat"));
+                    return Err(ApiError::not_found("chat_not_found", "no such chat").into());
                 }
                 if last.workflow != req.workflow_name {
                     return Err(ApiError::new(
                         StatusCode::CONFLICT,
                         "workflow_mismatch",
                         format!("chat runs workflow {:?}", last.workflow),
-                    ));
+                    )
+                    .into());
                 }
                 (chat_id.clone(), true, last.seq)
             }
@@ -153,7 +164,11 @@ pub async fn start(
         state
             .auth
             .mint_runtime(&req.app_id, &user_id, &chat_id, &req.workflow_name)?;
-    let base = state.ws_base(&headers);
+    // resolve_runtime: the app's own runtime when its tier has one, else the shared fleet.
+    let base = match state.registry.resolve_runtime(&app) {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None => state.ws_base(&headers),
+    };
     let ws_url = format!(
         "{base}/ws/{}/{}/{chat_id}/{}",
         req.workflow_name, req.app_id, user_id

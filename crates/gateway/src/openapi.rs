@@ -1,0 +1,536 @@
+//! `GET /openapi.json`: an OpenAPI 3.1 document of every endpoint of the runtime.
+//!
+//! The document is built from [`OPERATIONS`], a table kept next to the router. A test reads the
+//! router's source (`lib.rs`) and fails when a route is missing from the table or the table names
+//! a route the router does not have, so the document cannot drift from the code. (A table rather
+//! than `utoipa`: the handlers use custom extractors and hand-written JSON answers, so annotating
+//! them would cost more than this file and still not cover the WebSocket.)
+
+use std::sync::OnceLock;
+
+use axum::Json;
+use serde_json::{Map, Value, json};
+
+/// How an operation authenticates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Auth {
+    None,
+    /// `Authorization: Bearer <user JWT>` (`aud = mozaiks`).
+    User,
+    /// `?token=<runtime JWT>` (`aud = mozaiks-runtime`) from the session broker.
+    Runtime,
+}
+
+/// One operation of the API.
+pub struct Op {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub tag: &'static str,
+    pub summary: &'static str,
+    pub auth: Auth,
+    /// Query parameters: name, description, required.
+    pub query: &'static [(&'static str, &'static str, bool)],
+    /// The JSON request body's schema, if any.
+    pub body: Option<fn() -> Value>,
+    /// The success status.
+    pub ok: u16,
+    /// Error statuses (bodies are `{"error": {"code", "message"}}`).
+    pub errors: &'static [u16],
+}
+
+const USER_ERRORS: &[u16] = &[401, 403, 404, 503];
+
+/// Every operation, in the router's order.
+pub const OPERATIONS: &[Op] = &[
+    op(
+        "get",
+        "/api/health",
+        "health",
+        "Liveness.",
+        Auth::None,
+        200,
+        &[],
+    ),
+    op(
+        "get",
+        "/health",
+        "health",
+        "Liveness.",
+        Auth::None,
+        200,
+        &[],
+    ),
+    op(
+        "get",
+        "/health/live",
+        "health",
+        "Liveness.",
+        Auth::None,
+        200,
+        &[],
+    ),
+    op(
+        "get",
+        "/health/ready",
+        "health",
+        "Readiness: 200 only when NATS and Mongo answer and the replica is not draining.",
+        Auth::None,
+        200,
+        &[503],
+    ),
+    op(
+        "get",
+        "/metrics",
+        "health",
+        "Prometheus exposition.",
+        Auth::None,
+        200,
+        &[],
+    ),
+    Op {
+        body: Some(schemas::start_session),
+        ..op(
+            "post",
+            "/api/sessions",
+            "sessions",
+            "Start or resume a session (the session broker): checks the app is active, the workflow allowlisted and the app's requests per minute; answers {chat_id, ws_url, runtime_token, expires_at, ...}. 201 new, 200 resumed (owner only).",
+            Auth::User,
+            201,
+            &[400, 401, 403, 404, 409, 422, 429, 503],
+        )
+    },
+    Op {
+        query: &[
+            ("app_id", "The token's app.", true),
+            ("user_id", "Another user's sessions (admins only).", false),
+            ("limit", "1 to 200, default 50.", false),
+        ],
+        ..op(
+            "get",
+            "/api/sessions",
+            "sessions",
+            "A user's sessions, newest first.",
+            Auth::User,
+            200,
+            &[400, 401, 403, 422, 503],
+        )
+    },
+    op(
+        "get",
+        "/api/sessions/{chat_id}",
+        "sessions",
+        "A session from the read model (owner or app admin).",
+        Auth::User,
+        200,
+        USER_ERRORS,
+    ),
+    Op {
+        query: &[
+            ("after", "Only messages with seq > after.", false),
+            ("limit", "1 to 1000, default 500.", false),
+        ],
+        ..op(
+            "get",
+            "/api/sessions/{chat_id}/messages",
+            "sessions",
+            "A session's transcript.",
+            Auth::User,
+            200,
+            USER_ERRORS,
+        )
+    },
+    op(
+        "get",
+        "/api/workflows",
+        "sessions",
+        "The workflow packs the caller's app may run: [{name, description}].",
+        Auth::User,
+        200,
+        USER_ERRORS,
+    ),
+    op(
+        "get",
+        "/api/usage/{app_id}",
+        "usage",
+        "Metered usage of an app (its admins, or a superadmin).",
+        Auth::User,
+        200,
+        USER_ERRORS,
+    ),
+    Op {
+        body: Some(schemas::notify),
+        ..op(
+            "post",
+            "/api/notify",
+            "notifications",
+            "Send an ephemeral notification frame to one user of the caller's app, or to all of them, on every replica (role admin).",
+            Auth::User,
+            202,
+            &[400, 401, 403, 413, 422, 503],
+        )
+    },
+    Op {
+        body: Some(schemas::create_app),
+        ..op(
+            "post",
+            "/api/apps",
+            "apps",
+            "Create an app (role superadmin). 409 app_exists, 422 invalid_id / unknown_tier / unknown_workflow.",
+            Auth::User,
+            201,
+            &[400, 401, 403, 409, 422, 503],
+        )
+    },
+    op(
+        "get",
+        "/api/apps",
+        "apps",
+        "Every app (superadmin) or the caller's own app (admin).",
+        Auth::User,
+        200,
+        &[401, 403, 503],
+    ),
+    op(
+        "get",
+        "/api/apps/{app_id}",
+        "apps",
+        "An app: settings, effective limits, placement (its admins, or a superadmin).",
+        Auth::User,
+        200,
+        &[401, 403, 404, 422, 503],
+    ),
+    Op {
+        body: Some(schemas::patch_app),
+        ..op(
+            "patch",
+            "/api/apps/{app_id}",
+            "apps",
+            "Change an app. Its admins may change name, workflows and context; tier, limits, runtime_url and status need superadmin. Applies on every replica within a second.",
+            Auth::User,
+            200,
+            &[400, 401, 403, 404, 409, 422, 503],
+        )
+    },
+    op(
+        "delete",
+        "/api/apps/{app_id}",
+        "apps",
+        "Delete an app (superadmin): refuses its sessions everywhere, cancels its unfinished chats, removes its read models.",
+        Auth::User,
+        200,
+        &[401, 403, 404, 422, 503],
+    ),
+    op(
+        "get",
+        "/openapi.json",
+        "meta",
+        "This document.",
+        Auth::None,
+        200,
+        &[],
+    ),
+    Op {
+        query: &[
+            ("token", "The runtime token from POST /api/sessions.", true),
+            (
+                "after",
+                "Replay every event with seq > after, then live.",
+                false,
+            ),
+            (
+                "epoch",
+                "The log epoch from the ticket; a mismatch answers resync.",
+                false,
+            ),
+        ],
+        ..op(
+            "get",
+            "/ws/{workflow}/{app_id}/{chat_id}/{user_id}",
+            "websocket",
+            "WebSocket upgrade: replays the chat's events after `after`, then streams live events. Frames server→client {id, seq, type, ts, data}; client→server user.message, input.response, cancel, ping. Close codes 1008 token expired, 1009 frame too large, 1012 draining, 1013 slow consumer.",
+            Auth::Runtime,
+            101,
+            &[401, 403],
+        )
+    },
+];
+
+#[allow(clippy::too_many_arguments)]
+const fn op(
+    method: &'static str,
+    path: &'static str,
+    tag: &'static str,
+    summary: &'static str,
+    auth: Auth,
+    ok: u16,
+    errors: &'static [u16],
+) -> Op {
+    Op {
+        method,
+        path,
+        tag,
+        summary,
+        auth,
+        query: &[],
+        body: None,
+        ok,
+        errors,
+    }
+}
+
+fn path_params(path: &str) -> Vec<&str> {
+    path.split('/')
+        .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .collect()
+}
+
+fn operation(op: &Op) -> Value {
+    let mut params: Vec<Value> = path_params(op.path)
+        .into_iter()
+        .map(|p| json!({"name": p, "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_@.:|-]{1,128}$"}}))
+        .collect();
+    for (name, description, required) in op.query {
+        params.push(json!({"name": name, "in": "query", "required": required, "description": description, "schema": {"type": "string"}}));
+    }
+    let mut responses = Map::new();
+    let ok_description = if op.ok == 101 {
+        "Switching protocols to WebSocket."
+    } else {
+        "Success."
+    };
+    responses.insert(
+        op.ok.to_string(),
+        json!({"description": ok_description, "content": {"application/json": {"schema": {}}}}),
+    );
+    if op.method == "post" && op.path == "/api/sessions" {
+        responses.insert(
+            "200".into(),
+            json!({"description": "An existing chat resumed (owner only).", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SessionTicket"}}}}),
+        );
+        responses.insert(
+            "201".into(),
+            json!({"description": "A new chat.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SessionTicket"}}}}),
+        );
+    }
+    for status in op.errors {
+        let mut r = json!({"description": "Error.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+        if *status == 429 {
+            r["headers"] = json!({"Retry-After": {"description": "Seconds until a retry may succeed.", "schema": {"type": "integer"}}});
+        }
+        responses.insert(status.to_string(), r);
+    }
+    let mut o = json!({
+        "operationId": format!("{} {}", op.method, op.path),
+        "summary": op.summary,
+        "tags": [op.tag],
+        "parameters": params,
+        "responses": responses,
+    });
+    match op.auth {
+        Auth::None => o["security"] = json!([]),
+        Auth::User => o["security"] = json!([{"bearer": []}]),
+        Auth::Runtime => o["security"] = json!([{"runtimeToken": []}]),
+    }
+    if let Some(schema) = op.body {
+        o["requestBody"] =
+            json!({"required": true, "content": {"application/json": {"schema": schema()}}});
+    }
+    o
+}
+
+/// The OpenAPI document.
+pub fn document() -> Value {
+    let mut paths = Map::new();
+    for op in OPERATIONS {
+        let item = paths
+            .entry(op.path.to_string())
+            .or_insert_with(|| json!({}));
+        item[op.method] = operation(op);
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Mozaiks Runtime",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Event-sourced, multi-tenant runtime for AI-agent chat apps. Every gateway replica serves every endpoint. Errors are {\"error\": {\"code\", \"message\"}} with a stable code.",
+        },
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": "A user token: HS256 (JWT_SECRET), iss=mozaiks, aud=mozaiks, claims sub, app_id, roles (user, admin, superadmin)."},
+                "runtimeToken": {"type": "apiKey", "in": "query", "name": "token", "description": "A runtime token from POST /api/sessions (aud=mozaiks-runtime), scoped to app, user, chat and workflow."},
+            },
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+                "SessionTicket": schemas::session_ticket(),
+                "Limits": schemas::limits(),
+            },
+        },
+    })
+}
+
+/// `GET /openapi.json`.
+pub async fn serve() -> Json<Value> {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    Json(DOC.get_or_init(document).clone())
+}
+
+/// Hand-written JSON Schemas (2020-12, as OpenAPI 3.1 uses) of the request bodies.
+mod schemas {
+    use serde_json::{Value, json};
+
+    pub fn start_session() -> Value {
+        json!({"type": "object", "additionalProperties": false, "required": ["app_id", "workflow_name"], "properties": {
+            "app_id": {"type": "string", "description": "Must be the token's app."},
+            "workflow_name": {"type": "string"},
+            "chat_id": {"type": "string", "description": "Resume this chat (owner only), or start one with this id."},
+            "context": {"type": "object"},
+            "message": {"type": "string", "maxLength": 32768},
+        }})
+    }
+
+    pub fn session_ticket() -> Value {
+        json!({"type": "object", "properties": {
+            "chat_id": {"type": "string"}, "ws_url": {"type": "string"}, "runtime_token": {"type": "string"},
+            "expires_at": {"type": "string", "format": "date-time"}, "app_id": {"type": "string"},
+            "workflow_name": {"type": "string"}, "resumed": {"type": "boolean"}, "last_seq": {"type": "integer"},
+            "epoch": {"type": "string"},
+        }})
+    }
+
+    pub fn notify() -> Value {
+        json!({"type": "object", "additionalProperties": false, "required": ["data"], "properties": {
+            "user_id": {"type": "string"}, "data": {},
+        }})
+    }
+
+    pub fn limits() -> Value {
+        let count = json!({"type": ["integer", "null"], "minimum": 1});
+        json!({"type": "object", "additionalProperties": false, "description": "Overrides of the tier's limits; an absent field falls back to the tier (config/tiers.yaml).", "properties": {
+            "max_concurrent_runs": count, "max_parallel_children": {"type": ["integer", "null"], "minimum": 0},
+            "max_websockets": count, "requests_per_minute": count, "retention_days": count,
+            "included_credits": {"type": ["integer", "null"], "minimum": 0},
+            "max_websockets_per_user": count, "max_frames_per_second": count,
+            "allowed_origins": {"type": ["array", "null"], "items": {"type": "string"}},
+        }})
+    }
+
+    pub fn create_app() -> Value {
+        json!({"type": "object", "additionalProperties": false, "required": ["name", "tier"], "properties": {
+            "app_id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$", "description": "Generated when absent."},
+            "name": {"type": "string", "minLength": 1, "maxLength": 100},
+            "tier": {"type": "string", "enum": ["horizons", "starter", "business", "dedicated", "export"], "description": "A tier of config/tiers.yaml (the shipped ones are listed)."},
+            "workflows": {"type": ["array", "null"], "items": {"type": "string"}, "description": "The allowlist; absent allows every shipped workflow."},
+            "limits": {"$ref": "#/components/schemas/Limits"},
+            "runtime_url": {"type": "string", "description": "ws:// or wss:// base of a dedicated runtime (dedicated and export tiers)."},
+        }})
+    }
+
+    pub fn patch_app() -> Value {
+        json!({"type": "object", "additionalProperties": false, "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 100},
+            "tier": {"type": "string", "description": "superadmin only."},
+            "limits": {"$ref": "#/components/schemas/Limits", "description": "Replaces the overrides (superadmin only)."},
+            "workflows": {"type": ["array", "null"], "items": {"type": "string"}, "description": "The allowlist; null allows every shipped workflow; unknown names are refused (422 unknown_workflow)."},
+            "context": {"type": "object", "description": "Replaces the app's context variables (at most 64 KiB)."},
+            "runtime_url": {"type": ["string", "null"], "description": "superadmin only."},
+            "status": {"type": "string", "enum": ["active", "suspended"], "description": "superadmin only."},
+        }})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// `(method, path)` of every `.route(...)` in the router's source.
+    fn routes_in_router() -> BTreeSet<(String, String)> {
+        let src = include_str!("lib.rs");
+        let start = src.find("pub fn router(").expect("router fn");
+        let src = &src[start..];
+        let mut out = BTreeSet::new();
+        let mut rest = src;
+        while let Some(i) = rest.find(".route(") {
+            rest = &rest[i + ".route(".len()..];
+            let q1 = rest.find('"').unwrap();
+            let q2 = q1 + 1 + rest[q1 + 1..].find('"').unwrap();
+            let path = &rest[q1 + 1..q2];
+            // The method router: up to the parenthesis that closes `.route(`.
+            let mut depth = 1;
+            let mut end = q2 + 1;
+            for (j, c) in rest[q2 + 1..].char_indices() {
+                match c {
+                    '(' => depth += 1,
+                    ')' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = q2 + 1 + j;
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let methods = &rest[q2 + 1..end];
+            for m in ["get", "post", "put", "patch", "delete"] {
+                let bare = methods.match_indices(&format!("{m}(")).any(|(k, _)| {
+                    k == 0
+                        || !methods[..k]
+                            .chars()
+                            .last()
+                            .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
+                });
+                if bare {
+                    out.insert((m.to_string(), path.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_route_of_the_router_is_documented_and_nothing_else() {
+        let routes = routes_in_router();
+        assert!(routes.len() >= 15, "parsed too few routes: {routes:?}");
+        let documented: BTreeSet<(String, String)> = OPERATIONS
+            .iter()
+            .map(|o| (o.method.to_string(), o.path.to_string()))
+            .collect();
+        let missing: Vec<_> = routes.difference(&documented).collect();
+        assert!(
+            missing.is_empty(),
+            "routes missing from openapi.rs OPERATIONS: {missing:?}"
+        );
+        let stale: Vec<_> = documented.difference(&routes).collect();
+        assert!(stale.is_empty(), "OPERATIONS not in the router: {stale:?}");
+    }
+
+    #[test]
+    fn the_document_is_openapi_3_1_with_every_path_parameter_declared() {
+        let doc = document();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let paths = doc["paths"].as_object().unwrap();
+        assert!(paths.contains_key("/ws/{workflow}/{app_id}/{chat_id}/{user_id}"));
+        assert!(paths["/api/apps/{app_id}"]["patch"]["requestBody"].is_object());
+        for (path, item) in paths {
+            for (method, op) in item.as_object().unwrap() {
+                let declared: BTreeSet<&str> = op["parameters"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|p| p["in"] == "path")
+                    .map(|p| p["name"].as_str().unwrap())
+                    .collect();
+                let wanted: BTreeSet<&str> = path_params(path).into_iter().collect();
+                assert_eq!(declared, wanted, "{method} {path}");
+                assert!(op["responses"].as_object().is_some_and(|r| !r.is_empty()));
+            }
+        }
+        assert!(
+            paths["/api/sessions"]["post"]["responses"]["429"]["headers"]["Retry-After"]
+                .is_object()
+        );
+    }
+}

@@ -1,0 +1,609 @@
+//! The control plane end to end: app lifecycle over the API, live limits on every replica, the
+//! session broker's checks, deleting an app, and the cross-tenant matrix.
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::fleet::*;
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("<none>")
+}
+
+fn root() -> String {
+    Fleet::token("root", "default", &["superadmin"])
+}
+
+/// Any HTTP call on gateway `gw`; returns (status, JSON body or Null, Retry-After).
+async fn call(
+    fleet: &Fleet,
+    gw: usize,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value, Option<String>) {
+    let url = format!("{}{path}", fleet.gateways[gw]);
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut req = fleet.http.request(m, url).bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, r.json().await.unwrap_or(Value::Null), retry)
+}
+
+async fn create_app(fleet: &Fleet, body: Value) -> Value {
+    let (s, v, _) = call(fleet, 0, "POST", "/api/apps", &root(), Some(body)).await;
+    assert_eq!(s, 201, "create app: {v}");
+    v
+}
+
+fn start(app: &str, workflow: &str) -> Value {
+    json!({"app_id": app, "workflow_name": workflow})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_lifecycle_bad_input_and_live_limits_on_every_replica() {
+    let fleet = Fleet::start(2).await;
+    let admin = Fleet::token("ann", "acme", &["admin"]);
+    let user = Fleet::token("uma", "acme", &["user"]);
+
+    // Create (superadmin only), with every refusal a test of its own code.
+    let app = create_app(
+        &fleet,
+        json!({"app_id": "acme", "name": "Acme", "tier": "starter", "workflows": ["hello"]}),
+    )
+    .await;
+    assert_eq!(app["tier"], "starter");
+    assert_eq!(app["status"], "active");
+    assert_eq!(app["runtime"], "shared");
+    assert_eq!(app["effective_limits"]["requests_per_minute"], 600);
+    assert!(app["version"].as_u64().unwrap() > 0);
+    let bad_creates = [
+        (
+            json!({"app_id": "acme", "name": "Again", "tier": "starter"}),
+            409,
+            "app_exists",
+        ),
+        (
+            json!({"app_id": "bad id!", "name": "X", "tier": "starter"}),
+            422,
+            "invalid_id",
+        ),
+        (
+            json!({"app_id": "x", "name": "X", "tier": "platinum"}),
+            422,
+            "unknown_tier",
+        ),
+        (
+            json!({"app_id": "x", "name": "X", "tier": "starter", "workflows": ["ghost"]}),
+            422,
+            "unknown_workflow",
+        ),
+        (
+            json!({"app_id": "x", "name": "", "tier": "starter"}),
+            422,
+            "invalid_name",
+        ),
+        (
+            json!({"app_id": "x", "name": "X", "tier": "starter", "runtime_url": "wss://x.example.com"}),
+            422,
+            "invalid_runtime_url",
+        ),
+        (
+            json!({"app_id": "x", "name": "X", "tier": "starter", "limits": {"speed": 1}}),
+            422,
+            "unknown_limit",
+        ),
+        (
+            json!({"app_id": "x", "name": "X", "tier": "starter", "colour": "red"}),
+            422,
+            "invalid_body",
+        ),
+        (json!({"app_id": "x", "name": "X"}), 422, "invalid_body"),
+    ];
+    for (body, status, want) in bad_creates {
+        let (s, v, _) = call(&fleet, 0, "POST", "/api/apps", &root(), Some(body.clone())).await;
+        assert_eq!((s, code(&v)), (status, want), "{body}");
+    }
+    let (s, v, _) = call(
+        &fleet,
+        0,
+        "POST",
+        "/api/apps",
+        &admin,
+        Some(json!({"name": "Mine", "tier": "starter"})),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (403, "superadmin_required"));
+    // A generated app_id.
+    let generated = create_app(&fleet, json!({"name": "No id", "tier": "horizons"})).await;
+    assert!(generated["app_id"].as_str().unwrap().starts_with("app-"));
+
+    // Read and patch: the app's admin may change its own settings, not its entitlements.
+    let (s, v, _) = call(&fleet, 1, "GET", "/api/apps/acme", &admin, None).await;
+    assert_eq!((s, v["name"].as_str()), (200, Some("Acme")), "{v}");
+    let (s, v, _) = call(&fleet, 1, "GET", "/api/apps/acme", &user, None).await;
+    assert_eq!((s, code(&v)), (403, "admin_required"));
+    let (s, v, _) = call(
+        &fleet,
+        0,
+        "PATCH",
+        "/api/apps/acme",
+        &admin,
+        Some(json!({"name": "Acme Inc", "context": {"brand": "acme"}})),
+    )
+    .await;
+    assert_eq!((s, v["name"].as_str()), (200, Some("Acme Inc")), "{v}");
+    let root = root();
+    let bad_patches = [
+        (
+            &admin,
+            json!({"tier": "business"}),
+            403,
+            "superadmin_required",
+        ),
+        (
+            &admin,
+            json!({"limits": {"requests_per_minute": 1}}),
+            403,
+            "superadmin_required",
+        ),
+        (
+            &admin,
+            json!({"status": "suspended"}),
+            403,
+            "superadmin_required",
+        ),
+        (
+            &admin,
+            json!({"workflows": ["ghost"]}),
+            422,
+            "unknown_workflow",
+        ),
+        (&admin, json!({"favourite": 1}), 422, "invalid_body"),
+        (&root, json!({"tier": "gold"}), 422, "unknown_tier"),
+        (&root, json!({"limits": {"rpm": 1}}), 422, "unknown_limit"),
+        (
+            &root,
+            json!({"limits": {"requests_per_minute": 0}}),
+            422,
+            "invalid_limits",
+        ),
+        (&root, json!({"status": "deleted"}), 422, "invalid_status"),
+    ];
+    for (token, body, status, want) in bad_patches {
+        let (s, v, _) = call(
+            &fleet,
+            0,
+            "PATCH",
+            "/api/apps/acme",
+            token,
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!((s, code(&v)), (status, want), "{body}");
+    }
+    let (s, v, _) = call(
+        &fleet,
+        0,
+        "PATCH",
+        "/api/apps/nope",
+        &root,
+        Some(json!({"name": "N"})),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (404, "app_not_found"));
+
+    // The broker: allowlist, unknown app.
+    let (s, _) = fleet.post_session(0, &user, start("acme", "hello")).await;
+    assert_eq!(s, 201);
+    let (s, v) = fleet
+        .post_session(0, &user, start("acme", "triage_handoff"))
+        .await;
+    assert_eq!((s, code(&v)), (403, "workflow_not_allowed"));
+    let stranger = Fleet::token("sam", "nope", &["user"]);
+    let (s, v) = fleet
+        .post_session(0, &stranger, start("nope", "hello"))
+        .await;
+    assert_eq!((s, code(&v)), (404, "app_not_found"));
+
+    // An allowlist change on replica 0 reaches replica 1 without a restart.
+    let (s, _, _) = call(
+        &fleet,
+        0,
+        "PATCH",
+        "/api/apps/acme",
+        &admin,
+        Some(json!({"workflows": ["hello", "triage_handoff"]})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    fleet
+        .eventually("the allowlist on replica 1", || async {
+            let (s, _) = fleet
+                .post_session(1, &user, start("acme", "triage_handoff"))
+                .await;
+            (s == 201).then_some(())
+        })
+        .await;
+    let (_, v) = fleet.get(1, "/api/workflows", &user).await;
+    let names: HashSet<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, HashSet::from(["hello", "triage_handoff"]));
+
+    // A limit change reaches replica 1 too: requests per minute, then 429 with Retry-After.
+    let (s, v, _) = call(
+        &fleet,
+        0,
+        "PATCH",
+        "/api/apps/acme",
+        &root,
+        Some(json!({"limits": {"requests_per_minute": 2}})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["effective_limits"]["requests_per_minute"].as_u64()),
+        (200, Some(2))
+    );
+    let (retry, body) = fleet
+        .eventually("rate limiting on replica 1", || async {
+            let (s, v, retry) = call(
+                &fleet,
+                1,
+                "POST",
+                "/api/sessions",
+                &user,
+                Some(start("acme", "hello")),
+            )
+            .await;
+            (s == 429).then_some((retry, v))
+        })
+        .await;
+    assert_eq!(code(&body), "rate_limited");
+    let retry: u64 = retry.expect("Retry-After").parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    // Other apps are not affected.
+    let alice = Fleet::token("alice", "default", &["user"]);
+    fleet.session(1, &alice, "hello", None).await;
+
+    // Suspend and resume (superadmin), seen by the other replica.
+    let (s, _, _) = call(
+        &fleet,
+        0,
+        "PATCH",
+        "/api/apps/acme",
+        &root,
+        Some(json!({"status": "suspended", "limits": {}})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    fleet
+        .eventually("the suspension on replica 1", || async {
+            let (s, v) = fleet.post_session(1, &user, start("acme", "hello")).await;
+            (s == 403 && code(&v) == "app_suspended").then_some(())
+        })
+        .await;
+    let (s, _, _) = call(
+        &fleet,
+        1,
+        "PATCH",
+        "/api/apps/acme",
+        &root,
+        Some(json!({"status": "active"})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    fleet
+        .eventually("the resumption on replica 0", || async {
+            let (s, _) = fleet.post_session(0, &user, start("acme", "hello")).await;
+            (s == 201).then_some(())
+        })
+        .await;
+
+    // resolve_runtime: a dedicated app's tickets point at its own runtime.
+    create_app(
+        &fleet,
+        json!({"app_id": "ded", "name": "Ded", "tier": "dedicated", "runtime_url": "wss://ded.example.com/"}),
+    )
+    .await;
+    let ded = Fleet::token("dora", "ded", &["user"]);
+    let (s, t) = fleet.post_session(1, &ded, start("ded", "hello")).await;
+    assert_eq!(s, 201, "{t}");
+    let ws_url = t["ws_url"].as_str().unwrap();
+    assert!(
+        ws_url.starts_with("wss://ded.example.com/ws/hello/ded/"),
+        "{ws_url}"
+    );
+
+    // The OpenAPI document lists the control plane with everything else.
+    let r = fleet
+        .http
+        .get(format!("{}/openapi.json", fleet.gateways[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let doc: Value = r.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    for p in [
+        "/api/apps",
+        "/api/apps/{app_id}",
+        "/api/sessions",
+        "/ws/{workflow}/{app_id}/{chat_id}/{user_id}",
+    ] {
+        assert!(doc["paths"][p].is_object(), "{p} missing");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_app_refuses_sessions_everywhere_and_removes_its_read_models() {
+    let fleet = Fleet::start(2).await;
+    create_app(
+        &fleet,
+        json!({"app_id": "gone", "name": "Gone", "tier": "starter"}),
+    )
+    .await;
+    create_app(
+        &fleet,
+        json!({"app_id": "kept", "name": "Kept", "tier": "starter"}),
+    )
+    .await;
+    let user = Fleet::token("gus", "gone", &["user"]);
+    let admin = Fleet::token("gia", "gone", &["admin"]);
+    let kept_user = Fleet::token("kim", "kept", &["user"]);
+    let mut chats = Vec::new();
+    for (token, app) in [(&user, "gone"), (&kept_user, "kept")] {
+        let mut body = start(app, "hello");
+        body["message"] = json!("hi");
+        let (s, t) = fleet.post_session(0, token, body).await;
+        assert_eq!(s, 201, "{t}");
+        chats.push(t["chat_id"].as_str().unwrap().to_string());
+    }
+    // Both runs finish and are projected.
+    for (token, chat) in [(&user, &chats[0]), (&kept_user, &chats[1])] {
+        fleet
+            .eventually("the run to complete in the read model", || async {
+                let (s, v) = fleet.get(0, &format!("/api/sessions/{chat}"), token).await;
+                (s == 200 && v["status"] == "completed").then_some(())
+            })
+            .await;
+    }
+
+    // Only the operator deletes.
+    let (s, v, _) = call(&fleet, 0, "DELETE", "/api/apps/gone", &admin, None).await;
+    assert_eq!((s, code(&v)), (403, "superadmin_required"));
+    let (s, v, _) = call(&fleet, 0, "DELETE", "/api/apps/gone", &root(), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["sessions_removed"], 1);
+    assert!(v["messages_removed"].as_u64().unwrap() >= 2, "{v}");
+
+    // Every replica refuses the app's sessions; the app is gone from the API.
+    for gw in 0..2 {
+        fleet
+            .eventually("the deletion on every replica", || async {
+                let (s, v) = fleet.post_session(gw, &user, start("gone", "hello")).await;
+                (s == 404 && code(&v) == "app_not_found").then_some(())
+            })
+            .await;
+    }
+    let (s, v, _) = call(&fleet, 1, "GET", "/api/apps/gone", &root(), None).await;
+    assert_eq!((s, code(&v)), (404, "app_not_found"));
+    let (s, v) = fleet
+        .get(1, &format!("/api/sessions/{}", chats[0]), &user)
+        .await;
+    assert_eq!((s, code(&v)), (404, "chat_not_found"));
+
+    // Its read models are gone from Mongo; the other app's are intact.
+    let client = mongodb::Client::with_uri_str(&fleet.servers.mongo_uri)
+        .await
+        .unwrap();
+    let db = client.database(&fleet.servers.mongo_db);
+    for coll in ["chat_sessions", "chat_messages"] {
+        let c = db.collection::<mongodb::bson::Document>(coll);
+        let gone = c
+            .count_documents(mongodb::bson::doc! {"app_id": "gone"})
+            .await
+            .unwrap();
+        let kept = c
+            .count_documents(mongodb::bson::doc! {"app_id": "kept"})
+            .await
+            .unwrap();
+        assert_eq!(gone, 0, "{coll} of the deleted app");
+        assert!(kept > 0, "{coll} of the other app");
+    }
+
+    // Deleting again repeats the clean-up; the id is not reusable (its history is on the log).
+    let (s, v, _) = call(&fleet, 1, "DELETE", "/api/apps/gone", &root(), None).await;
+    assert_eq!((s, v["sessions_removed"].as_u64()), (200, Some(0)), "{v}");
+    let (s, v, _) = call(
+        &fleet,
+        0,
+        "POST",
+        "/api/apps",
+        &root(),
+        Some(json!({"app_id": "gone", "name": "Again", "tier": "starter"})),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (409, "app_exists"));
+    let (s, v, _) = call(&fleet, 0, "DELETE", "/api/apps/never", &root(), None).await;
+    assert_eq!((s, code(&v)), (404, "app_not_found"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() {
+    let fleet = Fleet::start(1).await;
+    create_app(
+        &fleet,
+        json!({"app_id": "tenant-a", "name": "A", "tier": "starter", "workflows": ["hello"]}),
+    )
+    .await;
+    create_app(
+        &fleet,
+        json!({"app_id": "tenant-b", "name": "B", "tier": "business", "workflows": ["hello", "triage_handoff"]}),
+    )
+    .await;
+    let b_user = Fleet::token("bob", "tenant-b", &["user"]);
+    let b_ticket = fleet
+        .post_session(0, &b_user, start("tenant-b", "hello"))
+        .await
+        .1;
+    let b_chat = b_ticket["chat_id"].as_str().unwrap().to_string();
+    fleet
+        .eventually("b's session in the read model", || async {
+            let (s, _) = fleet
+                .get(0, &format!("/api/sessions/{b_chat}"), &b_user)
+                .await;
+            (s == 200).then_some(())
+        })
+        .await;
+
+    // Tenant A's credentials: a user, an admin, and a runtime token of one of A's chats.
+    let a_user = Fleet::token("ann", "tenant-a", &["user"]);
+    let a_admin = Fleet::token("ada", "tenant-a", &["admin"]);
+    let (s, a_ticket) = fleet
+        .post_session(0, &a_user, start("tenant-a", "hello"))
+        .await;
+    assert_eq!(s, 201);
+    let a_runtime = a_ticket["runtime_token"].as_str().unwrap().to_string();
+    let missing_chat = "0000000000000000000000000000dead";
+
+    // Each request names B's resource and a twin that does not exist: the answers must be equal
+    // (same status, same code), so nobody learns whether B's resource exists.
+    let requests: Vec<(&str, String, String, Option<Value>)> = vec![
+        (
+            "POST",
+            "/api/sessions".into(),
+            "/api/sessions".into(),
+            Some(json!({"app_id": "tenant-b", "workflow_name": "hello", "chat_id": b_chat})),
+        ),
+        (
+            "POST",
+            "/api/sessions".into(),
+            "/api/sessions".into(),
+            Some(
+                json!({"app_id": "no-such-app", "workflow_name": "hello", "chat_id": missing_chat}),
+            ),
+        ),
+        (
+            "GET",
+            format!("/api/sessions/{b_chat}"),
+            format!("/api/sessions/{missing_chat}"),
+            None,
+        ),
+        (
+            "GET",
+            format!("/api/sessions/{b_chat}/messages"),
+            format!("/api/sessions/{missing_chat}/messages"),
+            None,
+        ),
+        (
+            "GET",
+            "/api/sessions?app_id=tenant-b&user_id=bob".into(),
+            "/api/sessions?app_id=no-such-app&user_id=bob".into(),
+            None,
+        ),
+        (
+            "GET",
+            "/api/usage/tenant-b".into(),
+            "/api/usage/no-such-app".into(),
+            None,
+        ),
+        (
+            "GET",
+            "/api/apps/tenant-b".into(),
+            "/api/apps/no-such-app".into(),
+            None,
+        ),
+        (
+            "PATCH",
+            "/api/apps/tenant-b".into(),
+            "/api/apps/no-such-app".into(),
+            Some(json!({"name": "pwned"})),
+        ),
+        (
+            "DELETE",
+            "/api/apps/tenant-b".into(),
+            "/api/apps/no-such-app".into(),
+            None,
+        ),
+    ];
+    for (who, token) in [
+        ("A's user", &a_user),
+        ("A's admin", &a_admin),
+        ("A's runtime token", &a_runtime),
+    ] {
+        for (method, real, twin, body) in &requests {
+            let (s1, v1, _) = call(&fleet, 0, method, real, token, body.clone()).await;
+            let (s2, v2, _) = call(&fleet, 0, method, twin, token, body.clone()).await;
+            assert!(
+                (400..500).contains(&s1),
+                "{who} {method} {real} was not refused: {s1} {v1}"
+            );
+            assert_eq!(
+                (s1, code(&v1)),
+                (s2, code(&v2)),
+                "{who} {method} {real} answers differently from its twin {twin}"
+            );
+            if token == &a_runtime {
+                assert_eq!(
+                    (s1, code(&v1)),
+                    (401, "token_wrong_audience"),
+                    "{method} {real}"
+                );
+            }
+        }
+        // Workflows: always the caller's own app's list, never B's.
+        let (s, v) = fleet.get(0, "/api/workflows", token).await;
+        if token == &a_runtime {
+            assert_eq!(s, 401);
+        } else {
+            let names: Vec<&str> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(names, ["hello"], "{who}");
+        }
+    }
+    // Nothing of B changed, and B's user still sees its chat.
+    let (_, v, _) = call(&fleet, 0, "GET", "/api/apps/tenant-b", &root(), None).await;
+    assert_eq!(v["name"], "B");
+    let (s, _) = fleet
+        .get(0, &format!("/api/sessions/{b_chat}"), &b_user)
+        .await;
+    assert_eq!(s, 200);
+
+    // WebSocket: B's chat with A's runtime token or A's user token is refused, exactly like a
+    // chat that does not exist.
+    let status = |u: String| async move {
+        match tokio_tungstenite::connect_async(u.into_client_request().unwrap()).await {
+            Ok(_) => 101,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+            Err(e) => panic!("unexpected {e}"),
+        }
+    };
+    let ws = fleet.gateways[0].replace("http://", "ws://");
+    for token in [&a_runtime, &a_user, &a_admin] {
+        let real = status(format!("{ws}/ws/hello/tenant-b/{b_chat}/bob?token={token}")).await;
+        let twin = status(format!(
+            "{ws}/ws/hello/tenant-b/{missing_chat}/bob?token={token}"
+        ))
+        .await;
+        assert!(real == 401 || real == 403, "{real}");
+        assert_eq!(real, twin);
+    }
+}
