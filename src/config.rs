@@ -90,6 +90,47 @@ pub struct Global {
         global = true
     )]
     pub workflow_timeout_seconds: u64,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// The model provider: the OpenAI-compatible client when `OPENAI_API_KEY` or `OPENAI_BASE_URL`
+/// is set, else the built-in offline model.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// API key of the OpenAI-compatible provider.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true, global = true)]
+    pub openai_api_key: Option<String>,
+    /// Base URL of the provider, e.g. http://127.0.0.1:11434/v1 (Ollama); default https://api.openai.com/v1.
+    #[arg(long, env = "OPENAI_BASE_URL", global = true)]
+    pub openai_base_url: Option<String>,
+    /// Header carrying the key instead of `Authorization: Bearer` (Azure: api-key).
+    #[arg(long, env = "OPENAI_API_KEY_HEADER", global = true)]
+    pub openai_api_key_header: Option<String>,
+    /// Model of agents that do not name one.
+    #[arg(
+        long,
+        env = "MOZAIKS_MODEL",
+        default_value = "gpt-4o-mini",
+        global = true
+    )]
+    pub model: String,
+    /// Tries per model call (429, 5xx, timeouts and connection errors are retried).
+    #[arg(
+        long,
+        env = "MOZAIKS_MODEL_MAX_ATTEMPTS",
+        default_value_t = 4,
+        global = true
+    )]
+    pub model_max_attempts: u32,
+    /// Seconds a model call may take, streamed answer included.
+    #[arg(
+        long,
+        env = "MOZAIKS_MODEL_TIMEOUT_SECONDS",
+        default_value_t = 120,
+        global = true
+    )]
+    pub model_timeout_seconds: u64,
 }
 
 impl Global {

@@ -122,6 +122,31 @@ async fn terminated() {
     }
 }
 
+/// The OpenAI-compatible client when `OPENAI_API_KEY` or `OPENAI_BASE_URL` is set, else offline.
+fn model(g: &Global) -> anyhow::Result<mozaiks_engine::model::Model> {
+    use mozaiks_engine::model::{Model, openai};
+    let m = &g.model;
+    let key = m.openai_api_key.clone().filter(|k| !k.is_empty());
+    let base = m.openai_base_url.clone().filter(|b| !b.is_empty());
+    if key.is_none() && base.is_none() {
+        info!("No OPENAI_API_KEY or OPENAI_BASE_URL; agents use the offline model.");
+        return Ok(Model::Offline);
+    }
+    let cfg = openai::Config {
+        base_url: base.unwrap_or_else(|| openai::DEFAULT_BASE_URL.into()),
+        api_key: key,
+        api_key_header: m.openai_api_key_header.clone().filter(|h| !h.is_empty()),
+        default_model: m.model.clone(),
+        max_attempts: m.model_max_attempts.max(1),
+        request_timeout: Duration::from_secs(m.model_timeout_seconds.max(1)),
+        ..Default::default()
+    };
+    info!(base_url = %cfg.base_url, model = %cfg.default_model, "Agents use the OpenAI-compatible provider.");
+    Ok(Model::OpenAi(
+        openai::Client::new(cfg).map_err(|e| anyhow::anyhow!("OPENAI_BASE_URL: {e}"))?,
+    ))
+}
+
 fn load_catalog(g: &Global) -> anyhow::Result<Catalog> {
     Catalog::load_dir(&g.workflows_dir).map_err(|e| anyhow::anyhow!("invalid workflow pack: {e}"))
 }
@@ -224,7 +249,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
             bus.clone(),
             registry.clone().context("registry")?,
             catalog.clone().context("catalog")?,
-            mozaiks_engine::model::Model::Offline,
+            model(g)?,
             opts,
         );
         let s = stopped();

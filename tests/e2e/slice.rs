@@ -4,11 +4,13 @@ use serde_json::json;
 
 use crate::fleet::*;
 
-const RUN_TYPES: [&str; 6] = [
+const RUN_TYPES: [&str; 8] = [
     "run.started",
     "step.started",
+    "model.replied",
     "agent.message",
     "usage.charged",
+    "speaker.selected",
     "step.completed",
     "run.completed",
 ];
@@ -79,12 +81,12 @@ async fn session_message_and_run_stream_through_two_gateways() {
     let next = events_until(&mut b, "run.completed").await;
     assert_eq!(next[0]["type"], "message.user");
     assert_eq!(next[0]["data"]["text"], "again");
-    assert_gapless(&next, 9);
+    assert_gapless(&next, 11);
 
     // Replay from after=0 on B: every event exactly once, in order.
     let mut c = fleet.connect(1, &ticket, 0).await;
     let all = events_until(&mut c, "run.completed").await;
-    let all = if all.len() < 15 {
+    let all = if all.len() < 19 {
         let mut all = all;
         all.extend(events_until(&mut c, "run.completed").await);
         all
@@ -92,7 +94,7 @@ async fn session_message_and_run_stream_through_two_gateways() {
         all
     };
     assert_gapless(&all, 1);
-    assert_eq!(all.len(), 15);
+    assert_eq!(all.len(), 19);
     assert_eq!(
         all.iter().filter(|f| f["type"] == "message.user").count(),
         2
@@ -125,12 +127,16 @@ async fn a_client_resumes_on_the_other_replica_with_after() {
             "message.user",
             "run.started",
             "step.started",
+            "model.replied",
             "agent.message",
             "usage.charged",
+            "speaker.selected",
             "step.completed",
             "step.started",
+            "model.replied",
             "agent.message",
             "usage.charged",
+            "speaker.selected",
             "step.completed",
             "run.completed"
         ]
@@ -152,11 +158,11 @@ async fn a_client_resumes_on_the_other_replica_with_after() {
         .await;
     assert_eq!(status, 200, "{resumed}");
     assert_eq!(resumed["resumed"], true);
-    assert_eq!(resumed["last_seq"], 12);
+    assert_eq!(resumed["last_seq"], 16);
     let mut c = fleet.connect(1, &resumed, 0).await;
     let replay = events_until(&mut c, "run.completed").await;
     assert_gapless(&replay, 1);
-    assert_eq!(replay.len(), 12);
+    assert_eq!(replay.len(), 16);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,7 +184,7 @@ async fn projections_serve_the_read_endpoints_with_the_seed_indexes() {
     assert_eq!(session["app_id"], "default");
     assert_eq!(session["user_id"], "carol");
     assert_eq!(session["workflow_name"], "triage_handoff");
-    assert_eq!(session["last_seq"], 12);
+    assert_eq!(session["last_seq"], 16);
 
     let (s, msgs) = fleet
         .get(0, &format!("/api/sessions/{chat}/messages"), &token)

@@ -1,18 +1,29 @@
 //! The chat aggregate: pure, no I/O.
 //!
 //! `Chat::apply(event)` folds the log into state; `Chat::handle(command)` decides which events a
-//! command produces; `Chat::next(pack)` says what the run needs next: events to append, a model
-//! call to make, or nothing. The worker only drives this over the bus, so a chat's state is always
-//! what its log says, and a worker that takes a chat over continues exactly where the log ends.
+//! command produces; `Chat::next(pack)` (in [`run`]) says what the run needs next: events to
+//! append, a model call or an HTTP tool call to make, or nothing. The worker only drives this
+//! over the bus, so a chat's state is always what its log says, and a worker that takes a chat
+//! over continues exactly where the log ends.
+//!
+//! Exactly-once, by construction: a model call is recorded by one event (`model.replied`) before
+//! anything derived from it (`agent.message`, `usage.charged`, `tool.call`), and a tool call by its
+//! `tool.result`. A new owner finishes the derived events from the record and never repeats a
+//! recorded model call or tool result, so nothing is charged twice.
 
 use std::collections::{HashSet, VecDeque};
 
 use mozaiks_events::{
-    AgentMessage, Command, Event, MessageUser, RunCancelled, RunCompleted, RunStarted,
-    SessionStarted, StepCompleted, StepStarted, UsageCharged,
+    Command, Event, InputReceived, MessageUser, RequestedToolCall, RunCancelled, SessionStarted,
 };
-use mozaiks_packs::{Pack, TERMINATE};
+use mozaiks_packs::Pack;
 use uuid::Uuid;
+
+pub mod run;
+#[cfg(test)]
+mod tests;
+
+pub use run::Next;
 
 /// How many transcript entries the aggregate keeps for model context.
 const TRANSCRIPT_WINDOW: usize = 64;
@@ -24,6 +35,8 @@ pub enum Refusal {
     NotStarted,
     #[error("no run is waiting for input")]
     NotWaitingForInput,
+    #[error("the run waits for input request {expected:?}, not {got:?}")]
+    UnknownRequest { expected: String, got: String },
 }
 
 impl Refusal {
@@ -31,8 +44,44 @@ impl Refusal {
         match self {
             Refusal::NotStarted => "not_started",
             Refusal::NotWaitingForInput => "not_waiting_for_input",
+            Refusal::UnknownRequest { .. } => "unknown_request",
         }
     }
+}
+
+/// One tool call of a model reply, and how far it got.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Call {
+    pub call_id: String,
+    pub tool: String,
+    pub arguments: serde_json::Value,
+    /// `tool.call` is durable.
+    pub called: bool,
+    /// `tool.result` is durable: the result, or the error.
+    pub result: Option<Result<serde_json::Value, String>>,
+    /// The user's answer, for `ask_user`.
+    pub answer: Option<String>,
+    /// `context.updated` for this call is durable.
+    pub context_done: bool,
+}
+
+/// One model call of the current step (`model.replied`), and how far its derived events got.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Round {
+    pub round: u32,
+    pub text: String,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub message_done: bool,
+    pub charged: bool,
+    pub calls: Vec<Call>,
+}
+
+/// An `input.requested` not yet answered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Waiting {
+    pub request_id: String,
 }
 
 /// The run in progress.
@@ -40,12 +89,23 @@ impl Refusal {
 pub struct Run {
     pub run_id: Uuid,
     pub trigger_seq: u64,
+    /// The text of the message that triggered the run (`{input}`).
+    pub input: String,
     /// The current turn (0 before the first step starts).
     pub step: u32,
     /// The agent whose turn it is.
     pub agent: String,
-    /// Whether the current step's agent has spoken (and been charged).
-    pub spoken: bool,
+    /// Seq of the current `step.started`; transcript entries before it are history.
+    pub step_seq: u64,
+    /// Model calls of the current step.
+    pub rounds: Vec<Round>,
+    /// The agent spoke without a model (human input, or a log from before `model.replied`).
+    pub spoke: bool,
+    pub waiting: Option<Waiting>,
+    /// The answer to a human-input agent's request.
+    pub human_answer: Option<String>,
+    /// `speaker.selected` of the current step: who is next.
+    pub selected: Option<Option<String>>,
     /// Whether the current step completed, and who is next.
     pub completed_next: Option<Option<String>>,
     pub last_output: String,
@@ -54,6 +114,8 @@ pub struct Run {
 /// One transcript entry.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Turn {
+    /// Seq of the event.
+    pub seq: u64,
     /// `user` or the agent's name.
     pub speaker: String,
     pub text: String,
@@ -76,28 +138,14 @@ pub struct Chat {
     pub runs_completed: u64,
 }
 
-/// What the run needs next.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Next {
-    /// Nothing to do until a command arrives.
-    Idle,
-    /// Append these events.
-    Emit(Vec<Event>),
-    /// Ask the model for `agent`'s turn.
-    CallModel {
-        run_id: Uuid,
-        step: u32,
-        agent: String,
-    },
-}
-
-/// A model's answer for one turn.
-#[derive(Clone, Debug, PartialEq)]
+/// A model's answer for one call.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Reply {
     pub text: String,
     pub model: String,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    pub tool_calls: Vec<RequestedToolCall>,
 }
 
 impl Chat {
@@ -110,8 +158,11 @@ impl Chat {
         chat
     }
 
-    /// The user's latest message, the model's input.
+    /// The model's `{input}`: the message that triggered the run, else the user's latest.
     pub fn last_user_text(&self) -> &str {
+        if let Some(run) = &self.run {
+            return &run.input;
+        }
         self.transcript
             .iter()
             .rev()
@@ -121,13 +172,27 @@ impl Chat {
     }
 
     fn remember(&mut self, speaker: &str, text: &str) {
+        if text.is_empty() {
+            return;
+        }
         if self.transcript.len() == TRANSCRIPT_WINDOW {
             self.transcript.pop_front();
         }
         self.transcript.push_back(Turn {
+            seq: self.seq,
             speaker: speaker.to_string(),
             text: text.to_string(),
         });
+    }
+
+    fn call_mut(&mut self, call_id: &str) -> Option<&mut Call> {
+        self.run
+            .as_mut()?
+            .rounds
+            .last_mut()?
+            .calls
+            .iter_mut()
+            .find(|c| c.call_id == call_id)
     }
 
     /// Applies one event (with the id of the command that caused it).
@@ -149,34 +214,134 @@ impl Chat {
                 self.remember("user", &m.text);
             }
             Event::RunStarted(r) => {
+                let input = self
+                    .pending
+                    .iter()
+                    .find(|(s, _)| *s == r.trigger_seq)
+                    .map(|(_, t)| t.clone())
+                    .unwrap_or_default();
                 self.pending.retain(|(s, _)| *s > r.trigger_seq);
                 self.run = Some(Run {
                     run_id: r.run_id,
                     trigger_seq: r.trigger_seq,
+                    input,
                     step: 0,
                     agent: String::new(),
-                    spoken: false,
+                    step_seq: self.seq,
+                    rounds: Vec::new(),
+                    spoke: false,
+                    waiting: None,
+                    human_answer: None,
+                    selected: None,
                     completed_next: None,
                     last_output: String::new(),
                 });
             }
             Event::StepStarted(s) => {
+                let seq = self.seq;
                 if let Some(run) = self.run.as_mut() {
                     run.step = s.step;
                     run.agent = s.agent.clone();
-                    run.spoken = false;
+                    run.step_seq = seq;
+                    run.rounds.clear();
+                    run.spoke = false;
+                    run.waiting = None;
+                    run.human_answer = None;
+                    run.selected = None;
                     run.completed_next = None;
+                }
+            }
+            Event::ModelReplied(r) => {
+                if let Some(run) = self.run.as_mut() {
+                    run.rounds.push(Round {
+                        round: r.round,
+                        text: r.text.clone(),
+                        model: r.model.clone(),
+                        prompt_tokens: r.prompt_tokens,
+                        completion_tokens: r.completion_tokens,
+                        message_done: false,
+                        charged: false,
+                        calls: r
+                            .tool_calls
+                            .iter()
+                            .map(|c| Call {
+                                call_id: c.call_id.clone(),
+                                tool: c.tool.clone(),
+                                arguments: c.arguments.clone(),
+                                called: false,
+                                result: None,
+                                answer: None,
+                                context_done: false,
+                            })
+                            .collect(),
+                    });
                 }
             }
             Event::AgentMessage(m) => {
                 if let Some(run) = self.run.as_mut() {
+                    match run.rounds.last_mut() {
+                        Some(round) if !round.message_done => round.message_done = true,
+                        _ => run.spoke = true,
+                    }
                     run.last_output = m.text.clone();
                 }
                 self.remember(&m.agent, &m.text);
             }
             Event::UsageCharged(_) => {
+                if let Some(round) = self.run.as_mut().and_then(|r| r.rounds.last_mut()) {
+                    round.charged = true;
+                    // A model reply without text has no agent.message.
+                    round.message_done = true;
+                } else if let Some(run) = self.run.as_mut() {
+                    // Logs from before `model.replied`: the charge ended the agent's speech.
+                    run.spoke = true;
+                }
+            }
+            Event::ToolCall(t) => {
+                if let Some(c) = self.call_mut(&t.call_id) {
+                    c.called = true;
+                }
+            }
+            Event::ToolResult(t) => {
+                if let Some(c) = self.call_mut(&t.call_id) {
+                    c.called = true;
+                    c.result = Some(match &t.error {
+                        Some(e) => Err(e.clone()),
+                        None => Ok(t.result.clone()),
+                    });
+                }
+            }
+            Event::ContextUpdated(u) => {
+                self.context.insert(u.key.clone(), u.value.clone());
+                if let Some(id) = &u.call_id
+                    && let Some(c) = self.call_mut(id)
+                {
+                    c.context_done = true;
+                }
+            }
+            Event::InputRequested(i) => {
                 if let Some(run) = self.run.as_mut() {
-                    run.spoken = true;
+                    run.waiting = Some(Waiting {
+                        request_id: i.request_id.clone(),
+                    });
+                }
+            }
+            Event::InputReceived(i) => {
+                let is_call = self.call_mut(&i.request_id).is_some();
+                if is_call {
+                    if let Some(c) = self.call_mut(&i.request_id) {
+                        c.answer = Some(i.text.clone());
+                    }
+                } else if let Some(run) = self.run.as_mut() {
+                    run.human_answer = Some(i.text.clone());
+                }
+                if let Some(run) = self.run.as_mut() {
+                    run.waiting = None;
+                }
+            }
+            Event::SpeakerSelected(s) => {
+                if let Some(run) = self.run.as_mut() {
+                    run.selected = Some(s.next.clone());
                 }
             }
             Event::StepCompleted(s) => {
@@ -189,11 +354,7 @@ impl Chat {
                 self.runs_completed += 1;
             }
             Event::RunFailed(_) | Event::RunCancelled(_) => self.run = None,
-            Event::ToolCall(_)
-            | Event::ToolResult(_)
-            | Event::ChildSpawned(_)
-            | Event::ChildCompleted(_)
-            | Event::InputRequested(_) => {}
+            Event::ChildSpawned(_) | Event::ChildCompleted(_) => {}
         }
     }
 
@@ -257,434 +418,28 @@ impl Chat {
                 })]),
                 None => Ok(Vec::new()),
             },
-            Command::InputResponse { .. } => Err(Refusal::NotWaitingForInput),
-        }
-    }
-
-    /// What the run needs next. `new_run_id` is used if a run starts.
-    pub fn next(&self, pack: &Pack, new_run_id: Uuid) -> Next {
-        let Some(run) = &self.run else {
-            return match self.pending.front() {
-                Some((trigger_seq, _)) if self.started => Next::Emit(vec![
-                    Event::RunStarted(RunStarted {
-                        run_id: new_run_id,
-                        trigger_seq: *trigger_seq,
-                    }),
-                    Event::StepStarted(StepStarted {
-                        run_id: new_run_id,
-                        step: 1,
-                        agent: pack.start_agent.clone(),
-                    }),
-                ]),
-                _ => Next::Idle,
-            };
-        };
-        if run.step == 0 {
-            return Next::Emit(vec![Event::StepStarted(StepStarted {
-                run_id: run.run_id,
-                step: 1,
-                agent: pack.start_agent.clone(),
-            })]);
-        }
-        match &run.completed_next {
-            None if !run.spoken => Next::CallModel {
-                run_id: run.run_id,
-                step: run.step,
-                agent: run.agent.clone(),
-            },
-            None => {
-                // Spoke and was charged, but the step did not complete (e.g. the worker died).
-                Next::Emit(vec![step_completed(pack, run)])
-            }
-            Some(Some(next)) if run.step < pack.max_turns => {
-                Next::Emit(vec![Event::StepStarted(StepStarted {
+            Command::InputResponse { request_id, text } => {
+                let Some((run, waiting)) = self
+                    .run
+                    .as_ref()
+                    .and_then(|r| r.waiting.as_ref().map(|w| (r, w)))
+                else {
+                    return Err(Refusal::NotWaitingForInput);
+                };
+                if let Some(got) = request_id
+                    && *got != waiting.request_id
+                {
+                    return Err(Refusal::UnknownRequest {
+                        expected: waiting.request_id.clone(),
+                        got: got.clone(),
+                    });
+                }
+                Ok(vec![Event::InputReceived(InputReceived {
                     run_id: run.run_id,
-                    step: run.step + 1,
-                    agent: next.clone(),
+                    request_id: waiting.request_id.clone(),
+                    text: text.clone(),
                 })])
             }
-            Some(_) => Next::Emit(vec![Event::RunCompleted(RunCompleted {
-                run_id: run.run_id,
-                steps: run.step,
-                output: run.last_output.clone(),
-            })]),
         }
-    }
-
-    /// The events of a model's reply for the current step.
-    pub fn on_reply(&self, pack: &Pack, reply: &Reply) -> Vec<Event> {
-        let Some(run) = &self.run else {
-            return Vec::new();
-        };
-        let mut after = run.clone();
-        after.spoken = true;
-        vec![
-            Event::AgentMessage(AgentMessage {
-                run_id: run.run_id,
-                step: run.step,
-                agent: run.agent.clone(),
-                text: reply.text.clone(),
-            }),
-            Event::UsageCharged(UsageCharged {
-                run_id: run.run_id,
-                step: run.step,
-                agent: run.agent.clone(),
-                model: reply.model.clone(),
-                prompt_tokens: reply.prompt_tokens,
-                completion_tokens: reply.completion_tokens,
-                total_tokens: reply.prompt_tokens + reply.completion_tokens,
-            }),
-            step_completed(pack, &after),
-        ]
-    }
-}
-
-fn step_completed(pack: &Pack, run: &Run) -> Event {
-    let next = pack
-        .agent(&run.agent)
-        .and_then(|a| a.handoff.after_work.clone())
-        .filter(|t| t != TERMINATE);
-    Event::StepCompleted(StepCompleted {
-        run_id: run.run_id,
-        step: run.step,
-        agent: run.agent.clone(),
-        next,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::Path;
-
-    fn pack(yaml: &str) -> Pack {
-        Pack::parse(Path::new("p/workflow.yaml"), "p", yaml).unwrap()
-    }
-
-    fn two_agents() -> Pack {
-        pack(
-            "name: p\nstart_agent: a\nmax_turns: 4\nagents:\n  - name: a\n    handoff: {after_work: b}\n  - name: b\n",
-        )
-    }
-
-    fn reply(text: &str) -> Reply {
-        Reply {
-            text: text.into(),
-            model: "offline".into(),
-            prompt_tokens: 3,
-            completion_tokens: 2,
-        }
-    }
-
-    /// given events, when command, then events
-    fn given(events: &[Event]) -> Chat {
-        Chat::from_events(events.iter().map(|e| (e, None)))
-    }
-
-    fn start() -> Command {
-        Command::StartSession {
-            context: Default::default(),
-            parent_chat_id: None,
-            message: None,
-        }
-    }
-
-    fn names(events: &[Event]) -> Vec<&'static str> {
-        events.iter().map(|e| e.type_name()).collect()
-    }
-
-    #[test]
-    fn start_opens_the_session_once() {
-        let p = two_agents();
-        let chat = given(&[]);
-        let events = chat
-            .handle(Uuid::now_v7(), &start(), &p, &Default::default())
-            .unwrap();
-        assert_eq!(names(&events), ["session.started"]);
-        let chat = given(&events);
-        assert!(
-            chat.handle(Uuid::now_v7(), &start(), &p, &Default::default())
-                .unwrap()
-                .is_empty()
-        );
-    }
-
-    #[test]
-    fn context_layers_pack_then_app_then_request() {
-        let p =
-            pack("name: p\nstart_agent: a\ncontext: {x: 1, y: 1, z: 1}\nagents:\n  - name: a\n");
-        let app: serde_json::Map<_, _> = serde_json::from_str(r#"{"y": 2, "z": 2}"#).unwrap();
-        let cmd = Command::StartSession {
-            context: serde_json::from_str(r#"{"z": 3}"#).unwrap(),
-            parent_chat_id: None,
-            message: None,
-        };
-        let events = given(&[]).handle(Uuid::now_v7(), &cmd, &p, &app).unwrap();
-        let Event::SessionStarted(s) = &events[0] else {
-            panic!()
-        };
-        assert_eq!(
-            serde_json::Value::Object(s.context.clone()),
-            serde_json::json!({"x":1,"y":2,"z":3})
-        );
-    }
-
-    #[test]
-    fn messages_before_start_are_refused() {
-        let cmd = Command::UserMessage {
-            text: "hi".into(),
-            client_msg_id: None,
-        };
-        assert_eq!(
-            given(&[]).handle(Uuid::now_v7(), &cmd, &two_agents(), &Default::default()),
-            Err(Refusal::NotStarted)
-        );
-    }
-
-    #[test]
-    fn client_msg_id_and_command_id_make_messages_idempotent() {
-        let p = two_agents();
-        let started = Event::SessionStarted(SessionStarted::default());
-        let msg = Command::UserMessage {
-            text: "hi".into(),
-            client_msg_id: Some("m1".into()),
-        };
-        let id = Uuid::now_v7();
-        let events = given(std::slice::from_ref(&started))
-            .handle(id, &msg, &p, &Default::default())
-            .unwrap();
-        assert_eq!(names(&events), ["message.user"]);
-        let mut chat = given(&[started]);
-        chat.apply(&events[0], Some(id));
-        // same client_msg_id, new command id
-        assert!(
-            chat.handle(Uuid::now_v7(), &msg, &p, &Default::default())
-                .unwrap()
-                .is_empty()
-        );
-        // same command redelivered, without client_msg_id
-        let bare = Command::UserMessage {
-            text: "x".into(),
-            client_msg_id: None,
-        };
-        assert!(
-            chat.handle(id, &bare, &p, &Default::default())
-                .unwrap()
-                .is_empty()
-        );
-    }
-
-    /// Drives a chat to the end with a fixed reply, collecting every event.
-    fn drive(mut chat: Chat, p: &Pack) -> Vec<Event> {
-        let mut all = Vec::new();
-        for _ in 0..100 {
-            let events = match chat.next(p, Uuid::now_v7()) {
-                Next::Idle => return all,
-                Next::Emit(ev) => ev,
-                Next::CallModel { agent, .. } => chat.on_reply(p, &reply(&format!("from {agent}"))),
-            };
-            for e in &events {
-                chat.apply(e, None);
-            }
-            all.extend(events);
-        }
-        panic!("run did not end");
-    }
-
-    #[test]
-    fn a_message_runs_the_handoff_chain() {
-        let p = two_agents();
-        let chat = given(&[
-            Event::SessionStarted(SessionStarted::default()),
-            Event::MessageUser(MessageUser {
-                text: "hi".into(),
-                client_msg_id: None,
-            }),
-        ]);
-        let events = drive(chat, &p);
-        assert_eq!(
-            names(&events),
-            [
-                "run.started",
-                "step.started",
-                "agent.message",
-                "usage.charged",
-                "step.completed",
-                "step.started",
-                "agent.message",
-                "usage.charged",
-                "step.completed",
-                "run.completed"
-            ]
-        );
-        let Event::RunCompleted(done) = events.last().unwrap() else {
-            panic!()
-        };
-        assert_eq!(done.steps, 2);
-        assert_eq!(done.output, "from b");
-    }
-
-    #[test]
-    fn max_turns_bounds_a_loop() {
-        let p = pack(
-            "name: p\nstart_agent: a\nmax_turns: 3\nagents:\n  - name: a\n    handoff: {after_work: b}\n  - name: b\n    handoff: {after_work: a}\n",
-        );
-        let chat = given(&[
-            Event::SessionStarted(SessionStarted::default()),
-            Event::MessageUser(MessageUser {
-                text: "hi".into(),
-                client_msg_id: None,
-            }),
-        ]);
-        let events = drive(chat, &p);
-        assert_eq!(
-            events
-                .iter()
-                .filter(|e| e.type_name() == "agent.message")
-                .count(),
-            3
-        );
-        assert_eq!(events.last().unwrap().type_name(), "run.completed");
-    }
-
-    #[test]
-    fn a_taken_over_chat_continues_without_repeating_a_charged_turn() {
-        let p = two_agents();
-        let run_id = Uuid::now_v7();
-        // The worker died after the first agent spoke and was charged.
-        let chat = given(&[
-            Event::SessionStarted(SessionStarted::default()),
-            Event::MessageUser(MessageUser {
-                text: "hi".into(),
-                client_msg_id: None,
-            }),
-            Event::RunStarted(RunStarted {
-                run_id,
-                trigger_seq: 2,
-            }),
-            Event::StepStarted(StepStarted {
-                run_id,
-                step: 1,
-                agent: "a".into(),
-            }),
-            Event::AgentMessage(AgentMessage {
-                run_id,
-                step: 1,
-                agent: "a".into(),
-                text: "x".into(),
-            }),
-            Event::UsageCharged(UsageCharged {
-                run_id,
-                step: 1,
-                agent: "a".into(),
-                model: "m".into(),
-                prompt_tokens: 1,
-                completion_tokens: 1,
-                total_tokens: 2,
-            }),
-        ]);
-        let events = drive(chat, &p);
-        assert_eq!(
-            names(&events),
-            [
-                "step.completed",
-                "step.started",
-                "agent.message",
-                "usage.charged",
-                "step.completed",
-                "run.completed"
-            ]
-        );
-    }
-
-    #[test]
-    fn messages_during_a_run_queue_in_order() {
-        let p = two_agents();
-        let mut chat = given(&[
-            Event::SessionStarted(SessionStarted::default()),
-            Event::MessageUser(MessageUser {
-                text: "one".into(),
-                client_msg_id: None,
-            }),
-        ]);
-        let Next::Emit(start) = chat.next(&p, Uuid::now_v7()) else {
-            panic!()
-        };
-        for e in &start {
-            chat.apply(e, None);
-        }
-        chat.apply(
-            &Event::MessageUser(MessageUser {
-                text: "two".into(),
-                client_msg_id: None,
-            }),
-            None,
-        );
-        assert_eq!(chat.pending.len(), 1);
-        let events = drive(chat, &p);
-        assert_eq!(
-            events
-                .iter()
-                .filter(|e| e.type_name() == "run.completed")
-                .count(),
-            2
-        );
-    }
-
-    #[test]
-    fn cancel_ends_the_run() {
-        let p = two_agents();
-        let run_id = Uuid::now_v7();
-        let chat = given(&[
-            Event::SessionStarted(SessionStarted::default()),
-            Event::MessageUser(MessageUser {
-                text: "hi".into(),
-                client_msg_id: None,
-            }),
-            Event::RunStarted(RunStarted {
-                run_id,
-                trigger_seq: 2,
-            }),
-        ]);
-        let events = chat
-            .handle(
-                Uuid::now_v7(),
-                &Command::Cancel {
-                    reason: String::new(),
-                },
-                &p,
-                &Default::default(),
-            )
-            .unwrap();
-        assert_eq!(names(&events), ["run.cancelled"]);
-        let mut chat = chat;
-        chat.apply(&events[0], None);
-        assert_eq!(chat.next(&p, Uuid::now_v7()), Next::Idle);
-        // nothing to cancel
-        assert!(
-            chat.handle(
-                Uuid::now_v7(),
-                &Command::Cancel {
-                    reason: String::new()
-                },
-                &p,
-                &Default::default()
-            )
-            .unwrap()
-            .is_empty()
-        );
-    }
-
-    #[test]
-    fn input_response_without_a_waiting_run_is_refused() {
-        let chat = given(&[Event::SessionStarted(SessionStarted::default())]);
-        let cmd = Command::InputResponse {
-            request_id: None,
-            text: "yes".into(),
-        };
-        assert_eq!(
-            chat.handle(Uuid::now_v7(), &cmd, &two_agents(), &Default::default()),
-            Err(Refusal::NotWaitingForInput)
-        );
     }
 }

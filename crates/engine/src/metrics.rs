@@ -8,6 +8,7 @@ pub const RUN_SECONDS: &str = "mozaiks_run_seconds";
 pub const MODEL_SECONDS: &str = "mozaiks_llm_latency_seconds";
 pub const TOKENS: &str = "mozaiks_tokens_total";
 pub const ACTIVE_CHATS: &str = "mozaiks_worker_active_chats";
+pub const TOOL_SECONDS: &str = "mozaiks_tool_seconds";
 
 pub fn describe() {
     metrics::describe_counter!(COMMANDS, "Commands handled, by type and outcome.");
@@ -25,4 +26,9 @@ pub fn describe() {
         "Tokens charged, by app_id and kind (prompt, completion)."
     );
     metrics::describe_gauge!(ACTIVE_CHATS, "Chats with a live actor on this worker.");
+    metrics::describe_histogram!(
+        TOOL_SECONDS,
+        metrics::Unit::Seconds,
+        "HTTP tool call latency, by outcome."
+    );
 }

@@ -53,6 +53,8 @@ struct Shared {
     registry: Registry,
     catalog: Catalog,
     model: Model,
+    /// HTTP tools' client.
+    http: reqwest::Client,
     runs: Semaphore,
     opts: Options,
 }
@@ -77,6 +79,7 @@ impl Worker {
                 registry,
                 catalog,
                 model,
+                http: reqwest::Client::new(),
                 runs: Semaphore::new(opts.max_concurrent_runs.max(1)),
                 opts,
             }),
@@ -440,14 +443,16 @@ async fn step(sh: &Shared, owned: &mut Owned, pack: &Pack) -> Result<bool, Error
             owned.append(sh, events, None).await?;
             Ok(true)
         }
-        Next::CallModel { agent, step, .. } => {
+        Next::CallModel {
+            agent, step, round, ..
+        } => {
+            let run_id = owned
+                .chat
+                .run
+                .as_ref()
+                .map(|r| r.run_id)
+                .unwrap_or_default();
             let Some(agent_def) = pack.agent(&agent) else {
-                let run_id = owned
-                    .chat
-                    .run
-                    .as_ref()
-                    .map(|r| r.run_id)
-                    .unwrap_or_default();
                 let ev = Event::RunFailed(RunFailed {
                     run_id,
                     code: "unknown_agent".into(),
@@ -457,22 +462,17 @@ async fn step(sh: &Shared, owned: &mut Owned, pack: &Pack) -> Result<bool, Error
                 return Ok(true);
             };
             let started = Instant::now();
-            let reply = sh.model.complete(agent_def, &owned.chat).await;
+            let reply = sh.model.complete(pack, agent_def, &owned.chat, round).await;
             metrics::histogram!(m::MODEL_SECONDS, "model" => sh.model.name())
                 .record(started.elapsed().as_secs_f64());
             match reply {
                 Ok(reply) => {
-                    debug!(step, agent = %agent, "Model answered.");
-                    let events = owned.chat.on_reply(pack, &reply);
+                    debug!(step, round, agent = %agent, tool_calls = reply.tool_calls.len(), "Model answered.");
+                    let events = owned.chat.on_reply(round, &reply);
                     owned.append(sh, events, None).await?;
                 }
                 Err(e) => {
-                    let run_id = owned
-                        .chat
-                        .run
-                        .as_ref()
-                        .map(|r| r.run_id)
-                        .unwrap_or_default();
+                    warn!(step, round, agent = %agent, code = e.code, error = %e.message, "Model call failed; the run fails.");
                     let ev = Event::RunFailed(RunFailed {
                         run_id,
                         code: e.code.to_string(),
@@ -481,6 +481,28 @@ async fn step(sh: &Shared, owned: &mut Owned, pack: &Pack) -> Result<bool, Error
                     owned.append(sh, vec![ev], None).await?;
                 }
             }
+            Ok(true)
+        }
+        Next::CallTool {
+            step,
+            call_id,
+            tool,
+            arguments,
+            ..
+        } => {
+            let started = Instant::now();
+            let result = match pack.tool(&tool).and_then(|t| t.http.as_ref()) {
+                Some(http) => crate::tools::call_http(&sh.http, http, &arguments).await,
+                None => Err(format!("tool {tool:?} is not an HTTP tool of the pack")),
+            };
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            metrics::histogram!(m::TOOL_SECONDS, "outcome" => outcome)
+                .record(started.elapsed().as_secs_f64());
+            if let Err(e) = &result {
+                info!(step, tool = %tool, call_id = %call_id, error = %e, "Tool failed; the agent gets the error.");
+            }
+            let events = owned.chat.on_tool_result(pack, &call_id, result);
+            owned.append(sh, events, None).await?;
             Ok(true)
         }
     }

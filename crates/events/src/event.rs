@@ -77,6 +77,14 @@ pub enum Event {
     RunFailed(RunFailed),
     #[serde(rename = "run.cancelled")]
     RunCancelled(RunCancelled),
+    #[serde(rename = "model.replied")]
+    ModelReplied(ModelReplied),
+    #[serde(rename = "speaker.selected")]
+    SpeakerSelected(SpeakerSelected),
+    #[serde(rename = "context.updated")]
+    ContextUpdated(ContextUpdated),
+    #[serde(rename = "input.received")]
+    InputReceived(InputReceived),
 }
 
 impl Event {
@@ -98,11 +106,15 @@ impl Event {
             Event::RunCompleted(_) => "run.completed",
             Event::RunFailed(_) => "run.failed",
             Event::RunCancelled(_) => "run.cancelled",
+            Event::ModelReplied(_) => "model.replied",
+            Event::SpeakerSelected(_) => "speaker.selected",
+            Event::ContextUpdated(_) => "context.updated",
+            Event::InputReceived(_) => "input.received",
         }
     }
 
     /// Every type name, in declaration order.
-    pub const TYPE_NAMES: [&'static str; 15] = [
+    pub const TYPE_NAMES: [&'static str; 19] = [
         "session.started",
         "message.user",
         "run.started",
@@ -118,6 +130,10 @@ impl Event {
         "run.completed",
         "run.failed",
         "run.cancelled",
+        "model.replied",
+        "speaker.selected",
+        "context.updated",
+        "input.received",
     ];
 
     /// Whether the event ends a run.
@@ -269,4 +285,67 @@ pub struct RunFailed {
 pub struct RunCancelled {
     pub run_id: Uuid,
     pub reason: String,
+}
+
+/// A model answered one call of an agent's turn: the durable record of the call, written before
+/// the `agent.message`, `usage.charged` and `tool.call` events derived from it, so a worker that
+/// takes the chat over finishes those instead of calling (and charging) the model again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ModelReplied {
+    pub run_id: Uuid,
+    pub step: u32,
+    /// Model call within the step, from 1 (a turn with tool calls takes several).
+    pub round: u32,
+    pub agent: String,
+    pub model: String,
+    #[serde(default)]
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<RequestedToolCall>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// A tool call the model asked for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RequestedToolCall {
+    pub call_id: String,
+    pub tool: String,
+    pub arguments: serde_json::Value,
+}
+
+/// Who speaks next, and why: `condition` (a handoff condition held), `after_work`,
+/// `round_robin`, `terminate_when` (a terminate condition held), `max_turns`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SpeakerSelected {
+    pub run_id: Uuid,
+    pub step: u32,
+    /// The agent whose turn ended.
+    pub from: String,
+    /// The next agent; none ends the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    pub reason: String,
+}
+
+/// A context variable of the chat changed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ContextUpdated {
+    pub run_id: Uuid,
+    pub key: String,
+    pub value: serde_json::Value,
+    /// What changed it, e.g. the tool's name.
+    #[serde(default)]
+    pub source: String,
+    /// The tool call whose result this is, if a tool changed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
+}
+
+/// The user answered an `input.requested`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct InputReceived {
+    pub run_id: Uuid,
+    pub request_id: String,
+    pub text: String,
 }

@@ -24,6 +24,7 @@ pub use event::{
     MessageUser, RunCancelled, RunCompleted, RunFailed, RunStarted, SessionStarted, StepCompleted,
     StepStarted, ToolCall, ToolResult, UsageCharged,
 };
+pub use event::{ContextUpdated, InputReceived, ModelReplied, RequestedToolCall, SpeakerSelected};
 pub use frame::{ClientFrame, ErrorFrame, Frame, FrameError};
 
 /// Errors of this crate.

@@ -1,9 +1,10 @@
 //! Workflow packs: `workflows/<name>/workflow.yaml`.
 //!
-//! A pack declares agents and how they take turns. The skeleton format covers AG2's sequential
-//! handoffs (`after_work`), a turn limit, default context variables and the script the built-in
-//! offline model follows. Packs are validated completely at load: a catalog is either loaded
-//! whole or refused with the file, the path inside it and what was expected.
+//! A pack declares agents, the tools they may call, and how they take turns: AG2's sequential
+//! handoffs (conditions on context variables, then `after_work`) or round robin, terminate
+//! conditions, a turn limit, default context variables, human input, and the script the
+//! built-in offline model follows. Packs are validated completely at load: a catalog is either
+//! loaded whole or refused with the file, the path inside it and what was expected.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,8 @@ use std::sync::Arc;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+mod validate;
 
 /// The file a pack lives in, inside `workflows/<name>/`.
 pub const PACK_FILE: &str = "workflow.yaml";
@@ -27,13 +30,34 @@ pub struct Pack {
     pub version: u32,
     /// The agent that speaks first.
     pub start_agent: String,
+    /// How the next speaker is chosen after a turn.
+    #[serde(default)]
+    pub pattern: Pattern,
     /// Agent turns per run, at most.
     #[serde(default = "default_max_turns")]
     pub max_turns: u32,
+    /// The run ends after a turn when any of these holds.
+    #[serde(default)]
+    pub terminate_when: Vec<Condition>,
     /// Default context variables of every chat of this pack.
     #[serde(default)]
     pub context: serde_json::Map<String, serde_json::Value>,
+    /// Tools agents may call, besides the built-in ones ([`BUILTIN_TOOLS`]).
+    #[serde(default)]
+    pub tools: Vec<Tool>,
     pub agents: Vec<Agent>,
+}
+
+/// How the next speaker is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Pattern {
+    /// The speaking agent's handoff decides: its `conditions` in order, then `after_work`.
+    #[default]
+    Sequential,
+    /// Agents speak in the order they are declared (a matching handoff condition still wins),
+    /// until a terminate condition or `max_turns`.
+    RoundRobin,
 }
 
 /// One agent.
@@ -41,11 +65,19 @@ pub struct Pack {
 #[serde(deny_unknown_fields)]
 pub struct Agent {
     pub name: String,
+    /// The model's instructions; for a `human_input` agent, the prompt shown to the user.
     #[serde(default)]
     pub system_message: String,
     /// Model name for the OpenAI-compatible provider; `None` uses the configured default.
     #[serde(default)]
     pub model: Option<String>,
+    /// Names of the tools this agent may call: the pack's `tools` or built-in ones.
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// The agent is the user: its turn asks for input (`input.requested`) and the user's
+    /// answer (`input.response`) is its message. No model is called.
+    #[serde(default)]
+    pub human_input: bool,
     #[serde(default)]
     pub handoff: Handoff,
     /// What the built-in offline model answers for this agent.
@@ -53,23 +85,201 @@ pub struct Agent {
     pub offline: OfflineScript,
 }
 
-/// Who speaks after an agent.
+/// Who speaks after an agent (AG2's OnContextCondition, then after-work).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Handoff {
-    /// The next agent after this one's turn, or `terminate` (the default).
+    /// Evaluated in order after the agent's turn; the first that holds picks the next agent.
+    #[serde(default)]
+    pub conditions: Vec<ConditionalHandoff>,
+    /// The next agent when no condition holds, or `terminate` (the default).
     #[serde(default)]
     pub after_work: Option<String>,
 }
 
+/// A handoff taken when a condition holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConditionalHandoff {
+    pub when: Condition,
+    /// An agent, or `terminate`.
+    pub target: String,
+}
+
+/// A condition on a context variable (`var` with exactly one of `equals`, `in`, `exists`) or on
+/// the agent's message (`keyword`: the message contains it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub var: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equals: Option<serde_json::Value>,
+    #[serde(default, rename = "in", skip_serializing_if = "Option::is_none")]
+    pub one_of: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exists: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyword: Option<String>,
+}
+
+impl Condition {
+    /// Whether the condition holds for these context variables and the agent's message.
+    pub fn holds(
+        &self,
+        context: &serde_json::Map<String, serde_json::Value>,
+        message: &str,
+    ) -> bool {
+        if let Some(k) = &self.keyword {
+            return message.contains(k.as_str());
+        }
+        let Some(var) = &self.var else { return false };
+        let value = context.get(var);
+        if let Some(want) = &self.equals {
+            return value == Some(want);
+        }
+        if let Some(set) = &self.one_of {
+            return value.is_some_and(|v| set.contains(v));
+        }
+        if let Some(exists) = self.exists {
+            return value.is_some_and(|v| !v.is_null()) == exists;
+        }
+        false
+    }
+}
+
+/// Built-in tools every agent may list in `tools`.
+pub const BUILTIN_TOOLS: [&str; 2] = [SET_CONTEXT, ASK_USER];
+/// `set_context {key, value}`: sets a context variable of the chat.
+pub const SET_CONTEXT: &str = "set_context";
+/// `ask_user {question}`: asks the user (`input.requested`); the answer is the tool's result.
+pub const ASK_USER: &str = "ask_user";
+
+/// A tool declared in the pack: exactly one of `lookup` or `http`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tool {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// JSON Schema of the arguments (an object schema), sent to the model as is.
+    #[serde(default = "object_schema")]
+    pub parameters: serde_json::Value,
+    /// A deterministic lookup in a table declared here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookup: Option<Lookup>,
+    /// An HTTP endpoint called with the arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpTool>,
+    /// A successful result is also stored in this context variable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sets_context: Option<String>,
+}
+
+/// A lookup tool: the value of the table entry that matches the argument.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Lookup {
+    /// The argument looked up (a property of `parameters`).
+    pub argument: String,
+    pub table: BTreeMap<String, serde_json::Value>,
+    /// `exact` (the default): the key equals the argument; `contains`: the longest key that the
+    /// argument contains, case-insensitive (ties: the first in alphabetical order).
+    #[serde(default, rename = "match")]
+    pub matching: Matching,
+    /// The result when nothing matches; without it, no match is a tool error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<serde_json::Value>,
+}
+
+/// How a lookup matches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Matching {
+    #[default]
+    Exact,
+    Contains,
+}
+
+impl Lookup {
+    /// The lookup's answer for `arguments`.
+    pub fn run(&self, arguments: &serde_json::Value) -> Result<serde_json::Value, String> {
+        let arg = match arguments.get(&self.argument) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v) if !v.is_null() => v.to_string(),
+            _ => return Err(format!("missing argument {:?}", self.argument)),
+        };
+        let found = match self.matching {
+            Matching::Exact => self.table.get(&arg),
+            Matching::Contains => {
+                let hay = arg.to_lowercase();
+                let mut best: Option<(&String, &serde_json::Value)> = None;
+                for (k, v) in &self.table {
+                    if hay.contains(&k.to_lowercase())
+                        && best.is_none_or(|(b, _)| k.len() > b.len())
+                    {
+                        best = Some((k, v));
+                    }
+                }
+                best.map(|(_, v)| v)
+            }
+        };
+        found
+            .or(self.default.as_ref())
+            .cloned()
+            .ok_or_else(|| format!("no entry for {arg:?}"))
+    }
+}
+
+/// An HTTP tool. `GET` and `DELETE` send the arguments as query parameters, the other methods
+/// as a JSON body. A 2xx answer is the result (JSON, or text); anything else is a tool error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTool {
+    #[serde(default)]
+    pub method: HttpMethod,
+    /// `http://` or `https://`.
+    pub url: String,
+    /// The call fails with a tool error after this long (1 to 300000).
+    #[serde(default = "default_tool_timeout")]
+    pub timeout_ms: u64,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    Get,
+    #[default]
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
 /// The script of the built-in offline model for one agent.
+///
+/// The first model call of a turn returns `tool_calls` (if any); the next one returns `reply`.
+/// Templates: `{input}` is the user's last message, `{agent}` the agent's name,
+/// `{context.KEY}` a context variable, `{tool.NAME}` the result of the turn's call of tool NAME.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OfflineScript {
-    /// A template: `{input}` is the user's last message, `{agent}` the agent's name,
-    /// `{context.KEY}` a context variable.
     #[serde(default)]
     pub reply: Option<String>,
+    #[serde(default)]
+    pub tool_calls: Vec<ScriptedCall>,
+}
+
+/// A tool call of the offline model. String values in `arguments` are templates.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptedCall {
+    pub tool: String,
+    #[serde(default = "empty_object")]
+    pub arguments: serde_json::Value,
 }
 
 fn one() -> u32 {
@@ -78,11 +288,22 @@ fn one() -> u32 {
 fn default_max_turns() -> u32 {
     8
 }
+fn default_tool_timeout() -> u64 {
+    10_000
+}
+fn object_schema() -> serde_json::Value {
+    serde_json::json!({"type": "object", "properties": {}})
+}
+fn empty_object() -> serde_json::Value {
+    serde_json::json!({})
+}
 
 /// The target that ends a run.
 pub const TERMINATE: &str = "terminate";
 /// Most turns a pack may allow.
 pub const MAX_TURNS_LIMIT: u32 = 100;
+/// Longest HTTP tool timeout.
+pub const MAX_TOOL_TIMEOUT_MS: u64 = 300_000;
 
 /// Why a pack was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,96 +320,30 @@ impl Pack {
         self.agents.iter().find(|a| a.name == name)
     }
 
+    pub fn tool(&self, name: &str) -> Option<&Tool> {
+        self.tools.iter().find(|t| t.name == name)
+    }
+
     /// Parses and validates a pack from YAML text.
     pub fn parse(file: &Path, folder_name: &str, text: &str) -> Result<Pack, Error> {
-        let err = |path: String, message: String| Error {
-            file: file.to_path_buf(),
-            path,
-            message,
-        };
         let pack: Pack = serde_yaml::from_str(text).map_err(|e| {
             let at = e
                 .location()
                 .map(|l| format!("line {} column {}", l.line(), l.column()))
                 .unwrap_or_else(|| "document".into());
-            err(at, e.to_string())
+            Error {
+                file: file.to_path_buf(),
+                path: at,
+                message: e.to_string(),
+            }
         })?;
-        if let Err(e) = mozaiks_events::ids::check_token("workflow name", &pack.name) {
-            return Err(err("name".into(), e.to_string()));
-        }
-        if pack.name != folder_name {
-            return Err(err(
-                "name".into(),
-                format!(
-                    "is {:?} but the folder is {folder_name:?}; they must be equal",
-                    pack.name
-                ),
-            ));
-        }
-        if pack.max_turns == 0 || pack.max_turns > MAX_TURNS_LIMIT {
-            return Err(err(
-                "max_turns".into(),
-                format!("must be 1 to {MAX_TURNS_LIMIT}, got {}", pack.max_turns),
-            ));
-        }
-        if pack.agents.is_empty() {
-            return Err(err(
-                "agents".into(),
-                "a pack needs at least one agent".into(),
-            ));
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, a) in pack.agents.iter().enumerate() {
-            if let Err(e) = mozaiks_events::ids::check_token("agent name", &a.name) {
-                return Err(err(format!("agents[{i}].name"), e.to_string()));
-            }
-            if a.name == TERMINATE {
-                return Err(err(
-                    format!("agents[{i}].name"),
-                    "\"terminate\" is reserved".into(),
-                ));
-            }
-            if !seen.insert(a.name.as_str()) {
-                return Err(err(
-                    format!("agents[{i}].name"),
-                    format!("duplicate agent {:?}", a.name),
-                ));
-            }
-        }
-        for (i, a) in pack.agents.iter().enumerate() {
-            if let Some(target) = &a.handoff.after_work
-                && target != TERMINATE
-                && pack.agent(target).is_none()
-            {
-                return Err(err(
-                    format!("agents[{i}].handoff.after_work"),
-                    format!(
-                        "unknown agent {target:?}; expected one of {} or \"terminate\"",
-                        names(&pack)
-                    ),
-                ));
-            }
-        }
-        if pack.agent(&pack.start_agent).is_none() {
-            return Err(err(
-                "start_agent".into(),
-                format!(
-                    "unknown agent {:?}; expected one of {}",
-                    pack.start_agent,
-                    names(&pack)
-                ),
-            ));
-        }
+        validate::pack(&pack, folder_name).map_err(|(path, message)| Error {
+            file: file.to_path_buf(),
+            path,
+            message,
+        })?;
         Ok(pack)
     }
-}
-
-fn names(pack: &Pack) -> String {
-    pack.agents
-        .iter()
-        .map(|a| format!("{:?}", a.name))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Every loaded pack, by name. Cheap to clone.
@@ -317,6 +472,37 @@ mod tests {
         let e =
             parse("name: w\nstart_agent: a\nagents:\n  - name: a\n    color: red\n").unwrap_err();
         assert!(e.message.contains("color"), "{e}");
+    }
+
+    #[test]
+    fn conditions_hold_on_context_and_keywords() {
+        let ctx: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"k": "billing", "n": null}"#).unwrap();
+        let c = |yaml: &str| serde_yaml::from_str::<Condition>(yaml).unwrap();
+        assert!(c("{var: k, equals: billing}").holds(&ctx, ""));
+        assert!(!c("{var: k, equals: tech}").holds(&ctx, ""));
+        assert!(c("{var: k, in: [tech, billing]}").holds(&ctx, ""));
+        assert!(c("{var: k, exists: true}").holds(&ctx, ""));
+        assert!(c("{var: n, exists: false}").holds(&ctx, ""));
+        assert!(c("{var: zz, exists: false}").holds(&ctx, ""));
+        assert!(c("{keyword: DONE}").holds(&ctx, "all DONE here"));
+        assert!(!c("{keyword: DONE}").holds(&ctx, "not yet"));
+    }
+
+    #[test]
+    fn lookups_match_exactly_or_by_the_longest_contained_key() {
+        let l: Lookup = serde_yaml::from_str(
+            "{argument: q, match: contains, table: {card: a, credit card: b}, default: none}",
+        )
+        .unwrap();
+        let q = |s: &str| serde_json::json!({ "q": s });
+        assert_eq!(l.run(&q("My Credit Card broke")).unwrap(), "b");
+        assert_eq!(l.run(&q("card")).unwrap(), "a");
+        assert_eq!(l.run(&q("other")).unwrap(), "none");
+        assert!(l.run(&serde_json::json!({})).is_err());
+        let exact: Lookup = serde_yaml::from_str("{argument: q, table: {A1: 1}}").unwrap();
+        assert_eq!(exact.run(&q("A1")).unwrap(), 1);
+        assert!(exact.run(&q("A2")).unwrap_err().contains("A2"));
     }
 
     #[test]

@@ -1,0 +1,473 @@
+//! Validation of a parsed pack: every rule says where (a path inside the file) and what was
+//! expected. Serde already refused unknown fields and wrong types.
+
+use std::collections::HashSet;
+
+use crate::{
+    BUILTIN_TOOLS, Condition, MAX_TOOL_TIMEOUT_MS, MAX_TURNS_LIMIT, Pack, Pattern, TERMINATE,
+};
+
+/// `(path, message)` of the first problem.
+type Problem = (String, String);
+
+fn fail<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T, Problem> {
+    Err((path.into(), message.into()))
+}
+
+fn token(path: &str, what: &'static str, value: &str) -> Result<(), Problem> {
+    mozaiks_events::ids::check_token(what, value).or_else(|e| fail(path, e.to_string()))
+}
+
+pub(crate) fn pack(pack: &Pack, folder_name: &str) -> Result<(), Problem> {
+    token("name", "workflow name", &pack.name)?;
+    if pack.name != folder_name {
+        return fail(
+            "name",
+            format!(
+                "is {:?} but the folder is {folder_name:?}; they must be equal",
+                pack.name
+            ),
+        );
+    }
+    if pack.max_turns == 0 || pack.max_turns > MAX_TURNS_LIMIT {
+        return fail(
+            "max_turns",
+            format!("must be 1 to {MAX_TURNS_LIMIT}, got {}", pack.max_turns),
+        );
+    }
+    if pack.agents.is_empty() {
+        return fail("agents", "a pack needs at least one agent");
+    }
+    let mut seen = HashSet::new();
+    for (i, a) in pack.agents.iter().enumerate() {
+        let path = format!("agents[{i}].name");
+        token(&path, "agent name", &a.name)?;
+        if a.name == TERMINATE {
+            return fail(path, "\"terminate\" is reserved");
+        }
+        if !seen.insert(a.name.as_str()) {
+            return fail(path, format!("duplicate agent {:?}", a.name));
+        }
+    }
+    tools(pack)?;
+    for (i, c) in pack.terminate_when.iter().enumerate() {
+        condition(&format!("terminate_when[{i}]"), c)?;
+    }
+    for (i, a) in pack.agents.iter().enumerate() {
+        let at = |rest: &str| format!("agents[{i}].{rest}");
+        if let Some(target) = &a.handoff.after_work {
+            if pack.pattern == Pattern::RoundRobin {
+                return fail(
+                    at("handoff.after_work"),
+                    "is not used with pattern round_robin (agents speak in declaration order); remove it or use pattern sequential",
+                );
+            }
+            target_ok(pack, &at("handoff.after_work"), target)?;
+        }
+        for (j, h) in a.handoff.conditions.iter().enumerate() {
+            condition(&at(&format!("handoff.conditions[{j}].when")), &h.when)?;
+            target_ok(
+                pack,
+                &at(&format!("handoff.conditions[{j}].target")),
+                &h.target,
+            )?;
+        }
+        let mut listed = HashSet::new();
+        for (j, t) in a.tools.iter().enumerate() {
+            let path = at(&format!("tools[{j}]"));
+            if a.human_input {
+                return fail(
+                    path,
+                    "a human_input agent does not call tools (the user answers for it)",
+                );
+            }
+            if !BUILTIN_TOOLS.contains(&t.as_str()) && pack.tool(t).is_none() {
+                return fail(
+                    path,
+                    format!(
+                        "unknown tool {t:?}; expected one of the pack's tools ({}) or a built-in ({})",
+                        quoted(pack.tools.iter().map(|t| t.name.as_str())),
+                        quoted(BUILTIN_TOOLS.into_iter())
+                    ),
+                );
+            }
+            if !listed.insert(t.as_str()) {
+                return fail(path, format!("tool {t:?} is listed twice"));
+            }
+        }
+        for (j, c) in a.offline.tool_calls.iter().enumerate() {
+            let path = at(&format!("offline.tool_calls[{j}]"));
+            if !a.tools.contains(&c.tool) {
+                return fail(
+                    format!("{path}.tool"),
+                    format!(
+                        "the agent does not list tool {:?} in its tools ({})",
+                        c.tool,
+                        quoted(a.tools.iter().map(String::as_str))
+                    ),
+                );
+            }
+            if !c.arguments.is_object() {
+                return fail(
+                    format!("{path}.arguments"),
+                    "expected an object of arguments",
+                );
+            }
+        }
+    }
+    if pack.agent(&pack.start_agent).is_none() {
+        return fail(
+            "start_agent",
+            format!(
+                "unknown agent {:?}; expected one of {}",
+                pack.start_agent,
+                agent_names(pack)
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn tools(pack: &Pack) -> Result<(), Problem> {
+    let mut seen = HashSet::new();
+    for (i, t) in pack.tools.iter().enumerate() {
+        let at = |rest: &str| format!("tools[{i}].{rest}");
+        token(&at("name"), "tool name", &t.name)?;
+        if BUILTIN_TOOLS.contains(&t.name.as_str()) {
+            return fail(
+                at("name"),
+                format!("{:?} is a built-in tool; choose another name", t.name),
+            );
+        }
+        if !seen.insert(t.name.as_str()) {
+            return fail(at("name"), format!("duplicate tool {:?}", t.name));
+        }
+        if t.parameters.get("type").and_then(|v| v.as_str()) != Some("object") {
+            return fail(
+                at("parameters"),
+                "expected a JSON Schema of an object (`type: object`)",
+            );
+        }
+        if let Some(var) = &t.sets_context {
+            token(&at("sets_context"), "context variable", var)?;
+        }
+        match (&t.lookup, &t.http) {
+            (Some(_), Some(_)) | (None, None) => {
+                return fail(
+                    format!("tools[{i}]"),
+                    "expected exactly one of `lookup` or `http`",
+                );
+            }
+            (Some(l), None) => {
+                let declared = t
+                    .parameters
+                    .get("properties")
+                    .and_then(|p| p.get(&l.argument))
+                    .is_some();
+                if !declared {
+                    return fail(
+                        at("lookup.argument"),
+                        format!(
+                            "{:?} is not a property of the tool's parameters",
+                            l.argument
+                        ),
+                    );
+                }
+                if l.table.is_empty() {
+                    return fail(at("lookup.table"), "expected at least one entry");
+                }
+            }
+            (None, Some(h)) => {
+                if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+                    return fail(
+                        at("http.url"),
+                        format!("expected an http:// or https:// URL, got {:?}", h.url),
+                    );
+                }
+                if h.timeout_ms == 0 || h.timeout_ms > MAX_TOOL_TIMEOUT_MS {
+                    return fail(
+                        at("http.timeout_ms"),
+                        format!("must be 1 to {MAX_TOOL_TIMEOUT_MS}, got {}", h.timeout_ms),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn condition(path: &str, c: &Condition) -> Result<(), Problem> {
+    match (&c.var, &c.keyword) {
+        (Some(_), Some(_)) | (None, None) => {
+            fail(path, "expected exactly one of `var` or `keyword`")
+        }
+        (None, Some(k)) => {
+            if k.is_empty() {
+                return fail(format!("{path}.keyword"), "expected a non-empty keyword");
+            }
+            if c.equals.is_some() || c.one_of.is_some() || c.exists.is_some() {
+                return fail(
+                    path,
+                    "`equals`, `in` and `exists` go with `var`, not `keyword`",
+                );
+            }
+            Ok(())
+        }
+        (Some(var), None) => {
+            token(&format!("{path}.var"), "context variable", var)?;
+            let tests = [c.equals.is_some(), c.one_of.is_some(), c.exists.is_some()];
+            if tests.iter().filter(|t| **t).count() != 1 {
+                return fail(
+                    path,
+                    "expected exactly one of `equals`, `in` or `exists` with `var`",
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn target_ok(pack: &Pack, path: &str, target: &str) -> Result<(), Problem> {
+    if target != TERMINATE && pack.agent(target).is_none() {
+        return fail(
+            path,
+            format!(
+                "unknown agent {target:?}; expected one of {} or \"terminate\"",
+                agent_names(pack)
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn quoted<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<String> = names.map(|n| format!("{n:?}")).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn agent_names(pack: &Pack) -> String {
+    quoted(pack.agents.iter().map(|a| a.name.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Error, Pack};
+    use std::path::Path;
+
+    fn parse(text: &str) -> Result<Pack, Error> {
+        Pack::parse(Path::new("w/workflow.yaml"), "w", text)
+    }
+
+    const HEAD: &str = "name: w\nstart_agent: a\n";
+
+    /// The path of the error a pack with `body` after [`HEAD`] gets.
+    fn path_of(body: &str) -> String {
+        match parse(&format!("{HEAD}{body}")) {
+            Ok(_) => panic!("accepted:\n{body}"),
+            Err(e) => e.path,
+        }
+    }
+
+    const LOOKUP: &str = "tools:\n  - name: find\n    parameters: {type: object, properties: {q: {type: string}}}\n    lookup: {argument: q, table: {x: 1}}\n";
+
+    #[test]
+    fn a_full_pack_loads() {
+        let p = parse(&format!(
+            "{HEAD}pattern: sequential\nterminate_when:\n  - {{keyword: DONE}}\n  - {{var: solved, equals: true}}\n{LOOKUP}  - name: web\n    http: {{method: GET, url: 'http://127.0.0.1:1/x', timeout_ms: 500}}\n    sets_context: page\nagents:\n  - name: a\n    tools: [find, web, set_context, ask_user]\n    handoff:\n      conditions:\n        - {{when: {{var: k, in: [1, 2]}}, target: b}}\n        - {{when: {{var: k, exists: true}}, target: terminate}}\n      after_work: b\n    offline:\n      tool_calls: [{{tool: find, arguments: {{q: '{{input}}'}}}}]\n      reply: ok\n  - name: b\n    human_input: true\n"
+        ))
+        .unwrap();
+        assert_eq!(p.tools.len(), 2);
+        assert!(p.agents[1].human_input);
+    }
+
+    #[test]
+    fn pattern_must_be_known() {
+        assert!(path_of("pattern: auto\nagents: [{name: a}]\n").starts_with("line "));
+    }
+
+    #[test]
+    fn round_robin_refuses_after_work() {
+        assert_eq!(
+            path_of(
+                "pattern: round_robin\nagents:\n  - {name: a, handoff: {after_work: b}}\n  - {name: b}\n"
+            ),
+            "agents[0].handoff.after_work"
+        );
+    }
+
+    #[test]
+    fn conditions_need_exactly_one_test() {
+        assert_eq!(
+            path_of("terminate_when: [{}]\nagents: [{name: a}]\n"),
+            "terminate_when[0]"
+        );
+        assert_eq!(
+            path_of("terminate_when: [{var: x}]\nagents: [{name: a}]\n"),
+            "terminate_when[0]"
+        );
+        assert_eq!(
+            path_of("terminate_when: [{var: x, equals: 1, exists: true}]\nagents: [{name: a}]\n"),
+            "terminate_when[0]"
+        );
+        assert_eq!(
+            path_of("terminate_when: [{var: x, keyword: y, equals: 1}]\nagents: [{name: a}]\n"),
+            "terminate_when[0]"
+        );
+        assert_eq!(
+            path_of("terminate_when: [{keyword: y, exists: true}]\nagents: [{name: a}]\n"),
+            "terminate_when[0]"
+        );
+        assert_eq!(
+            path_of("terminate_when: [{keyword: ''}]\nagents: [{name: a}]\n"),
+            "terminate_when[0].keyword"
+        );
+        assert_eq!(
+            path_of("terminate_when: [{var: 'a b', exists: true}]\nagents: [{name: a}]\n"),
+            "terminate_when[0].var"
+        );
+        assert!(
+            path_of("terminate_when: [{var: x, like: 1}]\nagents: [{name: a}]\n")
+                .starts_with("line ")
+        );
+    }
+
+    #[test]
+    fn handoff_conditions_are_checked() {
+        assert_eq!(
+            path_of(
+                "agents:\n  - name: a\n    handoff: {conditions: [{when: {var: x, exists: true}, target: nobody}]}\n"
+            ),
+            "agents[0].handoff.conditions[0].target"
+        );
+        assert_eq!(
+            path_of(
+                "agents:\n  - name: a\n    handoff: {conditions: [{when: {var: x}, target: a}]}\n"
+            ),
+            "agents[0].handoff.conditions[0].when"
+        );
+        assert!(
+            path_of("agents:\n  - name: a\n    handoff: {conditions: [{target: a}]}\n")
+                .starts_with("line ")
+        );
+    }
+
+    #[test]
+    fn tools_are_checked() {
+        let agents = "agents: [{name: a}]\n";
+        // neither lookup nor http
+        assert_eq!(
+            path_of(&format!("tools: [{{name: t}}]\n{agents}")),
+            "tools[0]"
+        );
+        // both
+        assert_eq!(
+            path_of(&format!(
+                "tools:\n  - name: t\n    parameters: {{type: object, properties: {{q: {{}}}}}}\n    lookup: {{argument: q, table: {{x: 1}}}}\n    http: {{url: 'http://x'}}\n{agents}"
+            )),
+            "tools[0]"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "tools: [{{name: set_context, http: {{url: 'http://x'}}}}]\n{agents}"
+            )),
+            "tools[0].name"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "tools: [{{name: 'x y', http: {{url: 'http://x'}}}}]\n{agents}"
+            )),
+            "tools[0].name"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "tools:\n  - {{name: t, http: {{url: 'http://x'}}}}\n  - {{name: t, http: {{url: 'http://x'}}}}\n{agents}"
+            )),
+            "tools[1].name"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "tools: [{{name: t, parameters: {{type: string}}, http: {{url: 'http://x'}}}}]\n{agents}"
+            )),
+            "tools[0].parameters"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "tools: [{{name: t, http: {{url: 'ftp://x'}}}}]\n{agents}"
+            )),
+            "tools[0].http.url"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "tools: [{{name: t, http: {{url: 'http://x', timeout_ms: 0}}}}]\n{agents}"
+            )),
+            "tools[0].http.timeout_ms"
+        );
+        assert!(
+            path_of(&format!(
+                "tools: [{{name: t, http: {{url: 'http://x', method: FETCH}}}}]\n{agents}"
+            ))
+            .starts_with("line ")
+        );
+        assert_eq!(
+            path_of(&format!(
+                "tools: [{{name: t, sets_context: 'a b', http: {{url: 'http://x'}}}}]\n{agents}"
+            )),
+            "tools[0].sets_context"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "tools: [{{name: t, lookup: {{argument: q, table: {{x: 1}}}}}}]\n{agents}"
+            )),
+            "tools[0].lookup.argument"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "tools:\n  - name: t\n    parameters: {{type: object, properties: {{q: {{}}}}}}\n    lookup: {{argument: q, table: {{}}}}\n{agents}"
+            )),
+            "tools[0].lookup.table"
+        );
+        assert!(
+            path_of(&format!(
+                "tools:\n  - name: t\n    parameters: {{type: object, properties: {{q: {{}}}}}}\n    lookup: {{argument: q, table: {{x: 1}}, match: fuzzy}}\n{agents}"
+            ))
+            .starts_with("line ")
+        );
+    }
+
+    #[test]
+    fn agent_tools_are_checked() {
+        assert_eq!(
+            path_of(&format!("{LOOKUP}agents: [{{name: a, tools: [nope]}}]\n")),
+            "agents[0].tools[0]"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "{LOOKUP}agents: [{{name: a, tools: [find, find]}}]\n"
+            )),
+            "agents[0].tools[1]"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "{LOOKUP}agents: [{{name: a, human_input: true, tools: [find]}}]\n"
+            )),
+            "agents[0].tools[0]"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "{LOOKUP}agents: [{{name: a, offline: {{tool_calls: [{{tool: find}}]}}}}]\n"
+            )),
+            "agents[0].offline.tool_calls[0].tool"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "{LOOKUP}agents: [{{name: a, tools: [find], offline: {{tool_calls: [{{tool: find, arguments: [1]}}]}}}}]\n"
+            )),
+            "agents[0].offline.tool_calls[0].arguments"
+        );
+        assert!(path_of("agents: [{name: a, human_input: maybe}]\n").starts_with("line "));
+    }
+}
