@@ -5,4 +5,5 @@ mod bad_input;
 mod cli;
 mod control;
 mod fleet;
+mod gateway;
 mod slice;

@@ -171,6 +171,10 @@ impl Bus {
             let mut cfg = cfg.clone();
             cfg.name = s.name(&cfg.name);
             cfg.subjects = cfg.subjects.iter().map(|x| s.apply(x)).collect();
+            if let Some(r) = cfg.republish.as_mut() {
+                r.source = s.apply(&r.source);
+                r.destination = s.apply(&r.destination);
+            }
             if let Some(sources) = cfg.sources.as_mut() {
                 for src in sources {
                     src.name = s.name(&src.name);
@@ -278,6 +282,7 @@ fn differs(current: &stream::Config, wanted: &stream::Config) -> bool {
         || current.description != wanted.description
         || sources(current) != sources(wanted)
         || current.allow_direct != wanted.allow_direct
+        || current.republish != wanted.republish
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ pub mod metrics;
 use std::time::Duration;
 
 use async_nats::jetstream;
-pub use log::{Appended, ChatPosition};
+pub use log::{Appended, ChatPosition, Seek};
 use mozaiks_events::subjects::Subjects;
 
 /// Errors of the bus.

@@ -191,3 +191,77 @@ impl Bus {
         }))
     }
 }
+
+/// Where a catch-up of a chat after some `seq` starts (see [`Bus::seek_chat`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seek {
+    /// The oldest per-chat `seq` still in the log (0: the chat has no events). Greater than
+    /// `after + 1` means events the client has not seen are gone (retention or purge).
+    pub first_seq: u64,
+    /// The stream sequence of the first event with `seq > after` that is still in the log (0: none).
+    pub from_stream_seq: u64,
+    /// Direct gets it took to find it (for metrics and the benchmarks).
+    pub probes: u32,
+}
+
+impl Bus {
+    /// Finds where a chat's events after `after` start in the stream, without reading the
+    /// events before them: a binary search over stream sequences with direct gets
+    /// (`next_by_subj`), O(log n) round trips however long the chat is. `head` is the chat's
+    /// current end ([`Bus::chat_position`]).
+    pub async fn seek_chat(
+        &self,
+        app_id: &str,
+        chat_id: &str,
+        after: u64,
+        head: ChatPosition,
+    ) -> Result<Seek, Error> {
+        if head.seq == 0 {
+            return Ok(Seek::default());
+        }
+        let stream = self.stream("MZ_EVT").await?;
+        let subject = self.subjects().chat_events(app_id, chat_id);
+        let mut probes = 0u32;
+        let mut next = async |from: u64| -> Result<Option<(u64, u64)>, Error> {
+            probes += 1;
+            match stream
+                .direct_get_next_for_subject(subject.as_str(), Some(from))
+                .await
+            {
+                Ok(m) => Ok(Some((codec::decode_event(&m.payload)?.seq, m.sequence))),
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::js(e)),
+            }
+        };
+        let Some((first_seq, first_ss)) = next(1).await? else {
+            return Ok(Seek::default());
+        };
+        let mut seek = Seek {
+            first_seq,
+            from_stream_seq: 0,
+            probes: 0,
+        };
+        if first_seq > after {
+            seek.from_stream_seq = first_ss;
+        } else if after < head.seq {
+            // Invariant: the chat's event at or after `lo` has seq <= after, the one at `hi` > after.
+            let (mut lo, mut hi) = (first_ss, head.stream_seq);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                match next(mid).await? {
+                    // `ss` is in [mid, hi): a real position with seq <= after.
+                    Some((seq, ss)) if seq <= after => lo = ss,
+                    Some(_) => hi = mid,
+                    None => break,
+                }
+            }
+            // `hi` is a stream position whose next chat event is the first one after `after`.
+            seek.from_stream_seq = match next(hi).await? {
+                Some((_, ss)) => ss,
+                None => head.stream_seq,
+            };
+        }
+        seek.probes = probes;
+        Ok(seek)
+    }
+}

@@ -8,7 +8,9 @@ pub mod apps;
 pub mod auth;
 pub mod error;
 pub mod health;
+pub mod hub;
 pub mod metrics;
+pub mod notify;
 pub mod openapi;
 pub mod sessions;
 pub mod ws;
@@ -71,6 +73,8 @@ pub struct Inner {
     pub epoch: String,
     /// Flips to `true` when the replica starts draining.
     pub shutdown: watch::Receiver<bool>,
+    /// Live fan-out and the replica's open WebSockets.
+    pub hub: hub::Hub,
 }
 
 impl std::ops::Deref for State {
@@ -119,6 +123,8 @@ impl Gateway {
         metrics::describe();
         let epoch = parts.bus.log_epoch().await?;
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let hub = hub::Hub::new(parts.bus.clone(), hub::Tuning::from_env());
+        notify::listen(&parts.bus, hub.clone()).await?;
         let state = State(Arc::new(Inner {
             bus: parts.bus,
             store: parts.store,
@@ -129,6 +135,7 @@ impl Gateway {
             opts,
             epoch,
             shutdown,
+            hub,
         }));
         Ok(Gateway { state, shutdown_tx })
     }
@@ -174,10 +181,21 @@ impl Gateway {
         let server = tokio::spawn(async move { server.await });
         let mut rx = self.state.shutdown.clone();
         let _ = rx.wait_for(|d| *d).await;
-        match tokio::time::timeout(drain, server).await {
+        let draining = std::time::Instant::now();
+        // Upgraded WebSockets leave hyper's books: wait for the hub's count too.
+        let hub = self.state.hub.clone();
+        let drained = async move {
+            let joined = server.await;
+            while hub.connections() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            joined
+        };
+        match tokio::time::timeout(drain, drained).await {
             Ok(joined) => joined.map_err(std::io::Error::other)??,
             Err(_) => tracing::warn!("Drain deadline passed with connections still open."),
         }
+        ::metrics::histogram!(metrics::DRAIN_SECONDS).record(draining.elapsed().as_secs_f64());
         info!("Gateway stopped.");
         Ok(())
     }
@@ -199,6 +217,7 @@ pub fn router(state: State) -> Router {
         .route("/api/sessions/{chat_id}/messages", get(sessions::messages))
         .route("/api/workflows", get(sessions::workflows))
         .route("/api/usage/{app_id}", get(sessions::usage))
+        .route("/api/notify", post(notify::notify))
         .route("/api/apps", post(apps::create).get(apps::list))
         .route(
             "/api/apps/{app_id}",

@@ -8,6 +8,18 @@ pub const REPLAYED: &str = "mozaiks_ws_replayed_events";
 pub const SESSIONS_STARTED: &str = "mozaiks_sessions_started_total";
 pub const SESSION_START_SECONDS: &str = "mozaiks_session_start_seconds";
 pub const HTTP_REQUESTS: &str = "mozaiks_http_requests_total";
+pub const RESUMES: &str = "mozaiks_ws_resumes_total";
+pub const RESYNCS: &str = "mozaiks_ws_resyncs_total";
+pub const REPLAY_SECONDS: &str = "mozaiks_ws_replay_seconds";
+pub const SEEK_PROBES: &str = "mozaiks_ws_seek_probes";
+pub const GAP_FETCHES: &str = "mozaiks_ws_gap_fetches_total";
+pub const SLOW_CONSUMER_CLOSES: &str = "mozaiks_ws_slow_consumer_closes_total";
+pub const WS_REFUSED: &str = "mozaiks_ws_refused_total";
+pub const RATE_LIMITED: &str = "mozaiks_ws_rate_limited_frames_total";
+pub const LIVE_FEEDS: &str = "mozaiks_ws_live_feeds";
+pub const DRAIN_SECONDS: &str = "mozaiks_gateway_drain_seconds";
+pub const NOTIFICATIONS_SENT: &str = "mozaiks_notifications_sent_total";
+pub const NOTIFICATIONS_DELIVERED: &str = "mozaiks_notifications_delivered_total";
 
 pub fn describe() {
     metrics::describe_gauge!(ACTIVE_CONNECTIONS, "Open WebSockets, by app_id.");
@@ -25,4 +37,54 @@ pub fn describe() {
         "POST /api/sessions latency."
     );
     metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests, by status class.");
+    metrics::describe_counter!(
+        RESUMES,
+        "WebSockets opened with after > 0 (resumes), by app_id."
+    );
+    metrics::describe_counter!(
+        RESYNCS,
+        "resync frames sent (log recreated or events past retention), by app_id and reason."
+    );
+    metrics::describe_histogram!(
+        REPLAY_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from connect to the end of the catch-up replay."
+    );
+    metrics::describe_histogram!(
+        SEEK_PROBES,
+        "Direct gets to find where a catch-up starts in the stream."
+    );
+    metrics::describe_counter!(
+        GAP_FETCHES,
+        "Live events that arrived past a gap, refetched from JetStream."
+    );
+    metrics::describe_counter!(
+        SLOW_CONSUMER_CLOSES,
+        "WebSockets closed with 1013 because their queue was full, by app_id."
+    );
+    metrics::describe_counter!(
+        WS_REFUSED,
+        "WebSocket upgrades refused, by app_id and reason."
+    );
+    metrics::describe_counter!(
+        RATE_LIMITED,
+        "Client frames dropped for exceeding frames per second, by app_id."
+    );
+    metrics::describe_gauge!(
+        LIVE_FEEDS,
+        "Chats with a shared live subscription on this replica."
+    );
+    metrics::describe_histogram!(
+        DRAIN_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from SIGTERM until the last WebSocket closed (or the deadline)."
+    );
+    metrics::describe_counter!(
+        NOTIFICATIONS_SENT,
+        "Notifications published, by app_id and target (user, app)."
+    );
+    metrics::describe_counter!(
+        NOTIFICATIONS_DELIVERED,
+        "Notification frames handed to sockets of this replica, by app_id."
+    );
 }

@@ -1,38 +1,57 @@
 //! `WS /ws/{workflow}/{app_id}/{chat_id}/{user_id}?token=T&after=N&epoch=E`
 //!
-//! On connect the gateway replays every event of the chat with `seq > after`, then streams live
-//! events; both come from one ordered JetStream read of the chat's subject, so the switch from
-//! replay to live has no gap and no duplicate. Client frames become commands on `MZ_CMD`.
+//! **Resume.** On connect the gateway joins the chat's shared live feed ([`crate::hub`]) first,
+//! then reads the chat's head, finds where `seq > after` starts in the stream with a few direct
+//! gets ([`mozaiks_bus::Bus::seek_chat`]) and replays up to the head from JetStream, paced by the
+//! socket. Live events that arrive meanwhile wait in the feed; afterwards each live event is sent
+//! only if its seq is the next one (older ones are duplicates of the replay and dropped; a jump
+//! past the next seq refetches the gap from JetStream), so the switch from replay to live has no
+//! gap, no duplicate and keeps order while events keep arriving. `after` beyond the head gets an
+//! `after_beyond_head` error frame; events after `after` already gone from the log (retention,
+//! purge) get a `resync` frame (`reason: "log_truncated"`, `first_seq`) — reload the transcript
+//! from the read model — and then whatever the log still holds.
 //!
-//! Close codes: 1008 token expired, 1009 frame too large, 1012 server restarting (reconnect
-//! elsewhere with `after`), 1013 slow consumer (reconnect with `after`).
+//! **Backpressure.** Live frames go through a bounded per-socket queue; a client that lets it fill
+//! is closed with 1013 and resumes with `after`. The replay waits for the socket instead.
+//!
+//! Close codes: 1000 idle (no frame or pong within the idle timeout), 1008 token expired or too
+//! many frames per second, 1009 frame too large, 1012 server restarting (reconnect elsewhere with
+//! `after`), 1013 slow consumer or log unavailable (reconnect with `after`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State as St};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures::{SinkExt, StreamExt};
 use mozaiks_auth::RuntimeClaims;
+use mozaiks_bus::ChatPosition;
 use mozaiks_events::{ClientFrame, Command, CommandEnvelope, Event, Frame};
 use serde::Deserialize;
 use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::State;
 use crate::error::{ApiError, Query};
+use crate::hub::{Admission, Refused};
 use crate::metrics as m;
 
-/// Frames queued for one client before it counts as a slow consumer.
-pub const QUEUE_FRAMES: usize = 1024;
-
+pub const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_RESTART: u16 = 1012;
 pub const CLOSE_TRY_AGAIN: u16 = 1013;
+
+/// How long queued frames may take to flush before a close frame.
+const FLUSH_BEFORE_CLOSE: Duration = Duration::from_millis(500);
+
+/// How long a replay may wait for the next event of the log before giving up.
+const CATCH_UP_STALL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Deserialize)]
 pub struct WsQuery {
@@ -48,6 +67,7 @@ pub async fn upgrade(
     St(state): St<State>,
     Path((workflow, app_id, chat_id, user_id)): Path<(String, String, String, String)>,
     Query(q): Query<WsQuery>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let token = q
@@ -68,6 +88,64 @@ pub async fn upgrade(
             "the runtime token was minted for another app, chat, user or workflow",
         ));
     }
+    let tuning = state.hub.tuning().clone();
+    let app = state.registry.get(&app_id);
+    let limits = app.as_ref().map(|a| a.limits.clone()).unwrap_or_default();
+    let refuse = |reason: &'static str| {
+        metrics::counter!(m::WS_REFUSED, "app_id" => app_id.clone(), "reason" => reason)
+            .increment(1);
+    };
+    // Browsers always send Origin; a client without one is not a browser and needs no CSWSH guard.
+    if let (Some(allowed), Some(origin)) =
+        (limits.allowed_origins.as_ref(), headers.get(header::ORIGIN))
+    {
+        let origin = origin.to_str().unwrap_or_default();
+        if !allowed.iter().any(|a| a == origin) {
+            refuse("origin");
+            return Err(ApiError::forbidden(
+                "origin_not_allowed",
+                "this origin may not open WebSockets for the app",
+            ));
+        }
+    }
+    let (tx, rx) = mpsc::channel::<Utf8Bytes>(tuning.queue_frames);
+    let admission = state
+        .hub
+        .admit(
+            &app_id,
+            &user_id,
+            limits
+                .max_websockets
+                .unwrap_or(tuning.max_websockets_per_app),
+            limits
+                .max_websockets_per_user
+                .unwrap_or(tuning.max_websockets_per_user),
+            tx.clone(),
+        )
+        .map_err(|r| {
+            let (reason, message) = match r {
+                Refused::App(n) => (
+                    "app_limit",
+                    format!("the app has {n} WebSockets open on this replica, its limit"),
+                ),
+                Refused::User(n) => (
+                    "user_limit",
+                    format!(
+                        "the user has {n} WebSockets open on this replica, the app's per-user limit"
+                    ),
+                ),
+            };
+            refuse(reason);
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_websockets",
+                message,
+            )
+        })?;
+    let fps = limits
+        .max_frames_per_second
+        .unwrap_or(tuning.max_frames_per_second)
+        .max(1);
     let max = state.opts.max_frame_bytes;
     Ok(ws
         .max_message_size(max)
@@ -76,202 +154,466 @@ pub async fn upgrade(
         .write_buffer_size(4 * 1024)
         .on_upgrade(move |socket| {
             let span = info_span!("ws", app_id = %claims.app_id, chat_id = %claims.chat_id);
-            connection(state, claims, q.after.unwrap_or(0), q.epoch, socket).instrument(span)
+            let conn = Conn {
+                state,
+                claims,
+                after: q.after,
+                epoch: q.epoch,
+                tx,
+                rx,
+                fps,
+                _admission: admission,
+            };
+            conn.run(socket).instrument(span)
         })
         .into_response())
 }
 
-enum Out {
-    Text(String),
-}
-
-async fn connection(
+struct Conn {
     state: State,
     claims: RuntimeClaims,
-    after: u64,
+    after: Option<u64>,
     epoch: Option<String>,
-    socket: WebSocket,
-) {
-    let app_id = claims.app_id.clone();
-    metrics::gauge!(m::ACTIVE_CONNECTIONS, "app_id" => app_id.clone()).increment(1.0);
-    info!(after, "Client connected.");
-    let (mut sink, mut incoming) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<Out>(QUEUE_FRAMES);
-    let (close_tx, mut close_rx) = mpsc::unbounded_channel::<(u16, String)>();
+    tx: mpsc::Sender<Utf8Bytes>,
+    rx: mpsc::Receiver<Utf8Bytes>,
+    fps: u32,
+    _admission: Admission,
+}
 
-    // Writer: the only task that touches the sink.
-    let writer = tokio::spawn(
-        async move {
-            loop {
-                tokio::select! {
-                    biased;
-                    c = close_rx.recv() => {
-                        let (code, reason) = c.unwrap_or((1000, String::new()));
-                        metrics::counter!(m::WS_CLOSED, "code" => code.to_string()).increment(1);
-                        let _ = sink
-                            .send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) })))
-                            .await;
-                        break;
-                    }
-                    out = rx.recv() => match out {
-                        Some(Out::Text(text)) => {
-                            if sink.send(Message::Text(Utf8Bytes::from(text))).await.is_err() {
-                                break;
-                            }
-                            metrics::counter!(m::FRAMES_OUT).increment(1);
-                        }
-                        None => break,
-                    },
-                }
-            }
-            let _ = sink.close().await;
+/// Frames per second of one socket: over the limit a frame is dropped (one error frame per
+/// second); more than twice the limit in one second closes the socket.
+struct Rate {
+    max: u32,
+    window: Instant,
+    count: u32,
+}
+
+enum Verdict {
+    Pass,
+    Drop { warn: bool },
+    Close,
+}
+
+impl Rate {
+    fn hit(&mut self) -> Verdict {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            self.window = Instant::now();
+            self.count = 0;
         }
-        .in_current_span(),
-    );
+        self.count += 1;
+        if self.count <= self.max {
+            Verdict::Pass
+        } else if self.count <= self.max * 2 {
+            Verdict::Drop {
+                warn: self.count == self.max + 1,
+            }
+        } else {
+            Verdict::Close
+        }
+    }
+}
 
-    // Pump: replay, then live.
-    let pump = tokio::spawn(
-        pump(
-            state.clone(),
-            claims.clone(),
+impl Conn {
+    async fn run(self, socket: WebSocket) {
+        let Conn {
+            state,
+            claims,
             after,
             epoch,
-            tx.clone(),
-            close_tx.clone(),
-        )
-        .in_current_span(),
-    );
+            tx,
+            mut rx,
+            fps,
+            _admission,
+        } = self;
+        let app_id = claims.app_id.clone();
+        let tuning = state.hub.tuning().clone();
+        metrics::gauge!(m::ACTIVE_CONNECTIONS, "app_id" => app_id.clone()).increment(1.0);
+        info!(after, "Client connected.");
+        let (mut sink, mut incoming) = socket.split();
+        let (close_tx, mut close_rx) = mpsc::unbounded_channel::<(u16, String)>();
 
-    let expires_in = (claims.exp - Utc::now().timestamp()).max(0) as u64;
-    let expiry = tokio::time::sleep(Duration::from_secs(expires_in));
-    tokio::pin!(expiry);
-    let mut shutdown = state.shutdown.clone();
-    loop {
-        tokio::select! {
-            _ = &mut expiry => {
-                let _ = close_tx.send((CLOSE_POLICY, "token expired; get a fresh token and reconnect with after".into()));
-                break;
-            }
-            _ = shutdown.changed() => {
-                let _ = close_tx.send((CLOSE_RESTART, "server restarting; reconnect with after".into()));
-                break;
-            }
-            msg = incoming.next() => match msg {
-                Some(Ok(Message::Text(text))) => {
-                    on_client_frame(&state, &claims, text.as_str(), &tx).await;
-                }
-                Some(Ok(Message::Binary(_))) => {
-                    metrics::counter!(m::FRAMES_IN, "type" => "binary").increment(1);
-                    send(&tx, &Frame::error("bad_frame", "binary frames are not supported; send JSON text"));
-                }
-                Some(Ok(Message::Close(_))) | None => break,
-                Some(Ok(_)) => {} // ping/pong handled by the library
-                Some(Err(e)) => {
-                    let text = e.to_string();
-                    if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
-                        let _ = close_tx.send((CLOSE_TOO_BIG, format!("frame larger than {} bytes", state.opts.max_frame_bytes)));
+        // Writer: the only task that touches the sink; also pings the client.
+        let ping_every = tuning.ping_interval;
+        let writer = tokio::spawn(
+            async move {
+                let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+                loop {
+                    tokio::select! {
+                        biased;
+                        c = close_rx.recv() => {
+                            let (code, reason) = c.unwrap_or((CLOSE_NORMAL, String::new()));
+                            metrics::counter!(m::WS_CLOSED, "code" => code.to_string()).increment(1);
+                            // Frames already queued (an error frame saying why, events) go first,
+                            // for at most a moment: a slow client does not hold the close back.
+                            let _ = tokio::time::timeout(FLUSH_BEFORE_CLOSE, async {
+                                while let Ok(text) = rx.try_recv() {
+                                    if sink.send(Message::Text(text)).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            })
+                            .await;
+                            let _ = sink
+                                .send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) })))
+                                .await;
+                            break;
+                        }
+                        out = rx.recv() => match out {
+                            Some(text) => {
+                                if sink.send(Message::Text(text)).await.is_err() {
+                                    break;
+                                }
+                                metrics::counter!(m::FRAMES_OUT).increment(1);
+                            }
+                            None => break,
+                        },
+                        _ = ping.tick() => {
+                            if sink.send(Message::Ping(Default::default())).await.is_err() {
+                                break;
+                            }
+                        }
                     }
-                    debug!(error = %text, "WebSocket read failed.");
+                }
+                let _ = sink.close().await;
+            }
+            .in_current_span(),
+        );
+
+        let pump = tokio::spawn(
+            pump(
+                state.clone(),
+                claims.clone(),
+                after,
+                epoch,
+                tx.clone(),
+                close_tx.clone(),
+            )
+            .in_current_span(),
+        );
+
+        let expires_in = (claims.exp - Utc::now().timestamp()).max(0) as u64;
+        let expiry = tokio::time::sleep(Duration::from_secs(expires_in));
+        tokio::pin!(expiry);
+        let idle = tokio::time::sleep(tuning.idle_timeout);
+        tokio::pin!(idle);
+        let mut rate = Rate {
+            max: fps,
+            window: Instant::now(),
+            count: 0,
+        };
+        let mut shutdown = state.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = &mut expiry => {
+                    let _ = close_tx.send((CLOSE_POLICY, "token expired; get a fresh token and reconnect with after".into()));
+                    break;
+                }
+                _ = &mut idle => {
+                    let _ = close_tx.send((CLOSE_NORMAL, format!("idle: nothing received for {} s; reconnect with after", tuning.idle_timeout.as_secs())));
+                    break;
+                }
+                _ = shutdown.changed() => {
+                    let _ = close_tx.send((CLOSE_RESTART, "server restarting; reconnect with after".into()));
+                    break;
+                }
+                msg = incoming.next() => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + tuning.idle_timeout);
+                    let counted = matches!(msg, Some(Ok(Message::Text(_) | Message::Binary(_))));
+                    if counted {
+                        match rate.hit() {
+                            Verdict::Pass => {}
+                            Verdict::Drop { warn } => {
+                                metrics::counter!(m::RATE_LIMITED, "app_id" => app_id.clone()).increment(1);
+                                if warn {
+                                    send(&tx, &Frame::error("rate_limited", format!("more than {fps} frames per second; frames are dropped")));
+                                }
+                                continue;
+                            }
+                            Verdict::Close => {
+                                warn!(fps, "Client exceeds its frame rate; closing.");
+                                let _ = close_tx.send((CLOSE_POLICY, format!("more than {} frames per second", fps * 2)));
+                                break;
+                            }
+                        }
+                    }
+                    match msg {
+                        Some(Ok(Message::Text(text))) => {
+                            on_client_frame(&state, &claims, text.as_str(), &tx).await;
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            metrics::counter!(m::FRAMES_IN, "type" => "binary").increment(1);
+                            send(&tx, &Frame::error("bad_frame", "binary frames are not supported; send JSON text"));
+                        }
+                        Some(Ok(Message::Close(_))) | None => break,
+                        Some(Ok(_)) => {} // ping/pong: the library answers pings
+                        Some(Err(e)) => {
+                            let text = e.to_string();
+                            if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
+                                let _ = close_tx.send((CLOSE_TOO_BIG, format!("frame larger than {} bytes", state.opts.max_frame_bytes)));
+                            }
+                            debug!(error = %text, "WebSocket read failed.");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        pump.abort();
+        drop(tx);
+        // Give the writer a moment to send a close frame, then read what the client still sends
+        // until its close: dropping a socket with unread input resets it, and the client would
+        // lose the frames and the close reason in flight.
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Some(Ok(m)) = incoming.next().await {
+                if matches!(m, Message::Close(_)) {
                     break;
                 }
             }
-        }
+        })
+        .await;
+        metrics::gauge!(m::ACTIVE_CONNECTIONS, "app_id" => app_id).decrement(1.0);
+        info!("Client disconnected.");
     }
-    pump.abort();
-    drop(tx);
-    // Give the writer a moment to send a close frame.
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    metrics::gauge!(m::ACTIVE_CONNECTIONS, "app_id" => app_id).decrement(1.0);
-    info!("Client disconnected.");
 }
 
-fn send(tx: &mpsc::Sender<Out>, frame: &Frame) -> bool {
-    tx.try_send(Out::Text(frame.to_json())).is_ok()
+fn send(tx: &mpsc::Sender<Utf8Bytes>, frame: &Frame) -> bool {
+    tx.try_send(Utf8Bytes::from(frame.to_json())).is_ok()
+}
+
+/// How far one socket got: the last seq sent and its stream sequence (0: unknown).
+#[derive(Clone, Copy, Debug)]
+struct Cursor {
+    seq: u64,
+    stream_seq: u64,
+}
+
+/// Why a pump stopped.
+enum Stop {
+    /// The socket is gone.
+    Gone,
+    /// The log failed; the client should reconnect.
+    Log(String),
+    /// The socket's queue is full.
+    Slow(String),
 }
 
 async fn pump(
     state: State,
     claims: RuntimeClaims,
-    mut after: u64,
+    after: Option<u64>,
     epoch: Option<String>,
-    tx: mpsc::Sender<Out>,
+    tx: mpsc::Sender<Utf8Bytes>,
     close: mpsc::UnboundedSender<(u16, String)>,
 ) {
+    let app_id = claims.app_id.clone();
+    match stream_chat(&state, &claims, after, epoch, &tx).await {
+        Stop::Gone => {}
+        Stop::Log(reason) => {
+            let _ = close.send((CLOSE_TRY_AGAIN, reason));
+        }
+        Stop::Slow(reason) => {
+            metrics::counter!(m::SLOW_CONSUMER_CLOSES, "app_id" => app_id).increment(1);
+            let _ = close.send((CLOSE_TRY_AGAIN, reason));
+        }
+    }
+}
+
+async fn stream_chat(
+    state: &State,
+    claims: &RuntimeClaims,
+    after: Option<u64>,
+    epoch: Option<String>,
+    tx: &mpsc::Sender<Utf8Bytes>,
+) -> Stop {
+    let started = Instant::now();
+    let (app_id, chat_id) = (claims.app_id.as_str(), claims.chat_id.as_str());
+    let unavailable = |e: mozaiks_bus::Error| {
+        warn!(error = %e, "Cannot read the chat's log.");
+        Stop::Log("event log unavailable; reconnect with after".into())
+    };
+    // Join the live feed before reading the head: every event stored later reaches `feed`.
+    let mut feed = match state.hub.follow(app_id, chat_id).await {
+        Ok(f) => f,
+        Err(e) => return unavailable(e),
+    };
+    let mut after_n = after.unwrap_or(0);
+    if after_n > 0 {
+        metrics::counter!(m::RESUMES, "app_id" => app_id.to_string()).increment(1);
+    }
     if let Some(e) = epoch
         && e != state.epoch
     {
         // The log was recreated: the client's seqs belong to another history.
+        metrics::counter!(m::RESYNCS, "app_id" => app_id.to_string(), "reason" => "log_recreated")
+            .increment(1);
         send(
-            &tx,
+            tx,
             &Frame::ephemeral(
                 "resync",
                 json!({ "reason": "log_recreated", "epoch": state.epoch }),
             ),
         );
-        after = 0;
+        after_n = 0;
     }
-    let head = match state
-        .bus
-        .chat_position(&claims.app_id, &claims.chat_id)
-        .await
-    {
+    let head = match state.bus.chat_position(app_id, chat_id).await {
         Ok(p) => p,
-        Err(e) => {
-            warn!(error = %e, "Cannot read the chat's log.");
-            let _ = close.send((CLOSE_TRY_AGAIN, "event log unavailable; retry".into()));
-            return;
-        }
+        Err(e) => return unavailable(e),
     };
-    if after > head.seq {
+    if after_n > head.seq {
         send(
-            &tx,
+            tx,
             &Frame::error(
                 "after_beyond_head",
-                format!("after={after} but the chat's last seq is {}", head.seq),
+                format!("after={after_n} but the chat's last seq is {}", head.seq),
             ),
         );
-        after = head.seq;
+        after_n = head.seq;
     }
-    metrics::histogram!(m::REPLAYED).record((head.seq - after) as f64);
-    let mut events = match state
-        .bus
-        .follow_chat(&claims.app_id, &claims.chat_id, 0)
-        .await
-    {
-        Ok(s) => Box::pin(s),
-        Err(e) => {
-            warn!(error = %e, "Cannot follow the chat.");
-            let _ = close.send((CLOSE_TRY_AGAIN, "event log unavailable; retry".into()));
-            return;
-        }
+    let seek = match state.bus.seek_chat(app_id, chat_id, after_n, head).await {
+        Ok(s) => s,
+        Err(e) => return unavailable(e),
     };
-    let mut last = after;
-    while let Some(item) = events.next().await {
-        let env = match item {
-            Ok((env, _)) => env,
-            Err(e) => {
-                warn!(error = %e, "Chat follow failed.");
-                let _ = close.send((
-                    CLOSE_TRY_AGAIN,
-                    "event log unavailable; reconnect with after".into(),
-                ));
-                return;
+    metrics::histogram!(m::SEEK_PROBES).record(f64::from(seek.probes));
+    if seek.first_seq > after_n + 1 {
+        metrics::counter!(m::RESYNCS, "app_id" => app_id.to_string(), "reason" => "log_truncated")
+            .increment(1);
+        info!(
+            after = after_n,
+            first_seq = seek.first_seq,
+            "Events after the client's seq are gone; asking it to resync."
+        );
+        let frame = Frame::ephemeral(
+            "resync",
+            json!({
+                "reason": "log_truncated",
+                "after": after_n,
+                "first_seq": seek.first_seq,
+                "message": "events after your seq are no longer in the log; reload the transcript, then apply these frames",
+            }),
+        );
+        if tx.send(Utf8Bytes::from(frame.to_json())).await.is_err() {
+            return Stop::Gone;
+        }
+    }
+    let mut cur = Cursor {
+        seq: after_n,
+        stream_seq: if after_n == head.seq {
+            head.stream_seq
+        } else {
+            0
+        },
+    };
+    if seek.from_stream_seq != 0 {
+        match catch_up(
+            state,
+            claims,
+            seek.from_stream_seq,
+            head.stream_seq,
+            &mut cur,
+            tx,
+        )
+        .await
+        {
+            Ok(n) => metrics::histogram!(m::REPLAYED).record(n as f64),
+            Err(stop) => return stop,
+        }
+    } else {
+        metrics::histogram!(m::REPLAYED).record(0.0);
+    }
+    metrics::histogram!(m::REPLAY_SECONDS).record(started.elapsed().as_secs_f64());
+    debug!(seq = cur.seq, "Replay done; live.");
+    loop {
+        let live = match feed.rx.recv().await {
+            Ok(l) => l,
+            // Missed live events are refetched when the next one shows the gap.
+            Err(RecvError::Lagged(n)) => {
+                debug!(missed = n, "Live feed lagged.");
+                continue;
+            }
+            Err(RecvError::Closed) => {
+                return Stop::Log("live feed ended; reconnect with after".into());
             }
         };
-        if env.seq <= last {
+        if live.seq <= cur.seq {
             continue;
         }
-        last = env.seq;
-        if tx
-            .try_send(Out::Text(Frame::from_envelope(&env).to_json()))
-            .is_err()
-        {
-            warn!(seq = env.seq, "Slow consumer; closing.");
-            let _ = close.send((
-                CLOSE_TRY_AGAIN,
-                format!("slow consumer; reconnect with after={}", env.seq - 1),
-            ));
-            return;
+        if live.seq > cur.seq + 1 {
+            metrics::counter!(m::GAP_FETCHES).increment(1);
+            let from = if cur.stream_seq > 0 {
+                cur.stream_seq + 1
+            } else {
+                let head = ChatPosition {
+                    seq: live.seq,
+                    stream_seq: live.stream_seq,
+                };
+                match state.bus.seek_chat(app_id, chat_id, cur.seq, head).await {
+                    Ok(s) if s.from_stream_seq > 0 => s.from_stream_seq,
+                    Ok(_) => live.stream_seq,
+                    Err(e) => return unavailable(e),
+                }
+            };
+            if let Err(stop) = catch_up(state, claims, from, live.stream_seq, &mut cur, tx).await {
+                return stop;
+            }
+            continue;
+        }
+        if tx.try_send(live.json.clone()).is_err() {
+            if tx.is_closed() {
+                return Stop::Gone;
+            }
+            warn!(seq = live.seq, "Slow consumer; closing.");
+            return Stop::Slow(format!("slow consumer; reconnect with after={}", cur.seq));
+        }
+        cur = Cursor {
+            seq: live.seq,
+            stream_seq: live.stream_seq,
+        };
+    }
+}
+
+/// Replays the chat's events from stream sequence `from` through `until` (inclusive) that come
+/// after the cursor, waiting for the socket (the replay is paced by the client, not queued).
+async fn catch_up(
+    state: &State,
+    claims: &RuntimeClaims,
+    from: u64,
+    until: u64,
+    cur: &mut Cursor,
+    tx: &mpsc::Sender<Utf8Bytes>,
+) -> Result<usize, Stop> {
+    if from > until {
+        return Ok(0);
+    }
+    let log = |e: mozaiks_bus::Error| {
+        warn!(error = %e, "Replay failed.");
+        Stop::Log("event log unavailable; reconnect with after".into())
+    };
+    let events = state
+        .bus
+        .follow_chat(&claims.app_id, &claims.chat_id, from)
+        .await
+        .map_err(log)?;
+    let mut events = Box::pin(events);
+    let mut sent = 0;
+    loop {
+        let item = match tokio::time::timeout(CATCH_UP_STALL, events.next()).await {
+            Ok(Some(item)) => item,
+            Ok(None) => return Err(Stop::Log("replay ended early; reconnect with after".into())),
+            Err(_) => return Err(Stop::Log("replay stalled; reconnect with after".into())),
+        };
+        let (env, stream_seq) = item.map_err(log)?;
+        if env.seq > cur.seq {
+            let json = Utf8Bytes::from(Frame::from_envelope(&env).to_json());
+            if tx.send(json).await.is_err() {
+                return Err(Stop::Gone);
+            }
+            sent += 1;
+            cur.seq = env.seq;
+        }
+        cur.stream_seq = cur.stream_seq.max(stream_seq);
+        if stream_seq >= until {
+            return Ok(sent);
         }
     }
 }
@@ -280,7 +622,7 @@ async fn on_client_frame(
     state: &State,
     claims: &RuntimeClaims,
     text: &str,
-    tx: &mpsc::Sender<Out>,
+    tx: &mpsc::Sender<Utf8Bytes>,
 ) {
     let frame = match ClientFrame::parse(text) {
         Ok(f) => f,
