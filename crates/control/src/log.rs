@@ -10,7 +10,7 @@ use futures::StreamExt;
 use tracing::{info, warn};
 
 use crate::aggregate::{self, AppCommand, AppEvent, AppRecord, Known};
-use crate::app::App;
+use crate::app::{App, AppStatus};
 use crate::{Error, Registry, metrics as m};
 
 /// Attempts of a command whose append meets a concurrent writer (app commands are rare; many
@@ -103,7 +103,16 @@ impl Registry {
             if loaded.adopt
                 && let Some(view) = state.take()
             {
-                events.insert(0, adoption(&view));
+                // The adopted history reproduces the view, status included.
+                let mut history = vec![adoption(&view)];
+                match view.status {
+                    AppStatus::Active => {}
+                    AppStatus::Suspended => history.push(AppEvent::Suspended {
+                        reason: "adopted".into(),
+                    }),
+                    AppStatus::Deleted => history.push(AppEvent::Deleted {}),
+                }
+                events.splice(0..0, history);
             }
             let mut expected = loaded.expected;
             let mut conflicted = false;

@@ -329,7 +329,7 @@ async fn ensure_app_is_idempotent_and_adopts_views_older_than_the_log() {
         .await
         .unwrap();
     let legacy = serde_json::json!({
-        "app_id": "old", "name": "Old", "tier": "business", "status": "active",
+        "app_id": "old", "name": "Old", "tier": "business", "status": "suspended",
         "workflows": ["hello"], "limits": {"max_websockets": 3}, "context": {"k": "v"},
         "created_at": "2025-01-01T00:00:00Z", "updated_at": "2025-01-01T00:00:00Z"
     });
@@ -341,7 +341,12 @@ async fn ensure_app_is_idempotent_and_adopts_views_older_than_the_log() {
     let app = reg.execute("old", &rpm(5), "root", None).await.unwrap();
     assert_eq!(
         types(&reg.read_log("old").await.unwrap()),
-        ["app.created", "app.limits_changed"]
+        ["app.created", "app.suspended", "app.limits_changed"]
+    );
+    assert_eq!(
+        app.status,
+        AppStatus::Suspended,
+        "adoption keeps the status"
     );
     assert_eq!(app.tier, "business");
     assert_eq!(app.workflows.as_deref(), Some(&["hello".to_string()][..]));
