@@ -170,6 +170,16 @@ async fn projections_serve_the_read_endpoints_with_the_seed_indexes() {
     let fleet = Fleet::start(1).await;
     let token = Fleet::token("carol", "default", &["user"]);
     let first = fleet.session(0, &token, "hello", Some("one")).await;
+    let first_id = first["chat_id"].as_str().unwrap().to_string();
+    // The second session starts after the first is done, so "newest first" is well defined.
+    fleet
+        .eventually("the first session to complete", || async {
+            let (s, v) = fleet
+                .get(0, &format!("/api/sessions/{first_id}"), &token)
+                .await;
+            (s == 200 && v["status"] == "completed").then_some(())
+        })
+        .await;
     let second = fleet
         .session(0, &token, "triage_handoff", Some("two"))
         .await;
@@ -218,16 +228,7 @@ async fn projections_serve_the_read_endpoints_with_the_seed_indexes() {
         .iter()
         .map(|s| s["chat_id"].as_str().unwrap().to_string())
         .collect();
-    let (_, s1) = fleet
-        .get(0, &format!("/api/sessions/{first_chat}"), &token)
-        .await;
-    let (_, s2) = fleet.get(0, &format!("/api/sessions/{chat}"), &token).await;
-    let newest_first = if s2["updated_at"].as_str() >= s1["updated_at"].as_str() {
-        [chat.clone(), first_chat.clone()]
-    } else {
-        [first_chat.clone(), chat.clone()]
-    };
-    assert_eq!(ids, newest_first);
+    assert_eq!(ids, [chat.clone(), first_chat.clone()]);
 
     // The seeds' indexes exist.
     let client = mongodb::Client::with_uri_str(&fleet.servers.mongo_uri)
