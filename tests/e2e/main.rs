@@ -4,6 +4,7 @@
 mod bad_input;
 mod cli;
 mod control;
+mod engine;
 mod fleet;
 mod gateway;
 mod slice;

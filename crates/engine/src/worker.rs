@@ -94,6 +94,10 @@ impl Worker {
             .get_consumer(&sh.bus.subjects().name("workers"))
             .await
             .map_err(|e| Error::Consumer(e.to_string()))?;
+        // A command that starts or continues a run stays unacknowledged (with progress acks)
+        // until the run settles: if this worker dies, JetStream redelivers it after `ack_wait`
+        // and the worker that gets it resumes the run from the log.
+        let progress = (consumer.cached_info().config.ack_wait / 3).max(Duration::from_millis(100));
         let mut messages = consumer
             .messages()
             .await
@@ -135,7 +139,7 @@ impl Worker {
                     let sh = sh.clone();
                     let (app_id, chat_id) = key.clone();
                     let span = info_span!("chat", app_id = %app_id, chat_id = %chat_id);
-                    tasks.spawn(actor(sh, app_id, chat_id, rx).instrument(span));
+                    tasks.spawn(actor(sh, app_id, chat_id, rx, progress).instrument(span));
                     tx
                 });
                 match tx.send(job) {
@@ -292,8 +296,13 @@ async fn actor(
     app_id: String,
     chat_id: String,
     mut rx: mpsc::UnboundedReceiver<Job>,
+    progress: Duration,
 ) {
     let Some(first) = rx.recv().await else { return };
+    let mut held = Held {
+        interval: progress,
+        msgs: Vec::new(),
+    };
     let mut owned = match Owned::load(&sh, &app_id, &chat_id, &first.cmd).await {
         Ok(o) => o,
         Err(e) => {
@@ -308,11 +317,17 @@ async fn actor(
     let mut next_job = Some(first);
     loop {
         if let Some(job) = next_job.take() {
-            handle(&sh, &mut owned, job).await;
+            handle(&sh, &mut owned, job, &mut held).await;
         }
         // Drive the run, taking commands in between steps so that cancel and new messages are
         // handled mid-run.
-        drive(&sh, &mut owned, &mut rx).await;
+        if drive(&sh, &mut owned, &mut rx, &mut held).await {
+            held.release(None).await;
+        } else {
+            // Redelivered later, to this worker or another, which retries the run from the log.
+            held.release(Some(AckKind::Nak(Some(Duration::from_secs(5)))))
+                .await;
+        }
         next_job = match tokio::time::timeout(sh.opts.idle_evict, rx.recv()).await {
             Ok(Some(job)) => Some(job),
             Ok(None) | Err(_) => break,
@@ -321,7 +336,50 @@ async fn actor(
     debug!("Chat actor idle; stopping.");
 }
 
-async fn handle(sh: &Shared, owned: &mut Owned, job: Job) {
+/// Commands held unacknowledged while their run is driven, each with a task sending progress
+/// acks so that JetStream does not redeliver them while this worker is alive.
+struct Held {
+    interval: Duration,
+    msgs: Vec<(Arc<jetstream::Message>, tokio::task::JoinHandle<()>)>,
+}
+
+impl Held {
+    fn keep(&mut self, msg: jetstream::Message) {
+        let msg = Arc::new(msg);
+        let m = msg.clone();
+        let interval = self.interval;
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                if m.ack_with(AckKind::Progress).await.is_err() {
+                    break;
+                }
+            }
+        });
+        self.msgs.push((msg, ticker));
+    }
+
+    /// Acknowledges (`None`) or answers `kind` to every held command.
+    async fn release(&mut self, kind: Option<AckKind>) {
+        for (msg, ticker) in self.msgs.drain(..) {
+            ticker.abort();
+            let _ = match kind {
+                None => msg.ack().await,
+                Some(k) => msg.ack_with(k).await,
+            };
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for (_, ticker) in &self.msgs {
+            ticker.abort();
+        }
+    }
+}
+
+async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut Held) {
     let Job { cmd, msg } = job;
     let kind = cmd.command.type_name();
     let Some(pack) = sh.catalog.get(&owned.workflow) else {
@@ -353,7 +411,11 @@ async fn handle(sh: &Shared, owned: &mut Owned, job: Job) {
         match outcome {
             Ok(()) => {
                 metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "ok").increment(1);
-                let _ = msg.ack().await;
+                if owned.chat.next(&pack, Uuid::nil()) == Next::Idle {
+                    let _ = msg.ack().await;
+                } else {
+                    held.keep(msg);
+                }
                 return;
             }
             Err(Error::Bus(mozaiks_bus::Error::Conflict { .. }))
@@ -383,26 +445,32 @@ async fn reload(sh: &Shared, owned: &mut Owned) -> Result<(), Error> {
     Ok(())
 }
 
-async fn drive(sh: &Shared, owned: &mut Owned, rx: &mut mpsc::UnboundedReceiver<Job>) {
+/// Drives the run until it is idle (`true`), or gives up for now (`false`).
+async fn drive(
+    sh: &Shared,
+    owned: &mut Owned,
+    rx: &mut mpsc::UnboundedReceiver<Job>,
+    held: &mut Held,
+) -> bool {
     let Some(pack) = sh.catalog.get(&owned.workflow) else {
-        return;
+        return true;
     };
     if owned.chat.next(&pack, Uuid::nil()) == Next::Idle {
-        return;
+        return true;
     }
     let Ok(_permit) = sh.runs.acquire().await else {
-        return;
+        return false;
     };
     let mut conflicts = 0;
     loop {
         // Commands that arrived meanwhile (cancel, more messages) go first.
         while let Ok(job) = rx.try_recv() {
-            handle(sh, owned, job).await;
+            handle(sh, owned, job, held).await;
         }
         let result = step(sh, owned, &pack).await;
         match result {
             Ok(true) => conflicts = 0,
-            Ok(false) => return,
+            Ok(false) => return true,
             Err(Error::Bus(mozaiks_bus::Error::Conflict { .. }))
                 if conflicts < MAX_CONFLICT_RETRIES =>
             {
@@ -414,10 +482,8 @@ async fn drive(sh: &Shared, owned: &mut Owned, rx: &mut mpsc::UnboundedReceiver<
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 conflicts += 1;
                 if conflicts > MAX_CONFLICT_RETRIES {
-                    warn!(
-                        "Giving up on the run for now; it resumes with the chat's next command or owner."
-                    );
-                    return;
+                    warn!("Giving up on the run for now; its command is redelivered to resume it.");
+                    return false;
                 }
             }
         }
