@@ -186,26 +186,29 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
         .context("applying stream definitions")?;
 
     let needs_store = roles.gateway || roles.projector || roles.billing;
-    let store = if needs_store {
-        Some(
-            Store::connect(&g.mongo_uri(), &g.mongo_db)
-                .await
-                .context("MongoDB")?,
-        )
-    } else {
-        None
-    };
     let needs_catalog = roles.gateway || roles.worker;
     let catalog = if needs_catalog {
         Some(load_catalog(g)?)
     } else {
         None
     };
-    let registry = if roles.gateway || roles.worker {
+    // Every role but a lone worker resolves apps' databases through the registry.
+    let registry = if roles.gateway || roles.worker || needs_store {
         let reg = Registry::open(&bus).await.context("app registry")?;
-        reg.ensure_app(&g.default_app_id, "Default app", "starter")
-            .await?;
+        if roles.gateway || roles.worker {
+            reg.ensure_app(&g.default_app_id, "Default app", "starter")
+                .await?;
+        }
         Some(reg)
+    } else {
+        None
+    };
+    let store = if needs_store {
+        let store = Store::connect(&g.mongo_uri(), &g.mongo_db)
+            .await
+            .context("MongoDB")?;
+        let reg = registry.as_ref().context("registry")?;
+        Some(store.with_resolver(mozaiks_gateway::storage::storage_resolver(reg)))
     } else {
         None
     };

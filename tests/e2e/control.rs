@@ -539,6 +539,12 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
             "/api/apps/no-such-app".into(),
             None,
         ),
+        (
+            "POST",
+            "/api/apps/tenant-b/storage".into(),
+            "/api/apps/no-such-app/storage".into(),
+            Some(json!({"db_name": "stolen"})),
+        ),
     ];
     for (who, token) in [
         ("A's user", &a_user),

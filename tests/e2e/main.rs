@@ -8,3 +8,4 @@ mod engine;
 mod fleet;
 mod gateway;
 mod slice;
+mod storage;

@@ -1,9 +1,10 @@
 //! Billing: the per-app usage ledger.
 //!
 //! Reads `MZ_USAGE` (the `usage.charged` events, sourced from the log by the server) through the
-//! durable consumer `billing`. Each charge is applied in one MongoDB transaction: insert the charge
-//! into `usage_events` (unique on `(app_id, event_id)`), count its run once in `usage_runs`, and
-//! `$inc` the app's `usage_ledger` totals. A redelivered charge hits the unique index and changes
+//! durable consumer `billing`. Each charge is applied in one MongoDB transaction of the app's
+//! database ([`mozaiks_store::ledger`]): insert the charge into `usage_events` (unique on
+//! `(app_id, event_id)`), count its run once in `usage_runs`, and `$inc` the app's `usage_ledger`
+//! totals. A redelivered charge hits the unique index and changes
 //! nothing, so the ledger equals the sum of the `usage.charged` events exactly once each, even
 //! with several billing replicas.
 
@@ -14,9 +15,8 @@ use async_nats::jetstream::{AckKind, consumer::pull};
 use futures::StreamExt;
 use mozaiks_bus::Bus;
 use mozaiks_events::{Envelope, Event, codec};
-use mozaiks_store::mongodb::bson::{self, Document, doc};
-use mozaiks_store::mongodb::options::UpdateOptions;
-use mozaiks_store::{LEDGER, Store, USAGE_EVENTS, is_duplicate_key};
+use mozaiks_store::Store;
+use mozaiks_store::ledger::Charged;
 use tracing::{info, warn};
 
 /// Errors of billing.
@@ -45,8 +45,6 @@ pub fn describe() {
     metrics::describe_counter!(TOKENS, "Tokens billed, by app_id.");
 }
 
-const RUNS: &str = "usage_runs";
-
 /// The billing service.
 pub struct Billing {
     bus: Bus,
@@ -69,20 +67,6 @@ impl Billing {
     /// Applies charges until `shutdown` resolves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         self.store.ensure_indexes(self.store.shared()).await?;
-        self.store
-            .shared()
-            .collection::<Document>(RUNS)
-            .create_index(
-                mozaiks_store::mongodb::IndexModel::builder()
-                    .keys(doc! { "app_id": 1, "run_id": 1 })
-                    .options(
-                        mozaiks_store::mongodb::options::IndexOptions::builder()
-                            .unique(true)
-                            .build(),
-                    )
-                    .build(),
-            )
-            .await?;
         let stream = self.bus.stream("MZ_USAGE").await?;
         let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = stream
             .get_consumer(&self.bus.subjects().name("billing"))
@@ -131,72 +115,23 @@ impl Billing {
         Ok(())
     }
 
-    /// Applies one charge exactly once.
+    /// Applies one charge exactly once, to the ledger in the app's database
+    /// ([`Store::resolve_storage`]; see [`Store::charge`]).
     pub async fn apply(&self, env: &Envelope) -> Result<Applied, Error> {
         let Event::UsageCharged(u) = &env.event else {
             return Ok(Applied::Duplicate);
         };
-        let db = self.store.resolve_storage(&env.app_id);
-        let mut session = self.store.client().start_session().await?;
-        session.start_transaction().await?;
-        let row = doc! {
-            "app_id": &env.app_id,
-            "event_id": env.event_id.to_string(),
-            "chat_id": &env.chat_id,
-            "user_id": &env.user_id,
-            "run_id": u.run_id.to_string(),
-            "agent": &u.agent,
-            "model": &u.model,
-            "prompt_tokens": u.prompt_tokens as i64,
-            "completion_tokens": u.completion_tokens as i64,
-            "total_tokens": u.total_tokens as i64,
-            "ts": bson::DateTime::from_chrono(env.ts),
-        };
-        match db
-            .collection::<Document>(USAGE_EVENTS)
-            .insert_one(row)
-            .session(&mut session)
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_duplicate_key(&e) => {
-                let _ = session.abort_transaction().await;
+        let db = self.store.resolve_storage(&env.app_id).await?;
+        match self.store.charge(&db, env).await? {
+            Charged::Duplicate => {
                 metrics::counter!(DUPLICATES).increment(1);
-                return Ok(Applied::Duplicate);
+                Ok(Applied::Duplicate)
             }
-            Err(e) => {
-                let _ = session.abort_transaction().await;
-                return Err(e.into());
+            Charged::Counted => {
+                metrics::counter!(CHARGES, "app_id" => env.app_id.clone()).increment(1);
+                metrics::counter!(TOKENS, "app_id" => env.app_id.clone()).increment(u.total_tokens);
+                Ok(Applied::Charged)
             }
         }
-        let new_run = db
-            .collection::<Document>(RUNS)
-            .update_one(
-                doc! { "app_id": &env.app_id, "run_id": u.run_id.to_string() },
-                doc! { "$setOnInsert": { "chat_id": &env.chat_id } },
-            )
-            .with_options(UpdateOptions::builder().upsert(true).build())
-            .session(&mut session)
-            .await?
-            .upserted_id
-            .is_some();
-        db.collection::<Document>(LEDGER)
-            .update_one(
-                doc! { "app_id": &env.app_id },
-                doc! { "$inc": {
-                    "prompt_tokens": u.prompt_tokens as i64,
-                    "completion_tokens": u.completion_tokens as i64,
-                    "total_tokens": u.total_tokens as i64,
-                    "charges": 1_i64,
-                    "runs": if new_run { 1_i64 } else { 0_i64 },
-                }},
-            )
-            .with_options(UpdateOptions::builder().upsert(true).build())
-            .session(&mut session)
-            .await?;
-        session.commit_transaction().await?;
-        metrics::counter!(CHARGES, "app_id" => env.app_id.clone()).increment(1);
-        metrics::counter!(TOKENS, "app_id" => env.app_id.clone()).increment(u.total_tokens);
-        Ok(Applied::Charged)
     }
 }

@@ -7,12 +7,14 @@
 pub mod definitions;
 mod log;
 pub mod metrics;
+mod replay;
 
 use std::time::Duration;
 
 use async_nats::jetstream;
 pub use log::{Appended, ChatPosition, Seek};
 use mozaiks_events::subjects::Subjects;
+pub use replay::ReplayBatch;
 
 /// Errors of the bus.
 #[derive(Debug, thiserror::Error)]

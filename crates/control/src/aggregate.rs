@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::app::{App, AppStatus, Limits};
+use crate::app::{App, AppStatus, AppStorage, Limits};
 use crate::tiers::Tiers;
 
 /// Largest `context` an app may carry, serialized.
@@ -21,6 +21,8 @@ pub const MAX_WORKFLOWS: usize = 256;
 /// What happened to an app. The `type` names are stable.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
+// `app.created` carries the whole initial view; app events are rare and short-lived.
+#[allow(clippy::large_enum_variant)]
 pub enum AppEvent {
     #[serde(rename = "app.created")]
     Created {
@@ -34,6 +36,9 @@ pub enum AppEvent {
         context: Map<String, Value>,
         #[serde(default)]
         runtime_url: Option<String>,
+        /// The app's own database (dedicated-database tiers); absent: the shared one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        storage: Option<AppStorage>,
     },
     #[serde(rename = "app.renamed")]
     Renamed { name: String },
@@ -49,6 +54,10 @@ pub enum AppEvent {
     ContextChanged { context: Map<String, Value> },
     #[serde(rename = "app.runtime_changed")]
     RuntimeChanged { runtime_url: Option<String> },
+    /// The app's read models now live in `storage` (`None`: the shared database). Recorded by a
+    /// storage move after the new database was rebuilt from the log.
+    #[serde(rename = "app.storage_changed")]
+    StorageChanged { storage: Option<AppStorage> },
     #[serde(rename = "app.suspended")]
     Suspended {
         #[serde(default)]
@@ -70,6 +79,7 @@ impl AppEvent {
             AppEvent::WorkflowsChanged { .. } => "app.workflows_changed",
             AppEvent::ContextChanged { .. } => "app.context_changed",
             AppEvent::RuntimeChanged { .. } => "app.runtime_changed",
+            AppEvent::StorageChanged { .. } => "app.storage_changed",
             AppEvent::Suspended { .. } => "app.suspended",
             AppEvent::Resumed {} => "app.resumed",
             AppEvent::Deleted {} => "app.deleted",
@@ -132,8 +142,13 @@ pub enum AppCommand {
         workflows: Option<Vec<String>>,
         limits: Limits,
         runtime_url: Option<String>,
+        /// The app's own database (only for tiers with a dedicated database).
+        storage: Option<AppStorage>,
     },
     Patch(AppPatch),
+    /// Switches where the app's read models live (`None`: the shared database). Only a storage
+    /// move issues it, once the target holds the app's read models.
+    SetStorage(Option<AppStorage>),
     Delete,
 }
 
@@ -160,6 +175,8 @@ pub enum Rejection {
     InvalidRuntimeUrl(String),
     #[error("status may be set to active or suspended; delete an app with DELETE")]
     InvalidStatus,
+    #[error("invalid storage: {0}")]
+    InvalidStorage(String),
 }
 
 impl Rejection {
@@ -175,6 +192,7 @@ impl Rejection {
             Rejection::InvalidWorkflows(_) => "invalid_workflows",
             Rejection::InvalidRuntimeUrl(_) => "invalid_runtime_url",
             Rejection::InvalidStatus => "invalid_status",
+            Rejection::InvalidStorage(_) => "invalid_storage",
         }
     }
 }
@@ -199,6 +217,7 @@ pub fn apply(state: Option<App>, rec: &AppRecord, version: u64) -> Option<App> {
                 limits,
                 context,
                 runtime_url,
+                storage,
             },
         ) => {
             return Some(App {
@@ -210,6 +229,7 @@ pub fn apply(state: Option<App>, rec: &AppRecord, version: u64) -> Option<App> {
                 limits: limits.clone(),
                 context: context.clone(),
                 runtime_url: runtime_url.clone(),
+                storage: storage.clone(),
                 created_at: rec.ts,
                 updated_at: rec.ts,
                 version,
@@ -226,6 +246,7 @@ pub fn apply(state: Option<App>, rec: &AppRecord, version: u64) -> Option<App> {
         AppEvent::WorkflowsChanged { workflows } => app.workflows = workflows.clone(),
         AppEvent::ContextChanged { context } => app.context = context.clone(),
         AppEvent::RuntimeChanged { runtime_url } => app.runtime_url = runtime_url.clone(),
+        AppEvent::StorageChanged { storage } => app.storage = storage.clone(),
         AppEvent::Suspended { .. } => app.status = AppStatus::Suspended,
         AppEvent::Resumed {} => app.status = AppStatus::Active,
         AppEvent::Deleted {} => app.status = AppStatus::Deleted,
@@ -256,6 +277,7 @@ pub fn handle(
             workflows,
             limits,
             runtime_url,
+            storage,
         } => {
             // A deleted app's id stays taken: its history is on the log.
             if state.is_some() {
@@ -271,6 +293,9 @@ pub fn handle(
             if let Some(url) = runtime_url {
                 check_runtime_url(known, tier, url)?;
             }
+            if let Some(s) = storage {
+                check_storage(known, tier, s)?;
+            }
             Ok(vec![AppEvent::Created {
                 name,
                 tier: tier.clone(),
@@ -278,6 +303,19 @@ pub fn handle(
                 limits: limits.clone(),
                 context: Map::new(),
                 runtime_url: runtime_url.clone(),
+                storage: storage.clone(),
+            }])
+        }
+        AppCommand::SetStorage(storage) => {
+            let app = live(state)?;
+            if let Some(s) = storage {
+                check_storage(known, &app.tier, s)?;
+            }
+            if *storage == app.storage {
+                return Ok(Vec::new());
+            }
+            Ok(vec![AppEvent::StorageChanged {
+                storage: storage.clone(),
             }])
         }
         AppCommand::Delete => {
@@ -339,6 +377,10 @@ pub fn handle(
             }
             if runtime_url != app.runtime_url {
                 out.push(AppEvent::RuntimeChanged { runtime_url });
+            }
+            if let Some(s) = &app.storage {
+                // A tier change to a shared-database tier needs a move to the shared one first.
+                check_storage(known, tier, s)?;
             }
             match p.status {
                 None => {}
@@ -404,6 +446,20 @@ fn check_workflows(known: &Known<'_>, list: &[String]) -> Result<Vec<String>, Re
         }
     }
     Ok(out)
+}
+
+fn check_storage(known: &Known<'_>, tier: &str, storage: &AppStorage) -> Result<(), Rejection> {
+    use crate::tiers::DatabasePlacement;
+    if !known
+        .tiers
+        .get(tier)
+        .is_some_and(|t| t.database == DatabasePlacement::Dedicated)
+    {
+        return Err(Rejection::InvalidStorage(format!(
+            "tier {tier:?} uses the shared database; move the app to it first (POST /api/apps/{{app_id}}/storage)"
+        )));
+    }
+    storage.validate().map_err(Rejection::InvalidStorage)
 }
 
 fn check_runtime_url(known: &Known<'_>, tier: &str, url: &str) -> Result<(), Rejection> {

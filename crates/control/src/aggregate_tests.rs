@@ -35,6 +35,7 @@ fn created() -> AppEvent {
         limits: Limits::default(),
         context: Map::new(),
         runtime_url: None,
+        storage: None,
     }
 }
 
@@ -45,6 +46,7 @@ fn create(tier: &str) -> AppCommand {
         workflows: Some(vec!["hello".into(), "hello".into()]),
         limits: Limits::default(),
         runtime_url: None,
+        storage: None,
     }
 }
 
@@ -64,6 +66,7 @@ fn create_a_new_app() {
             limits: Limits::default(),
             context: Map::new(),
             runtime_url: None,
+            storage: None,
         }]
     );
 }
@@ -313,4 +316,98 @@ fn records_round_trip_as_json_with_stable_type_names() {
     let resumed = serde_json::to_value(AppRecord::new("a", "s", AppEvent::Resumed {})).unwrap();
     let back: AppRecord = serde_json::from_value(resumed).unwrap();
     assert_eq!(back.event, AppEvent::Resumed {});
+}
+
+fn own_db(name: &str) -> AppStorage {
+    AppStorage {
+        db_name: name.into(),
+        mongo_uri: None,
+    }
+}
+
+#[test]
+fn storage_moves_only_for_dedicated_database_tiers() {
+    let business = AppEvent::TierChanged {
+        tier: "business".into(),
+    };
+    let set = |s: Option<AppStorage>| AppCommand::SetStorage(s);
+    assert_eq!(
+        given_when(&[created(), business.clone()], set(Some(own_db("acme")))),
+        Ok(vec![AppEvent::StorageChanged {
+            storage: Some(own_db("acme"))
+        }])
+    );
+    let moved = AppEvent::StorageChanged {
+        storage: Some(own_db("acme")),
+    };
+    assert_eq!(
+        given_when(
+            &[created(), business.clone(), moved.clone()],
+            set(Some(own_db("acme")))
+        ),
+        Ok(vec![]),
+        "no change, no event"
+    );
+    assert_eq!(
+        given_when(&[created(), business.clone(), moved.clone()], set(None)),
+        Ok(vec![AppEvent::StorageChanged { storage: None }]),
+        "back to the shared database"
+    );
+    assert_eq!(
+        given_when(&[created()], set(Some(own_db("acme"))))
+            .unwrap_err()
+            .code(),
+        "invalid_storage",
+        "starter uses the shared database"
+    );
+    assert_eq!(
+        given_when(&[created(), business.clone()], set(Some(own_db("a.b"))))
+            .unwrap_err()
+            .code(),
+        "invalid_storage"
+    );
+    assert_eq!(
+        given_when(
+            &[created(), business.clone(), AppEvent::Deleted {}],
+            set(None)
+        ),
+        Err(Rejection::AppNotFound)
+    );
+    // Down to a shared-database tier only after moving back.
+    let down = patch(AppPatch {
+        tier: Some("starter".into()),
+        ..Default::default()
+    });
+    assert_eq!(
+        given_when(&[created(), business.clone(), moved.clone()], down.clone())
+            .unwrap_err()
+            .code(),
+        "invalid_storage"
+    );
+    assert!(
+        given_when(
+            &[
+                created(),
+                business,
+                moved,
+                AppEvent::StorageChanged { storage: None }
+            ],
+            down
+        )
+        .is_ok()
+    );
+    // The fold follows.
+    let recs: Vec<AppRecord> = [
+        created(),
+        AppEvent::StorageChanged {
+            storage: Some(own_db("acme")),
+        },
+    ]
+    .into_iter()
+    .map(|e| AppRecord::new("acme", "t", e))
+    .collect();
+    assert_eq!(
+        fold(recs.iter().zip(1..)).unwrap().storage,
+        Some(own_db("acme"))
+    );
 }

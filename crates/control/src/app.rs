@@ -117,6 +117,57 @@ impl EffectiveLimits {
     }
 }
 
+/// An app's own database: `db_name` on the shared MongoDB deployment, or on its own deployment
+/// at `mongo_uri`. The view is readable by every replica and shown to admins, so a `mongo_uri`
+/// never carries credentials (authenticate with a certificate named in the URI's options, or by
+/// network policy); [`AppStorage::validate`] refuses user info.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppStorage {
+    pub db_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mongo_uri: Option<String>,
+}
+
+impl AppStorage {
+    /// Longest database name MongoDB accepts.
+    pub const MAX_DB_NAME: usize = 63;
+
+    /// Checks the database name and URI.
+    pub fn validate(&self) -> Result<(), String> {
+        let n = &self.db_name;
+        if n.is_empty() || n.len() > Self::MAX_DB_NAME {
+            return Err(format!(
+                "db_name must be 1 to {} characters",
+                Self::MAX_DB_NAME
+            ));
+        }
+        if !n
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err("db_name may contain only letters, digits, '_' and '-'".into());
+        }
+        if let Some(uri) = &self.mongo_uri {
+            let rest = uri
+                .strip_prefix("mongodb://")
+                .or_else(|| uri.strip_prefix("mongodb+srv://"))
+                .ok_or("mongo_uri must start with mongodb:// or mongodb+srv://")?;
+            let hosts = rest.split(['/', '?']).next().unwrap_or("");
+            if hosts.is_empty() || uri.len() > 1024 || uri.chars().any(|c| c.is_whitespace()) {
+                return Err("mongo_uri must name at least one host".into());
+            }
+            if hosts.contains('@') {
+                return Err(
+                    "mongo_uri must not carry credentials: app views are readable by every replica"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A tenant's app: the current view, folded from its events on `MZ_CTL` and stored in `MZ_APPS`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct App {
@@ -138,6 +189,10 @@ pub struct App {
     /// `wss://acme.runtime.example.com`; `None` for the shared fleet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_url: Option<String>,
+    /// Where the app's read models live; `None` for the shared database (see
+    /// [`AppStorage`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<AppStorage>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// The `MZ_CTL` stream sequence of the last event folded into this view (0: a view written
@@ -216,6 +271,34 @@ mod tests {
         assert_eq!(app.version, 0);
         assert_eq!(app.limits.max_websockets, Some(3));
         assert!(app.runtime_url.is_none());
+        assert!(app.storage.is_none());
         assert!(app.allows_workflow("anything"));
+    }
+
+    #[test]
+    fn storage_is_validated() {
+        let ok = |db: &str, uri: Option<&str>| {
+            AppStorage {
+                db_name: db.into(),
+                mongo_uri: uri.map(String::from),
+            }
+            .validate()
+        };
+        assert!(ok("mozaiks_acme", None).is_ok());
+        assert!(ok("acme", Some("mongodb://db1:27017,db2/?replicaSet=rs0")).is_ok());
+        assert!(ok("", None).unwrap_err().contains("db_name"));
+        assert!(ok("a.b", None).unwrap_err().contains("db_name"));
+        assert!(ok(&"x".repeat(64), None).unwrap_err().contains("db_name"));
+        assert!(
+            ok("a", Some("http://x"))
+                .unwrap_err()
+                .contains("mongodb://")
+        );
+        assert!(ok("a", Some("mongodb://")).unwrap_err().contains("host"));
+        assert!(
+            ok("a", Some("mongodb://u:p@db1/"))
+                .unwrap_err()
+                .contains("credentials")
+        );
     }
 }

@@ -35,7 +35,7 @@ use mozaiks_bus::Bus;
 use tracing::{info, warn};
 
 pub use aggregate::{AppCommand, AppEvent, AppPatch, AppRecord, Known, Rejection};
-pub use app::{App, AppStatus, EffectiveLimits, Limits};
+pub use app::{App, AppStatus, AppStorage, EffectiveLimits, Limits};
 pub use ratelimit::RateLimiter;
 pub use tiers::{Tier, Tiers};
 
@@ -241,6 +241,7 @@ impl Registry {
             workflows: None,
             limits: self.tiers.default_app_limits.clone(),
             runtime_url: None,
+            storage: None,
         };
         match self.execute(app_id, &cmd, "system", None).await {
             Ok(app) => Ok(app),

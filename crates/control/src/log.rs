@@ -59,6 +59,7 @@ impl Registry {
         let kind = match cmd {
             AppCommand::Create { .. } => "create",
             AppCommand::Patch(_) => "patch",
+            AppCommand::SetStorage(_) => "set_storage",
             AppCommand::Delete => "delete",
         };
         let out = self.execute_inner(app_id, cmd, actor, workflows).await;
@@ -395,6 +396,7 @@ fn adoption(view: &App) -> AppEvent {
         limits: view.limits.clone(),
         context: view.context.clone(),
         runtime_url: view.runtime_url.clone(),
+        storage: view.storage.clone(),
     }
 }
 
@@ -402,6 +404,7 @@ fn cmd_name(cmd: &AppCommand) -> &'static str {
     match cmd {
         AppCommand::Create { .. } => "create",
         AppCommand::Patch(_) => "patch",
+        AppCommand::SetStorage(_) => "set_storage",
         AppCommand::Delete => "delete",
     }
 }

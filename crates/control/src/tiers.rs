@@ -223,6 +223,7 @@ mod tests {
             limits: Limits::default(),
             context: Default::default(),
             runtime_url: Some("wss://acme.example.com".into()),
+            storage: None,
             created_at: now,
             updated_at: now,
             version: 1,

@@ -25,6 +25,7 @@ fn create(tier: &str) -> AppCommand {
         workflows: None,
         limits: Limits::default(),
         runtime_url: None,
+        storage: None,
     }
 }
 

@@ -135,7 +135,14 @@ fn operator_only(user: &UserClaims, what: &str) -> Result<(), ApiError> {
     }
 }
 
-fn check_app_id(app_id: &str) -> Result<(), ApiError> {
+/// Role `superadmin` for an operation on `app_id`; a token of another app is refused as
+/// `app_mismatch` first, like every app endpoint, so nothing leaks about other tenants' apps.
+pub(crate) fn operator_for(user: &UserClaims, app_id: &str, what: &str) -> Result<(), ApiError> {
+    access(user, app_id)?;
+    operator_only(user, what)
+}
+
+pub(crate) fn check_app_id(app_id: &str) -> Result<(), ApiError> {
     ids::check_token("app_id", app_id).map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -181,6 +188,7 @@ pub fn app_json(state: &State, app: &mozaiks_control::App) -> Value {
         "runtime_url": app.runtime_url,
         "runtime": tier.runtime,
         "database": tier.database,
+        "storage": app.storage,
         "created_at": app.created_at,
         "updated_at": app.updated_at,
         "version": app.version,
@@ -220,19 +228,30 @@ pub async fn create(
         .map(parse_limits)
         .transpose()?
         .unwrap_or_default();
+    // A tier with a dedicated database gets its own from the start (resolve_storage).
+    let storage = state
+        .registry
+        .tiers()
+        .get(&req.tier)
+        .filter(|t| t.database == mozaiks_control::tiers::DatabasePlacement::Dedicated)
+        .map(|_| mozaiks_control::AppStorage {
+            db_name: crate::storage::default_db_name(state.store.shared().name(), &app_id),
+            mongo_uri: None,
+        });
     let cmd = AppCommand::Create {
         name: req.name,
         tier: req.tier,
         workflows: req.workflows,
         limits,
         runtime_url: req.runtime_url,
+        storage,
     };
     let shipped = shipped_workflows(&state);
     let app = state
         .registry
         .execute(&app_id, &cmd, &user.sub, Some(&shipped))
         .await?;
-    info!(app_id = %app_id, tier = %app.tier, actor = %user.sub, "App created.");
+    info!(app_id = %app_id, tier = %app.tier, storage = ?app.storage, actor = %user.sub, "App created.");
     Ok((StatusCode::CREATED, Json(app_json(&state, &app))))
 }
 
@@ -382,7 +401,7 @@ pub async fn delete(
 
 /// Cancels the app's unfinished chats and removes its sessions and messages from its database.
 async fn clean_up(state: &State, app_id: &str) -> Result<(u64, u64, u64), ApiError> {
-    let db = state.store.resolve_storage(app_id);
+    let db = state.store.resolve_storage(app_id).await?;
     let sessions = db.collection::<Document>(mozaiks_store::SESSIONS);
     let messages = db.collection::<Document>(mozaiks_store::MESSAGES);
     let mongo = |e: mongodb::error::Error| ApiError::unavailable(format!("read models: {e}"));

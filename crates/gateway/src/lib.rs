@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod notify;
 pub mod openapi;
 pub mod sessions;
+pub mod storage;
 pub mod ws;
 
 use std::future::Future;
@@ -223,6 +224,7 @@ pub fn router(state: State) -> Router {
             "/api/apps/{app_id}",
             get(apps::get_app).patch(apps::patch).delete(apps::delete),
         )
+        .route("/api/apps/{app_id}/storage", post(storage::move_storage))
         .route("/openapi.json", get(openapi::serve))
         .route(
             "/ws/{workflow}/{app_id}/{chat_id}/{user_id}",

@@ -20,8 +20,19 @@ pub const LIVE_FEEDS: &str = "mozaiks_ws_live_feeds";
 pub const DRAIN_SECONDS: &str = "mozaiks_gateway_drain_seconds";
 pub const NOTIFICATIONS_SENT: &str = "mozaiks_notifications_sent_total";
 pub const NOTIFICATIONS_DELIVERED: &str = "mozaiks_notifications_delivered_total";
+pub const STORAGE_MOVES: &str = "mozaiks_storage_moves_total";
+pub const STORAGE_MOVE_SECONDS: &str = "mozaiks_storage_move_seconds";
 
 pub fn describe() {
+    metrics::describe_counter!(
+        STORAGE_MOVES,
+        "Storage moves of an app's read models, by app_id and outcome."
+    );
+    metrics::describe_histogram!(
+        STORAGE_MOVE_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to move an app's read models (copy, switch, settle, catch up)."
+    );
     metrics::describe_gauge!(ACTIVE_CONNECTIONS, "Open WebSockets, by app_id.");
     metrics::describe_counter!(FRAMES_IN, "Client frames received, by type.");
     metrics::describe_counter!(FRAMES_OUT, "Frames sent to clients.");

@@ -220,6 +220,18 @@ pub const OPERATIONS: &[Op] = &[
         200,
         &[401, 403, 404, 422, 503],
     ),
+    Op {
+        body: Some(schemas::move_storage),
+        ..op(
+            "post",
+            "/api/apps/{app_id}/storage",
+            "apps",
+            "Move an app's read models to another database (superadmin): rebuilds them there from the log (MZ_EVT, and the ledger from MZ_USAGE), switches (app.storage_changed), then catches up the events appended meanwhile. Reads are served throughout; the old database is left intact. 422 invalid_storage (bad name, credentials in the URI, or a tier with the shared database), 409 move_in_progress.",
+            Auth::User,
+            200,
+            &[400, 401, 403, 404, 409, 422, 503],
+        )
+    },
     op(
         "get",
         "/openapi.json",
@@ -423,6 +435,13 @@ mod schemas {
             "workflows": {"type": ["array", "null"], "items": {"type": "string"}, "description": "The allowlist; absent allows every shipped workflow."},
             "limits": {"$ref": "#/components/schemas/Limits"},
             "runtime_url": {"type": "string", "description": "ws:// or wss:// base of a dedicated runtime (dedicated and export tiers)."},
+        }})
+    }
+
+    pub fn move_storage() -> Value {
+        json!({"type": "object", "additionalProperties": false, "properties": {
+            "db_name": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9_-]{1,63}$", "description": "The target database; null or absent (or the shared database's name) moves the app back to the shared database."},
+            "mongo_uri": {"type": "string", "description": "Another MongoDB deployment (mongodb:// or mongodb+srv://, no credentials: authenticate by certificate options or network policy)."},
         }})
     }
 

@@ -2,18 +2,23 @@
 //!
 //! Mongo holds projections of the event log, never the truth: every collection can be dropped and
 //! rebuilt from JetStream. Every document carries `app_id` and every query filters on it.
-//! [`Store::resolve_storage`] picks the database of an app (the shared one by default).
+//! [`Store::resolve_storage`] picks the database of an app ([`storage`]: the shared one unless the
+//! control plane gave the app its own).
 //!
 //! Collections and indexes (from the seeds):
 //! - `chat_sessions`: unique `(app_id, chat_id)`, `(app_id, user_id, updated_at)`,
 //!   `(app_id, workflow_name, status, updated_at)`
 //! - `chat_messages`: unique `(app_id, chat_id, seq)`
-//! - `usage_ledger`: unique `(app_id)`; `usage_events`: unique `(app_id, event_id)`
+//! - `usage_ledger`: unique `(app_id)`; `usage_events`: unique `(app_id, event_id)`;
+//!   `usage_runs`: unique `(app_id, run_id)`
 
+pub mod ledger;
 pub mod metrics;
 mod model;
 pub mod projection;
+pub mod storage;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
@@ -21,6 +26,7 @@ pub use model::{MessageDoc, SessionDoc, UsageDoc};
 use mongodb::bson::{Document, doc};
 use mongodb::options::{ClientOptions, FindOptions, IndexOptions};
 use mongodb::{Client, Database, IndexModel};
+pub use storage::{Placement, Resolver, Route};
 
 pub use mongodb;
 
@@ -42,12 +48,15 @@ pub const SESSIONS: &str = "chat_sessions";
 pub const MESSAGES: &str = "chat_messages";
 pub const LEDGER: &str = "usage_ledger";
 pub const USAGE_EVENTS: &str = "usage_events";
+pub const RUNS: &str = "usage_runs";
 
 /// The read-model store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     client: Client,
     db: Database,
+    resolver: Option<Resolver>,
+    cache: Arc<storage::Cache>,
 }
 
 impl Store {
@@ -69,7 +78,12 @@ impl Store {
         };
         let client = Client::with_options(opts).map_err(|e| Error::Connect(e.to_string()))?;
         let db = client.database(&name);
-        let store = Store { client, db };
+        let store = Store {
+            client,
+            db,
+            resolver: None,
+            cache: Arc::default(),
+        };
         store
             .ping()
             .await
@@ -79,12 +93,6 @@ impl Store {
 
     pub fn client(&self) -> &Client {
         &self.client
-    }
-
-    /// The database that holds `app_id`'s read models. Phase 1: the shared database for every app;
-    /// the control plane routes Business and Dedicated apps elsewhere (issue #5).
-    pub fn resolve_storage(&self, _app_id: &str) -> Database {
-        self.db.clone()
     }
 
     /// The shared database.
@@ -128,6 +136,9 @@ impl Store {
         db.collection::<Document>(USAGE_EVENTS)
             .create_index(idx(doc! { "app_id": 1, "event_id": 1 }, true))
             .await?;
+        db.collection::<Document>(RUNS)
+            .create_index(idx(doc! { "app_id": 1, "run_id": 1 }, true))
+            .await?;
         Ok(())
     }
 
@@ -136,6 +147,7 @@ impl Store {
         let started = Instant::now();
         let found = self
             .resolve_storage(app_id)
+            .await?
             .collection::<SessionDoc>(SESSIONS)
             .find_one(doc! { "app_id": app_id, "chat_id": chat_id })
             .await?;
@@ -157,6 +169,7 @@ impl Store {
             .build();
         let found: Vec<SessionDoc> = self
             .resolve_storage(app_id)
+            .await?
             .collection::<SessionDoc>(SESSIONS)
             .find(doc! { "app_id": app_id, "user_id": user_id })
             .with_options(opts)
@@ -182,6 +195,7 @@ impl Store {
             .build();
         let found: Vec<MessageDoc> = self
             .resolve_storage(app_id)
+            .await?
             .collection::<MessageDoc>(MESSAGES)
             .find(doc! { "app_id": app_id, "chat_id": chat_id, "seq": { "$gt": after as i64 } })
             .with_options(opts)
@@ -197,6 +211,7 @@ impl Store {
         let started = Instant::now();
         let found = self
             .resolve_storage(app_id)
+            .await?
             .collection::<UsageDoc>(LEDGER)
             .find_one(doc! { "app_id": app_id })
             .await?;

@@ -2,6 +2,7 @@
 
 pub const QUERY_SECONDS: &str = "mozaiks_mongo_query_seconds";
 pub const WRITE_SECONDS: &str = "mozaiks_mongo_write_seconds";
+pub const SKIPPED_DELETED: &str = "mozaiks_projection_skipped_deleted_total";
 
 pub fn describe() {
     metrics::describe_histogram!(
@@ -13,5 +14,9 @@ pub fn describe() {
         WRITE_SECONDS,
         metrics::Unit::Seconds,
         "MongoDB projection write latency by operation."
+    );
+    metrics::describe_counter!(
+        SKIPPED_DELETED,
+        "Events not projected because their app was deleted, by app_id."
     );
 }

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use mongodb::Database;
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::options::InsertManyOptions;
 use mozaiks_events::{Envelope, Event};
@@ -63,7 +64,9 @@ struct SessionChange<'a> {
 }
 
 impl Store {
-    /// Projects a batch of events (in log order) into `chat_sessions` and `chat_messages`.
+    /// Projects a batch of events (in log order) into `chat_sessions` and `chat_messages` of each
+    /// app's database ([`Store::resolve_storage`]). Events of a deleted app are skipped, so a run
+    /// finishing after the app's deletion does not re-create its read models.
     /// Idempotent: projecting the same events again changes nothing.
     pub async fn project(&self, events: &[Envelope]) -> Result<(), Error> {
         // Group by app, because each app may live in its own database.
@@ -72,72 +75,102 @@ impl Store {
             by_app.entry(e.app_id.as_str()).or_default().push(e);
         }
         for (app_id, evs) in by_app {
-            let db = self.resolve_storage(app_id);
-            let messages: Vec<Document> = evs.iter().filter_map(|e| message_doc(e)).collect();
-            if !messages.is_empty() {
-                let started = Instant::now();
-                let res = db
-                    .collection::<Document>(MESSAGES)
-                    .insert_many(messages)
-                    .with_options(InsertManyOptions::builder().ordered(false).build())
-                    .await;
-                match res {
-                    Ok(_) => {}
-                    Err(e) if is_duplicate_key(&e) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                ::metrics::histogram!(m::WRITE_SECONDS, "op" => "insert_messages")
-                    .record(started.elapsed().as_secs_f64());
+            let route = self.route(app_id);
+            if route.deleted {
+                ::metrics::counter!(m::SKIPPED_DELETED, "app_id" => app_id.to_string())
+                    .increment(evs.len() as u64);
+                tracing::debug!(
+                    app_id,
+                    events = evs.len(),
+                    "Events of a deleted app skipped."
+                );
+                continue;
             }
-
-            let mut changes: Vec<(&str, SessionChange)> = Vec::new();
-            let mut index: HashMap<&str, usize> = HashMap::new();
-            for e in &evs {
-                let i = *index.entry(e.chat_id.as_str()).or_insert_with(|| {
-                    changes.push((
-                        e.chat_id.as_str(),
-                        SessionChange {
-                            first: e,
-                            last: e,
-                            status: None,
-                        },
-                    ));
-                    changes.len() - 1
-                });
-                let c = &mut changes[i].1;
-                if e.seq >= c.last.seq {
-                    c.last = e;
-                    if let Some(s) = status_after(&e.event) {
-                        c.status = Some(s);
-                    }
-                }
-                if e.seq < c.first.seq {
-                    c.first = e;
-                }
-            }
-            let updates: Vec<Document> = changes.iter().map(|(_, c)| session_update(c)).collect();
-            let started = Instant::now();
-            let reply = db
-                .run_command(doc! { "update": SESSIONS, "updates": updates, "ordered": false })
-                .await?;
-            if let Ok(errors) = reply.get_array("writeErrors") {
-                for err in errors {
-                    let code = err
-                        .as_document()
-                        .and_then(|d| d.get("code"))
-                        .and_then(|c| c.as_i32().or_else(|| c.as_i64().map(|x| x as i32)))
-                        .unwrap_or(0);
-                    // A duplicate key means the session is already at or past this seq.
-                    if code != crate::DUPLICATE_KEY {
-                        return Err(Error::Document(format!("session update failed: {err}")));
-                    }
-                }
-            }
-            ::metrics::histogram!(m::WRITE_SECONDS, "op" => "update_sessions")
-                .record(started.elapsed().as_secs_f64());
+            let db = self.database(route.placement.as_ref()).await?;
+            project_app(&db, &evs).await?;
         }
         Ok(())
     }
+
+    /// Projects events into `db` whatever the app's current placement (a storage move rebuilds
+    /// the target database with it before switching the app over). Idempotent.
+    pub async fn project_into(&self, db: &Database, events: &[Envelope]) -> Result<(), Error> {
+        let mut by_app: HashMap<&str, Vec<&Envelope>> = HashMap::new();
+        for e in events {
+            by_app.entry(e.app_id.as_str()).or_default().push(e);
+        }
+        for evs in by_app.values() {
+            project_app(db, evs).await?;
+        }
+        Ok(())
+    }
+}
+
+/// One app's events into its database.
+async fn project_app(db: &Database, evs: &[&Envelope]) -> Result<(), Error> {
+    let messages: Vec<Document> = evs.iter().filter_map(|e| message_doc(e)).collect();
+    if !messages.is_empty() {
+        let started = Instant::now();
+        let res = db
+            .collection::<Document>(MESSAGES)
+            .insert_many(messages)
+            .with_options(InsertManyOptions::builder().ordered(false).build())
+            .await;
+        match res {
+            Ok(_) => {}
+            Err(e) if is_duplicate_key(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        ::metrics::histogram!(m::WRITE_SECONDS, "op" => "insert_messages")
+            .record(started.elapsed().as_secs_f64());
+    }
+
+    let mut changes: Vec<(&str, SessionChange)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for e in evs {
+        let i = *index.entry(e.chat_id.as_str()).or_insert_with(|| {
+            changes.push((
+                e.chat_id.as_str(),
+                SessionChange {
+                    first: e,
+                    last: e,
+                    status: None,
+                },
+            ));
+            changes.len() - 1
+        });
+        let c = &mut changes[i].1;
+        if e.seq >= c.last.seq {
+            c.last = e;
+            if let Some(s) = status_after(&e.event) {
+                c.status = Some(s);
+            }
+        }
+        if e.seq < c.first.seq {
+            c.first = e;
+        }
+    }
+    let updates: Vec<Document> = changes.iter().map(|(_, c)| session_update(c)).collect();
+    let started = Instant::now();
+    let reply = db
+        .run_command(doc! { "update": SESSIONS, "updates": updates, "ordered": false })
+        .await?;
+    if let Ok(errors) = reply.get_array("writeErrors") {
+        for err in errors {
+            let code = err
+                .as_document()
+                .and_then(|d| d.get("code"))
+                .and_then(|c| c.as_i32().or_else(|| c.as_i64().map(|x| x as i32)))
+                .unwrap_or(0);
+            // A duplicate key means the session is already at or past this seq.
+            if code != crate::DUPLICATE_KEY {
+                return Err(Error::Document(format!("session update failed: {err}")));
+            }
+        }
+    }
+    ::metrics::histogram!(m::WRITE_SECONDS, "op" => "update_sessions")
+        .record(started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn session_update(c: &SessionChange) -> Document {
