@@ -1,0 +1,342 @@
+//! WebSocket load tool (issue 3): fan-out latency through two gateway replicas against a raw
+//! core-NATS floor measured in the same run, gateway RSS per idle connection, and resume catch-up
+//! of 10k missed events. Loopback only, bounded in count and time.
+//!
+//! `cargo bench --bench wsload` (1,000 clients); `WSLOAD_CLIENTS=10000 cargo bench --bench wsload`
+//! needs about 2 file descriptors per client in this process and 1 per client in each gateway
+//! (`ulimit -n` ≥ 20,000 here). `WSLOAD_EVENTS` (default 300) events are published at
+//! `WSLOAD_RATE` per second (default 100) across 10 chats.
+
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use mozaiks_bus::Bus;
+use mozaiks_events::{AgentMessage, Envelope, Event};
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "wsload-secret-that-is-long-enough-0123456789";
+const CHATS: usize = 10;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn percentiles(mut v: Vec<f64>) -> String {
+    if v.is_empty() {
+        return "no samples".into();
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+    format!(
+        "n={} p50={:.2} ms p99={:.2} ms p999={:.2} ms max={:.2} ms",
+        v.len(),
+        at(0.50),
+        at(0.99),
+        at(0.999),
+        v[v.len() - 1]
+    )
+}
+
+struct Gw {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_gateway(servers: &mozaiks_testkit::TestServers) -> Gw {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_mozaiks"))
+        .arg("gateway")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("NATS_URL", &servers.nats_url)
+        .env("MONGO_URI", &servers.mongo_uri)
+        .env("MOZAIKS_MONGO_DB", &servers.mongo_db)
+        .env("MOZAIKS_NAMESPACE", &servers.namespace)
+        .env("JWT_SECRET", SECRET)
+        .env(
+            "MOZAIKS_WORKFLOWS_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/workflows"),
+        )
+        .env("LOG_LEVEL", "warn")
+        .env("MOZAIKS_LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn mozaiks gateway");
+    Gw {
+        child,
+        base: format!("127.0.0.1:{port}"),
+    }
+}
+
+async fn wait_ready(base: &str) {
+    let http = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Ok(r) = http.get(format!("http://{base}/health/ready")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("gateway {base} not ready");
+}
+
+fn envelope(chat: &str, seq: u64, text: &str) -> Envelope {
+    Envelope {
+        v: 1,
+        event_id: uuid::Uuid::now_v7(),
+        app_id: "default".into(),
+        chat_id: chat.into(),
+        user_id: "load".into(),
+        workflow: "hello".into(),
+        seq,
+        ts: chrono::Utc::now(),
+        parent_chat_id: None,
+        causation_id: None,
+        event: Event::AgentMessage(AgentMessage {
+            run_id: uuid::Uuid::nil(),
+            step: 0,
+            agent: "load".into(),
+            text: text.into(),
+        }),
+    }
+}
+
+fn ws_url(auth: &mozaiks_auth::Auth, base: &str, chat: &str, user: &str, after: u64) -> String {
+    let (token, _) = auth.mint_runtime("default", user, chat, "hello").unwrap();
+    format!("ws://{base}/ws/hello/default/{chat}/{user}?token={token}&after={after}")
+}
+
+#[tokio::main]
+async fn main() {
+    let clients = env_usize("WSLOAD_CLIENTS", 1000);
+    let events = env_usize("WSLOAD_EVENTS", 300);
+    let rate = env_usize("WSLOAD_RATE", 100).max(1);
+    let servers = mozaiks_testkit::TestServers::start()
+        .await
+        .expect("servers");
+    let gws = [spawn_gateway(&servers), spawn_gateway(&servers)];
+    for g in &gws {
+        wait_ready(&g.base).await;
+    }
+    let bus = Bus::connect(&servers.nats_url, &servers.namespace, "wsload")
+        .await
+        .unwrap();
+    let auth = mozaiks_auth::Auth::new(mozaiks_auth::Config::hs256(SECRET, false)).unwrap();
+    let chats: Vec<String> = (0..CHATS).map(|i| format!("load{i}")).collect();
+    // One event per chat, so every client connects at the head and goes straight to live.
+    let mut heads = [(0u64, 0u64); CHATS];
+    for (i, c) in chats.iter().enumerate() {
+        let a = bus.append(&envelope(c, 1, "start"), 0).await.unwrap();
+        heads[i] = (1, a.stream_seq);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before: Vec<u64> = gws.iter().map(|g| rss_kib(g.child.id())).collect();
+
+    // Connect the clients, round robin over replicas and chats.
+    let latencies = Arc::new(Mutex::new(Vec::<f64>::with_capacity(
+        clients * events / CHATS,
+    )));
+    let started = Instant::now();
+    let mut sockets = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let url = ws_url(
+            &auth,
+            &gws[i % 2].base,
+            &chats[i % CHATS],
+            &format!("u{i}"),
+            1,
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connect");
+        sockets.push(ws);
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle: Vec<u64> = gws.iter().map(|g| rss_kib(g.child.id())).collect();
+    let per_conn: Vec<f64> = rss_idle
+        .iter()
+        .zip(&rss_before)
+        .map(|(a, b)| (a.saturating_sub(*b)) as f64 * 2.0 / clients as f64)
+        .collect();
+    println!(
+        "connected {clients} clients in {connect_secs:.1} s; gateway RSS before {rss_before:?} KiB, idle {rss_idle:?} KiB => {:.1} / {:.1} KiB per idle connection",
+        per_conn[0], per_conn[1]
+    );
+
+    // Readers: latency = receive time - the event's ts (set just before its append).
+    let expected_per_client = events / CHATS;
+    let mut readers = Vec::with_capacity(clients);
+    for mut ws in sockets {
+        let lat = latencies.clone();
+        readers.push(tokio::spawn(async move {
+            let mut got = 0;
+            let mut mine = Vec::with_capacity(expected_per_client);
+            while got < expected_per_client {
+                match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) => {
+                        let now = chrono::Utc::now();
+                        let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                        if v["seq"].is_null() {
+                            continue;
+                        }
+                        let ts: chrono::DateTime<chrono::Utc> =
+                            v["ts"].as_str().unwrap().parse().unwrap();
+                        mine.push((now - ts).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+                        got += 1;
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    _ => break,
+                }
+            }
+            lat.lock().await.extend(mine);
+            ws
+        }));
+    }
+
+    // Floor: core NATS pub→sub, one subscriber per chat, same rate, same process.
+    let floor = {
+        let client = bus.client().clone();
+        let subject = |c: &str| format!("{}floor.{c}", bus.subjects().prefix());
+        let mut subs = Vec::new();
+        for c in &chats {
+            subs.push(client.subscribe(subject(c)).await.unwrap());
+        }
+        client.flush().await.unwrap();
+        let collector = tokio::spawn(async move {
+            let mut all = futures::stream::select_all(subs);
+            let mut v = Vec::new();
+            while v.len() < events {
+                match tokio::time::timeout(Duration::from_secs(10), all.next()).await {
+                    Ok(Some(m)) => {
+                        let sent: i64 = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+                        let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+                        v.push((now - sent) as f64 / 1e6);
+                    }
+                    _ => break,
+                }
+            }
+            v
+        });
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+        for i in 0..events {
+            tick.tick().await;
+            let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+            client
+                .publish(subject(&chats[i % CHATS]), now.to_string().into())
+                .await
+                .unwrap();
+        }
+        collector.await.unwrap()
+    };
+
+    // Through the gateways: appended to the log at the same rate.
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    for i in 0..events {
+        tick.tick().await;
+        let c = i % CHATS;
+        let (seq, ss) = heads[c];
+        let a = bus
+            .append(&envelope(&chats[c], seq + 1, "fan-out"), ss)
+            .await
+            .unwrap();
+        heads[c] = (seq + 1, a.stream_seq);
+    }
+    let mut sockets = Vec::new();
+    for r in readers {
+        sockets.push(r.await.unwrap());
+    }
+    let lat = std::mem::take(&mut *latencies.lock().await);
+    let delivered = lat.len();
+    println!(
+        "floor (core NATS pub→sub, {events} msgs at {rate}/s): {}",
+        percentiles(floor)
+    );
+    println!(
+        "gateways (append→WebSocket, {clients} clients on 2 replicas, {events} events at {rate}/s, {} frames expected, {delivered} delivered): {}",
+        clients * expected_per_client,
+        percentiles(lat)
+    );
+    drop(sockets);
+
+    // Resume: 10k events appended with nobody listening, then one client catches up on replica 1.
+    let chat = "resume";
+    let mut pos = (0u64, 0u64);
+    for _ in 0..10_000 {
+        let a = bus
+            .append(&envelope(chat, pos.0 + 1, "missed"), pos.1)
+            .await
+            .unwrap();
+        pos = (pos.0 + 1, a.stream_seq);
+    }
+    for (label, after) in [
+        ("10k missed", 0u64),
+        ("1k missed of 10k", 9_000),
+        ("none missed of 10k", 10_000),
+    ] {
+        let url = ws_url(&auth, &gws[1].base, chat, "resumer", after);
+        let t = Instant::now();
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let mut last = after;
+        // After the last event a ping answers with a pong: the resume is complete.
+        futures::SinkExt::send(&mut ws, Message::Text(r#"{"type":"ping"}"#.into()))
+            .await
+            .unwrap();
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                    if let Some(s) = v["seq"].as_u64() {
+                        assert_eq!(s, last + 1);
+                        last = s;
+                    }
+                    if last == 10_000
+                        && (after == 10_000
+                            || v["seq"].as_u64() == Some(10_000)
+                            || v["type"] == "pong")
+                    {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                other => panic!("resume socket ended: {other:?}"),
+            }
+        }
+        println!(
+            "resume on the other replica, {label}: {:.1} ms (connect + seek + replay)",
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+}
