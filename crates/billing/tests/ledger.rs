@@ -33,8 +33,12 @@ fn charge(app: &str, run_id: Uuid, prompt: u64, completion: u64) -> Envelope {
 }
 
 async fn billing(servers: &TestServers) -> (Billing, Store) {
-    let bus = Bus::connect(&servers.nats_url, &servers.namespace, "test").await.unwrap();
-    let store = Store::connect(&servers.mongo_uri, &servers.mongo_db).await.unwrap();
+    let bus = Bus::connect(&servers.nats_url, &servers.namespace, "test")
+        .await
+        .unwrap();
+    let store = Store::connect(&servers.mongo_uri, &servers.mongo_db)
+        .await
+        .unwrap();
     store.ensure_indexes(store.shared()).await.unwrap();
     (Billing::new(bus, store.clone()), store)
 }
@@ -47,9 +51,15 @@ async fn a_redelivered_charge_is_counted_once() {
     let first = charge("app1", run, 10, 5);
     assert_eq!(b.apply(&first).await.unwrap(), Applied::Charged);
     assert_eq!(b.apply(&first).await.unwrap(), Applied::Duplicate);
-    assert_eq!(b.apply(&charge("app1", run, 3, 2)).await.unwrap(), Applied::Charged);
+    assert_eq!(
+        b.apply(&charge("app1", run, 3, 2)).await.unwrap(),
+        Applied::Charged
+    );
     let u = store.usage("app1").await.unwrap();
-    assert_eq!((u.prompt_tokens, u.completion_tokens, u.total_tokens), (13, 7, 20));
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+        (13, 7, 20)
+    );
     assert_eq!((u.charges, u.runs), (2, 1));
     // Other apps are untouched.
     assert_eq!(store.usage("app2").await.unwrap().total_tokens, 0);

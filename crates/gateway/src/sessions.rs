@@ -76,11 +76,9 @@ pub async fn start(
         check_id("chat_id", c)?;
     }
     if req.app_id != user.app_id {
-        return Err(ApiError::forbidden(
-            "app_mismatch",
-            "app_id differs from the token's app",
-        )
-        .into());
+        return Err(
+            ApiError::forbidden("app_mismatch", "app_id differs from the token's app").into(),
+        );
     }
     if let Some(text) = &req.message
         && (text.trim().is_empty() || text.len() > mozaiks_events::frame_limits::MAX_TEXT_BYTES)

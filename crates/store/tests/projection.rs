@@ -28,21 +28,58 @@ fn env(app: &str, chat: &str, seq: u64, event: Event) -> Envelope {
 fn chat_events(app: &str, chat: &str) -> Vec<Envelope> {
     let run_id = Uuid::now_v7();
     vec![
-        env(app, chat, 1, Event::SessionStarted(SessionStarted::default())),
-        env(app, chat, 2, Event::MessageUser(MessageUser { text: "hi".into(), client_msg_id: None })),
-        env(app, chat, 3, Event::RunStarted(RunStarted { run_id, trigger_seq: 2 })),
+        env(
+            app,
+            chat,
+            1,
+            Event::SessionStarted(SessionStarted::default()),
+        ),
+        env(
+            app,
+            chat,
+            2,
+            Event::MessageUser(MessageUser {
+                text: "hi".into(),
+                client_msg_id: None,
+            }),
+        ),
+        env(
+            app,
+            chat,
+            3,
+            Event::RunStarted(RunStarted {
+                run_id,
+                trigger_seq: 2,
+            }),
+        ),
         env(
             app,
             chat,
             4,
-            Event::AgentMessage(AgentMessage { run_id, step: 1, agent: "a".into(), text: "hello".into() }),
+            Event::AgentMessage(AgentMessage {
+                run_id,
+                step: 1,
+                agent: "a".into(),
+                text: "hello".into(),
+            }),
         ),
-        env(app, chat, 5, Event::RunCompleted(RunCompleted { run_id, steps: 1, output: "hello".into() })),
+        env(
+            app,
+            chat,
+            5,
+            Event::RunCompleted(RunCompleted {
+                run_id,
+                steps: 1,
+                output: "hello".into(),
+            }),
+        ),
     ]
 }
 
 async fn store(servers: &TestServers) -> Store {
-    let s = Store::connect(&servers.mongo_uri, &servers.mongo_db).await.unwrap();
+    let s = Store::connect(&servers.mongo_uri, &servers.mongo_db)
+        .await
+        .unwrap();
     s.ensure_indexes(s.shared()).await.unwrap();
     s
 }
@@ -99,8 +136,17 @@ async fn reads_never_cross_apps() {
     s.project(&both).await.unwrap();
     assert!(s.session("app1", "same-chat").await.unwrap().is_some());
     assert!(s.session("app3", "same-chat").await.unwrap().is_none());
-    assert_eq!(s.messages("app1", "same-chat", 0, 100).await.unwrap().len(), 2);
-    assert!(s.messages("app1", "same-chat", 0, 100).await.unwrap().iter().all(|m| m.app_id == "app1"));
+    assert_eq!(
+        s.messages("app1", "same-chat", 0, 100).await.unwrap().len(),
+        2
+    );
+    assert!(
+        s.messages("app1", "same-chat", 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .all(|m| m.app_id == "app1")
+    );
     assert_eq!(s.sessions_of_user("app2", "u1", 10).await.unwrap().len(), 1);
     assert_eq!(s.usage("app9").await.unwrap().total_tokens, 0);
 }
