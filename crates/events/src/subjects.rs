@@ -7,6 +7,9 @@
 //! | `{ns}mz.cmd.{app_id}.{chat_id}` | `{NS}MZ_CMD` | commands to a chat's owner |
 //! | `{ns}mz.evt.{app_id}.*.usage.charged` | `{NS}MZ_USAGE` (sourced from `MZ_EVT`) | token charges for billing |
 //! | `{ns}mz.ops.>` | `{NS}MZ_OPS` | incidents and ops actions |
+//! | `{ns}mz.live.{app_id}.{chat_id}.{type}` | core NATS (republished by `MZ_EVT`) | every *stored* event, with its stream sequence; gateways' live feed |
+//! | `{ns}mz.ntf.{app_id}` | core NATS | notifications to one user or the whole app, on every gateway replica |
+//! | `{ns}mz.ctl.app.{app_id}` | `{NS}MZ_CTL` | the control plane's app events |
 //!
 //! `ns` is a namespace prefix (empty by default) so several installs or tests can share one
 //! NATS server.
