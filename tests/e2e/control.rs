@@ -479,6 +479,31 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
     assert_eq!(s, 201);
     let a_runtime = a_ticket["runtime_token"].as_str().unwrap().to_string();
     let missing_chat = "0000000000000000000000000000dead";
+    // An API key of A's back-end, and one of B's (whose id A's credentials must not reach).
+    let new_key = |app: &'static str| {
+        let fleet = &fleet;
+        async move {
+            let (s, v, _) = call(
+                fleet,
+                0,
+                "POST",
+                &format!("/api/apps/{app}/keys"),
+                &root(),
+                Some(json!({"name": "backend"})),
+            )
+            .await;
+            assert_eq!(s, 201, "{v}");
+            v
+        }
+    };
+    let a_key = new_key("tenant-a").await["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b_key_id = new_key("tenant-b").await["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // Each request names B's resource and a twin that does not exist: the answers must be equal
     // (same status, same code), so nobody learns whether B's resource exists.
@@ -545,11 +570,36 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
             "/api/apps/no-such-app/storage".into(),
             Some(json!({"db_name": "stolen"})),
         ),
+        (
+            "GET",
+            "/api/apps/tenant-b/keys".into(),
+            "/api/apps/no-such-app/keys".into(),
+            None,
+        ),
+        (
+            "POST",
+            "/api/apps/tenant-b/keys".into(),
+            "/api/apps/no-such-app/keys".into(),
+            Some(json!({"name": "stolen"})),
+        ),
+        (
+            "DELETE",
+            format!("/api/apps/tenant-b/keys/{b_key_id}"),
+            format!("/api/apps/no-such-app/keys/{b_key_id}"),
+            None,
+        ),
+        (
+            "DELETE",
+            format!("/api/apps/tenant-a/keys/{b_key_id}"),
+            "/api/apps/tenant-a/keys/0000000000000000".into(),
+            None,
+        ),
     ];
     for (who, token) in [
         ("A's user", &a_user),
         ("A's admin", &a_admin),
         ("A's runtime token", &a_runtime),
+        ("A's API key", &a_key),
     ] {
         for (method, real, twin, body) in &requests {
             let (s1, v1, _) = call(&fleet, 0, method, real, token, body.clone()).await;
@@ -603,7 +653,7 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
         }
     };
     let ws = fleet.gateways[0].replace("http://", "ws://");
-    for token in [&a_runtime, &a_user, &a_admin] {
+    for token in [&a_runtime, &a_user, &a_admin, &a_key] {
         let real = status(format!("{ws}/ws/hello/tenant-b/{b_chat}/bob?token={token}")).await;
         let twin = status(format!(
             "{ws}/ws/hello/tenant-b/{missing_chat}/bob?token={token}"

@@ -7,5 +7,6 @@ mod control;
 mod engine;
 mod fleet;
 mod gateway;
+mod keys;
 mod slice;
 mod storage;

@@ -73,6 +73,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         "kv/MZ_APPS.json",
         include_str!("../../../streams/kv/MZ_APPS.json"),
     ),
+    (
+        "kv/MZ_KEYS.json",
+        include_str!("../../../streams/kv/MZ_KEYS.json"),
+    ),
 ];
 
 impl Definitions {
@@ -294,7 +298,7 @@ mod tests {
         let d = Definitions::embedded().unwrap();
         assert_eq!(d.streams.len(), 5);
         assert_eq!(d.consumers.len(), 3);
-        assert_eq!(d.buckets.len(), 1);
+        assert_eq!(d.buckets.len(), 2);
         let evt = d.streams.iter().find(|s| s.name == "MZ_EVT").unwrap();
         assert_eq!(evt.duplicate_window, std::time::Duration::from_secs(120));
     }
@@ -309,7 +313,7 @@ mod tests {
             "a new file in streams/ must be embedded too"
         );
         assert_eq!(from_dir.consumers.len(), 3);
-        assert_eq!(from_dir.buckets.len(), 1);
+        assert_eq!(from_dir.buckets.len(), 2);
     }
 
     #[test]

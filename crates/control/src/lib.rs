@@ -20,6 +20,7 @@
 
 pub mod aggregate;
 pub mod app;
+pub mod keys;
 mod log;
 pub mod metrics;
 pub mod ratelimit;

@@ -135,6 +135,11 @@ fn operator_only(user: &UserClaims, what: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Role `superadmin`, or `admin` of `app_id` (a token of another app: `app_mismatch`).
+pub(crate) fn admin_for(user: &UserClaims, app_id: &str) -> Result<(), ApiError> {
+    access(user, app_id).map(|_| ())
+}
+
 /// Role `superadmin` for an operation on `app_id`; a token of another app is refused as
 /// `app_mismatch` first, like every app endpoint, so nothing leaks about other tenants' apps.
 pub(crate) fn operator_for(user: &UserClaims, app_id: &str, what: &str) -> Result<(), ApiError> {

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod error;
 pub mod health;
 pub mod hub;
+pub mod keys;
 pub mod metrics;
 pub mod notify;
 pub mod openapi;
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::HeaderMap;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use mozaiks_auth::Auth;
 use mozaiks_bus::Bus;
@@ -76,6 +77,8 @@ pub struct Inner {
     pub shutdown: watch::Receiver<bool>,
     /// Live fan-out and the replica's open WebSockets.
     pub hub: hub::Hub,
+    /// API keys of app back-ends (a watched copy of `MZ_KEYS`).
+    pub keys: mozaiks_control::keys::ApiKeys,
 }
 
 impl std::ops::Deref for State {
@@ -126,6 +129,9 @@ impl Gateway {
         let (shutdown_tx, shutdown) = watch::channel(false);
         let hub = hub::Hub::new(parts.bus.clone(), hub::Tuning::from_env());
         notify::listen(&parts.bus, hub.clone()).await?;
+        let keys = mozaiks_control::keys::ApiKeys::open(&parts.bus)
+            .await
+            .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
         let state = State(Arc::new(Inner {
             bus: parts.bus,
             store: parts.store,
@@ -137,6 +143,7 @@ impl Gateway {
             epoch,
             shutdown,
             hub,
+            keys,
         }));
         Ok(Gateway { state, shutdown_tx })
     }
@@ -225,6 +232,11 @@ pub fn router(state: State) -> Router {
             get(apps::get_app).patch(apps::patch).delete(apps::delete),
         )
         .route("/api/apps/{app_id}/storage", post(storage::move_storage))
+        .route(
+            "/api/apps/{app_id}/keys",
+            post(keys::create).get(keys::list),
+        )
+        .route("/api/apps/{app_id}/keys/{key_id}", delete(keys::revoke))
         .route("/openapi.json", get(openapi::serve))
         .route(
             "/ws/{workflow}/{app_id}/{chat_id}/{user_id}",

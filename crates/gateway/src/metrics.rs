@@ -20,10 +20,17 @@ pub const LIVE_FEEDS: &str = "mozaiks_ws_live_feeds";
 pub const DRAIN_SECONDS: &str = "mozaiks_gateway_drain_seconds";
 pub const NOTIFICATIONS_SENT: &str = "mozaiks_notifications_sent_total";
 pub const NOTIFICATIONS_DELIVERED: &str = "mozaiks_notifications_delivered_total";
+pub const API_KEY_AUTH: &str = "mozaiks_api_key_auth_total";
+pub const API_KEYS_CREATED: &str = "mozaiks_api_keys_created_total";
 pub const STORAGE_MOVES: &str = "mozaiks_storage_moves_total";
 pub const STORAGE_MOVE_SECONDS: &str = "mozaiks_storage_move_seconds";
 
 pub fn describe() {
+    metrics::describe_counter!(
+        API_KEY_AUTH,
+        "API keys presented, by outcome (accepted, malformed, unknown, mismatch, revoked)."
+    );
+    metrics::describe_counter!(API_KEYS_CREATED, "API keys created, by app_id.");
     metrics::describe_counter!(
         STORAGE_MOVES,
         "Storage moves of an app's read models, by app_id and outcome."

@@ -19,6 +19,9 @@ pub enum Auth {
     User,
     /// `?token=<runtime JWT>` (`aud = mozaiks-runtime`) from the session broker.
     Runtime,
+    /// A user token, or an app back-end's API key (`Authorization: Bearer mzk_…` or
+    /// `X-Api-Key`), which acts for its app.
+    UserOrKey,
 }
 
 /// One operation of the API.
@@ -94,7 +97,7 @@ pub const OPERATIONS: &[Op] = &[
             "/api/sessions",
             "sessions",
             "Start or resume a session (the session broker): checks the app is active, the workflow allowlisted and the app's requests per minute; answers {chat_id, ws_url, runtime_token, expires_at, ...}. 201 new, 200 resumed (owner only).",
-            Auth::User,
+            Auth::UserOrKey,
             201,
             &[400, 401, 403, 404, 409, 422, 429, 503],
         )
@@ -110,7 +113,7 @@ pub const OPERATIONS: &[Op] = &[
             "/api/sessions",
             "sessions",
             "A user's sessions, newest first.",
-            Auth::User,
+            Auth::UserOrKey,
             200,
             &[400, 401, 403, 422, 503],
         )
@@ -120,7 +123,7 @@ pub const OPERATIONS: &[Op] = &[
         "/api/sessions/{chat_id}",
         "sessions",
         "A session from the read model (owner or app admin).",
-        Auth::User,
+        Auth::UserOrKey,
         200,
         USER_ERRORS,
     ),
@@ -134,7 +137,7 @@ pub const OPERATIONS: &[Op] = &[
             "/api/sessions/{chat_id}/messages",
             "sessions",
             "A session's transcript.",
-            Auth::User,
+            Auth::UserOrKey,
             200,
             USER_ERRORS,
         )
@@ -144,7 +147,7 @@ pub const OPERATIONS: &[Op] = &[
         "/api/workflows",
         "sessions",
         "The workflow packs the caller's app may run: [{name, description}].",
-        Auth::User,
+        Auth::UserOrKey,
         200,
         USER_ERRORS,
     ),
@@ -153,7 +156,7 @@ pub const OPERATIONS: &[Op] = &[
         "/api/usage/{app_id}",
         "usage",
         "Metered usage of an app (its admins, or a superadmin).",
-        Auth::User,
+        Auth::UserOrKey,
         200,
         USER_ERRORS,
     ),
@@ -216,6 +219,36 @@ pub const OPERATIONS: &[Op] = &[
         "/api/apps/{app_id}",
         "apps",
         "Delete an app (superadmin): refuses its sessions everywhere, cancels its unfinished chats, removes its read models.",
+        Auth::User,
+        200,
+        &[401, 403, 404, 422, 503],
+    ),
+    Op {
+        body: Some(schemas::create_key),
+        ..op(
+            "post",
+            "/api/apps/{app_id}/keys",
+            "keys",
+            "Create an API key for the app's back-end (its admins, or a superadmin). The key (mzk_…) is in the answer once; only its SHA-256 is stored. 409 too_many_keys, 422 invalid_name.",
+            Auth::User,
+            201,
+            &[400, 401, 403, 404, 409, 422, 503],
+        )
+    },
+    op(
+        "get",
+        "/api/apps/{app_id}/keys",
+        "keys",
+        "The app's API keys (ids, names, dates, revoked or not; never the keys).",
+        Auth::User,
+        200,
+        &[401, 403, 404, 422, 503],
+    ),
+    op(
+        "delete",
+        "/api/apps/{app_id}/keys/{key_id}",
+        "keys",
+        "Revoke an API key (its app's admins, or a superadmin); refused on every replica within milliseconds. 404 key_not_found (also for another app's key).",
         Auth::User,
         200,
         &[401, 403, 404, 422, 503],
@@ -342,6 +375,9 @@ fn operation(op: &Op) -> Value {
         Auth::None => o["security"] = json!([]),
         Auth::User => o["security"] = json!([{"bearer": []}]),
         Auth::Runtime => o["security"] = json!([{"runtimeToken": []}]),
+        Auth::UserOrKey => {
+            o["security"] = json!([{"bearer": []}, {"apiKeyHeader": []}, {"apiKeyBearer": []}])
+        }
     }
     if let Some(schema) = op.body {
         o["requestBody"] =
@@ -371,6 +407,8 @@ pub fn document() -> Value {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": "A user token: HS256 (JWT_SECRET), iss=mozaiks, aud=mozaiks, claims sub, app_id, roles (user, admin, superadmin)."},
                 "runtimeToken": {"type": "apiKey", "in": "query", "name": "token", "description": "A runtime token from POST /api/sessions (aud=mozaiks-runtime), scoped to app, user, chat and workflow."},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-Api-Key", "description": "An app back-end's API key (mzk_…, from POST /api/apps/{app_id}/keys). It acts for its app: starts sessions for any of its users (body user_id), reads its sessions, workflows and usage; refused everywhere else."},
+                "apiKeyBearer": {"type": "http", "scheme": "bearer", "bearerFormat": "mzk_…", "description": "The same API key as Authorization: Bearer mzk_…."},
             },
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
@@ -398,6 +436,7 @@ mod schemas {
             "chat_id": {"type": "string", "description": "Resume this chat (owner only), or start one with this id."},
             "context": {"type": "object"},
             "message": {"type": "string", "maxLength": 32768},
+            "user_id": {"type": "string", "description": "Required with an API key (the user the app's back-end starts the session for; 422 user_id_required); with a user token only the token's own sub (else 403 user_mismatch)."},
         }})
     }
 
@@ -435,6 +474,12 @@ mod schemas {
             "workflows": {"type": ["array", "null"], "items": {"type": "string"}, "description": "The allowlist; absent allows every shipped workflow."},
             "limits": {"$ref": "#/components/schemas/Limits"},
             "runtime_url": {"type": "string", "description": "ws:// or wss:// base of a dedicated runtime (dedicated and export tiers)."},
+        }})
+    }
+
+    pub fn create_key() -> Value {
+        json!({"type": "object", "additionalProperties": false, "required": ["name"], "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 100, "description": "What the key is for, e.g. \"billing backend\"."},
         }})
     }
 

@@ -14,8 +14,8 @@ use tracing::info;
 use uuid::Uuid;
 
 use crate::State;
-use crate::auth::User;
 use crate::error::{ApiError, Body, Query};
+use crate::keys::Caller;
 use crate::metrics as m;
 
 /// `POST /api/sessions` body.
@@ -33,6 +33,10 @@ pub struct StartSession {
     /// A first message, answered right away (new chats only).
     #[serde(default)]
     pub message: Option<String>,
+    /// The user the session is for: required with an app's API key (which acts for any user of
+    /// its app); with a user token it may only repeat the token's own `sub`.
+    #[serde(default)]
+    pub user_id: Option<String>,
 }
 
 /// `POST /api/sessions` answer.
@@ -53,6 +57,32 @@ pub struct SessionTicket {
     pub epoch: String,
 }
 
+/// The user a session is started for: the token's `sub`, or for an API key the body's `user_id`.
+fn acting_user(caller: &Caller, asked: Option<&str>) -> Result<String, ApiError> {
+    match (caller, asked) {
+        (Caller::Key(_), Some(u)) => {
+            ids::check_user(u).map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_id",
+                    e.to_string(),
+                )
+            })?;
+            Ok(u.to_string())
+        }
+        (Caller::Key(_), None) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "user_id_required",
+            "an API key starts sessions on behalf of a user: name it in user_id",
+        )),
+        (Caller::User(u), Some(asked)) if asked != u.sub => Err(ApiError::forbidden(
+            "user_mismatch",
+            "user_id differs from the token's user",
+        )),
+        (Caller::User(u), _) => Ok(u.sub.clone()),
+    }
+}
+
 fn check_id(what: &'static str, value: &str) -> Result<(), ApiError> {
     ids::check_token(what, value).map_err(|e| {
         ApiError::new(
@@ -65,11 +95,12 @@ fn check_id(what: &'static str, value: &str) -> Result<(), ApiError> {
 
 pub async fn start(
     St(state): St<State>,
-    User(user): User,
+    caller: Caller,
     headers: HeaderMap,
     Body(req): Body<StartSession>,
 ) -> Result<(StatusCode, Json<SessionTicket>), crate::apps::BrokerError> {
     let started = Instant::now();
+    let user = caller.claims();
     check_id("app_id", &req.app_id)?;
     check_id("workflow_name", &req.workflow_name)?;
     if let Some(c) = &req.chat_id {
@@ -115,7 +146,7 @@ pub async fn start(
             retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
         });
     }
-    let user_id = user.sub.clone();
+    let user_id = acting_user(&caller, req.user_id.as_deref())?;
     let (chat_id, resumed, last_seq) = match &req.chat_id {
         Some(chat_id) => match state.bus.last_event(&req.app_id, chat_id).await? {
             Some((last, _)) => {
@@ -230,9 +261,10 @@ async fn visible_session(
 
 pub async fn get_session(
     St(state): St<State>,
-    User(user): User,
+    caller: Caller,
     Path(chat_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let user = caller.claims();
     let s = visible_session(&state, &user, &chat_id).await?;
     Ok(Json(session_json(&s)))
 }
@@ -249,9 +281,10 @@ pub struct ListQuery {
 
 pub async fn list_sessions(
     St(state): St<State>,
-    User(user): User,
+    caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    let user = caller.claims();
     check_id("app_id", &q.app_id)?;
     if q.app_id != user.app_id {
         return Err(ApiError::forbidden(
@@ -287,10 +320,11 @@ pub struct MessagesQuery {
 
 pub async fn messages(
     St(state): St<State>,
-    User(user): User,
+    caller: Caller,
     Path(chat_id): Path<String>,
     Query(q): Query<MessagesQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    let user = caller.claims();
     let s = visible_session(&state, &user, &chat_id).await?;
     let limit = q.limit.unwrap_or(500).clamp(1, 1000);
     let msgs = state
@@ -311,7 +345,8 @@ pub async fn messages(
     ))
 }
 
-pub async fn workflows(St(state): St<State>, User(user): User) -> Result<Json<Value>, ApiError> {
+pub async fn workflows(St(state): St<State>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let user = caller.claims();
     let app = state
         .registry
         .get(&user.app_id)
@@ -327,9 +362,10 @@ pub async fn workflows(St(state): St<State>, User(user): User) -> Result<Json<Va
 
 pub async fn usage(
     St(state): St<State>,
-    User(user): User,
+    caller: Caller,
     Path(app_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let user = caller.claims();
     check_id("app_id", &app_id)?;
     user.require_app_admin(&app_id)?;
     let u = state.store.usage(&app_id).await?;
