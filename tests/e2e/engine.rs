@@ -16,7 +16,7 @@ use crate::fleet::*;
 
 /// Asserts the run's bookkeeping: every model call charged exactly once, every tool call
 /// answered exactly once.
-fn assert_exactly_once(frames: &[Value]) {
+pub(crate) fn assert_exactly_once(frames: &[Value]) {
     let key = |f: &Value| (f["data"]["step"].as_u64(), f["data"]["round"].as_u64());
     let replied: Vec<_> = frames
         .iter()
@@ -77,7 +77,12 @@ fn context_updates(frames: &[Value]) -> Vec<(String, Value)> {
 }
 
 /// Starts `workflow` with `message` and reads its events until `until`.
-async fn run(fleet: &Fleet, workflow: &str, message: &str, until: &str) -> (Value, Ws, Vec<Value>) {
+pub(crate) async fn run(
+    fleet: &Fleet,
+    workflow: &str,
+    message: &str,
+    until: &str,
+) -> (Value, Ws, Vec<Value>) {
     let token = Fleet::token("eve", "default", &["user"]);
     let ticket = fleet.session(0, &token, workflow, Some(message)).await;
     let mut ws = fleet.connect(0, &ticket, 0).await;
@@ -96,6 +101,8 @@ async fn every_shipped_pack_runs_through_the_fleet() {
         ("hello", "hi there"),
         ("triage_handoff", "my invoice is wrong"),
         ("support_triage", "I was charged twice on my invoice"),
+        ("research_topic", "event sourcing - history"),
+        ("research", "event sourcing"),
     ];
     let covered: HashSet<&str> = cases.iter().map(|(w, _)| *w).collect();
     for name in shipped.names() {
@@ -226,14 +233,67 @@ async fn support_triage_routes_on_context_and_asks_the_user() {
 // ---- a worker killed mid-run -------------------------------------------------------------
 
 /// Processes started with a workflows folder and stream definitions of the test's own.
-struct Procs {
-    servers: TestServers,
-    dir: PathBuf,
-    children: Vec<(String, Child)>,
+pub(crate) struct Procs {
+    pub servers: TestServers,
+    pub dir: PathBuf,
+    pub children: Vec<(String, Child)>,
 }
 
 impl Procs {
-    fn spawn(&mut self, role: &str, port: Option<u16>) -> usize {
+    /// Servers, the shipped stream definitions with a 2 s `ack_wait` (so that a dead worker's
+    /// command is redelivered within seconds; production: 30 s), and a workflows folder with
+    /// `packs` (name, YAML). Nothing runs yet.
+    pub async fn new(packs: &[(&str, String)]) -> Procs {
+        let servers = TestServers::start().await.expect("test servers");
+        let dir = std::env::temp_dir().join(format!(
+            "mozaiks-e2e-engine-{}",
+            uuid::Uuid::now_v7().simple()
+        ));
+        copy_dir(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("streams"),
+            &dir.join("streams"),
+        );
+        let workers = dir.join("streams/consumers/workers.json");
+        let mut def: Value =
+            serde_json::from_str(&std::fs::read_to_string(&workers).unwrap()).unwrap();
+        def["config"]["ack_wait"] = json!(2_000_000_000u64);
+        std::fs::write(&workers, def.to_string()).unwrap();
+        for (name, yaml) in packs {
+            std::fs::create_dir_all(dir.join("workflows").join(name)).unwrap();
+            std::fs::write(dir.join("workflows").join(name).join("workflow.yaml"), yaml).unwrap();
+        }
+        Procs {
+            servers,
+            dir,
+            children: Vec::new(),
+        }
+    }
+
+    /// Starts a gateway and waits until it is ready; returns its port.
+    pub async fn gateway(&mut self) -> u16 {
+        let port = free_port();
+        self.spawn("gateway", Some(port));
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !matches!(http.get(format!("http://127.0.0.1:{port}/health/ready")).send().await, Ok(r) if r.status() == 200)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        port
+    }
+
+    /// SIGKILLs process `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.children[i].1.kill().unwrap();
+        self.children[i].1.wait().unwrap();
+    }
+
+    pub fn spawn(&mut self, role: &str, port: Option<u16>) -> usize {
         let log = self.dir.join(format!("{role}-{}.log", self.children.len()));
         let out = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mozaiks"));
@@ -258,7 +318,7 @@ impl Procs {
         self.children.len() - 1
     }
 
-    fn logs(&self) -> String {
+    pub fn logs(&self) -> String {
         (0..self.children.len())
             .map(|i| {
                 let role = &self.children[i].0;
@@ -285,7 +345,7 @@ impl Drop for Procs {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
@@ -321,7 +381,7 @@ async fn slow_tool_server() -> (String, Arc<AtomicUsize>) {
     (format!("http://{addr}"), hits)
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -14,15 +14,20 @@
 use std::collections::{HashSet, VecDeque};
 
 use mozaiks_events::{
-    Command, Event, InputReceived, MessageUser, RequestedToolCall, RunCancelled, SessionStarted,
+    ChildCompleted, Command, Event, InputReceived, MessageUser, RequestedToolCall, RunCancelled,
+    SessionStarted,
 };
 use mozaiks_packs::Pack;
 use uuid::Uuid;
 
+mod children;
+#[cfg(test)]
+mod children_tests;
 pub mod run;
 #[cfg(test)]
 mod tests;
 
+pub use children::{CHILDREN_SOURCE, PendingChild};
 pub use run::Next;
 
 /// How many transcript entries the aggregate keeps for model context.
@@ -37,6 +42,10 @@ pub enum Refusal {
     NotWaitingForInput,
     #[error("the run waits for input request {expected:?}, not {got:?}")]
     UnknownRequest { expected: String, got: String },
+    #[error("chat {0:?} is not a child of the run in progress")]
+    UnknownChild(String),
+    #[error("child status {0:?} is not completed, failed or cancelled")]
+    InvalidChildStatus(String),
 }
 
 impl Refusal {
@@ -45,6 +54,8 @@ impl Refusal {
             Refusal::NotStarted => "not_started",
             Refusal::NotWaitingForInput => "not_waiting_for_input",
             Refusal::UnknownRequest { .. } => "unknown_request",
+            Refusal::UnknownChild(_) => "unknown_child",
+            Refusal::InvalidChildStatus(_) => "invalid_child_status",
         }
     }
 }
@@ -84,6 +95,19 @@ pub struct Waiting {
     pub request_id: String,
 }
 
+/// A child chat spawned by the run (`child.spawned`), and its end (`child.completed`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChildRun {
+    pub chat_id: String,
+    pub workflow: String,
+    pub step: u32,
+    pub index: u32,
+    pub input: String,
+    /// `completed`, `failed` or `cancelled` once `child.completed` is durable.
+    pub status: Option<String>,
+    pub output: serde_json::Value,
+}
+
 /// The run in progress.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Run {
@@ -109,6 +133,10 @@ pub struct Run {
     /// Whether the current step completed, and who is next.
     pub completed_next: Option<Option<String>>,
     pub last_output: String,
+    /// Children spawned during the run, in spawn order.
+    pub children: Vec<ChildRun>,
+    /// The current step's children's results are in the context.
+    pub children_merged: bool,
 }
 
 /// One transcript entry.
@@ -136,6 +164,9 @@ pub struct Chat {
     pub run: Option<Run>,
     pub transcript: VecDeque<Turn>,
     pub runs_completed: u64,
+    /// Children a run may have running at once (the app's `max_parallel_children`; 0: no
+    /// limit). Set by the worker, not by the log.
+    pub max_parallel_children: usize,
 }
 
 /// A model's answer for one call.
@@ -235,6 +266,8 @@ impl Chat {
                     selected: None,
                     completed_next: None,
                     last_output: String::new(),
+                    children: Vec::new(),
+                    children_merged: false,
                 });
             }
             Event::StepStarted(s) => {
@@ -249,6 +282,7 @@ impl Chat {
                     run.human_answer = None;
                     run.selected = None;
                     run.completed_next = None;
+                    run.children_merged = false;
                 }
             }
             Event::ModelReplied(r) => {
@@ -313,6 +347,12 @@ impl Chat {
             }
             Event::ContextUpdated(u) => {
                 self.context.insert(u.key.clone(), u.value.clone());
+                if u.call_id.is_none()
+                    && u.source == CHILDREN_SOURCE
+                    && let Some(run) = self.run.as_mut()
+                {
+                    run.children_merged = true;
+                }
                 if let Some(id) = &u.call_id
                     && let Some(c) = self.call_mut(id)
                 {
@@ -354,7 +394,29 @@ impl Chat {
                 self.runs_completed += 1;
             }
             Event::RunFailed(_) | Event::RunCancelled(_) => self.run = None,
-            Event::ChildSpawned(_) | Event::ChildCompleted(_) => {}
+            Event::ChildSpawned(c) => {
+                if let Some(run) = self.run.as_mut() {
+                    run.children.push(ChildRun {
+                        chat_id: c.child_chat_id.clone(),
+                        workflow: c.workflow.clone(),
+                        step: c.step,
+                        index: c.index,
+                        input: c.input.clone(),
+                        status: None,
+                        output: serde_json::Value::Null,
+                    });
+                }
+            }
+            Event::ChildCompleted(c) => {
+                if let Some(child) = self
+                    .run
+                    .as_mut()
+                    .and_then(|r| r.children.iter_mut().find(|x| x.chat_id == c.child_chat_id))
+                {
+                    child.status = Some(c.status.clone());
+                    child.output = c.output.clone();
+                }
+            }
         }
     }
 
@@ -438,6 +500,34 @@ impl Chat {
                     run_id: run.run_id,
                     request_id: waiting.request_id.clone(),
                     text: text.clone(),
+                })])
+            }
+            Command::ChildFinished {
+                child_chat_id,
+                status,
+                output,
+            } => {
+                if !["completed", "failed", "cancelled"].contains(&status.as_str()) {
+                    return Err(Refusal::InvalidChildStatus(status.clone()));
+                }
+                let Some((run, child)) = self.run.as_ref().and_then(|r| {
+                    r.children
+                        .iter()
+                        .find(|c| c.chat_id == *child_chat_id)
+                        .map(|c| (r, c))
+                }) else {
+                    return Err(Refusal::UnknownChild(child_chat_id.clone()));
+                };
+                if child.status.is_some() {
+                    return Ok(Vec::new());
+                }
+                Ok(vec![Event::ChildCompleted(ChildCompleted {
+                    run_id: run.run_id,
+                    child_chat_id: child.chat_id.clone(),
+                    step: child.step,
+                    index: child.index,
+                    status: status.clone(),
+                    output: serde_json::Value::String(output.clone()),
                 })])
             }
         }

@@ -9,6 +9,8 @@ pub const MODEL_SECONDS: &str = "mozaiks_llm_latency_seconds";
 pub const TOKENS: &str = "mozaiks_tokens_total";
 pub const ACTIVE_CHATS: &str = "mozaiks_worker_active_chats";
 pub const TOOL_SECONDS: &str = "mozaiks_tool_seconds";
+pub const CHILDREN: &str = "mozaiks_child_workflows_total";
+pub const REFUSALS_NOTIFIED: &str = "mozaiks_worker_refusals_notified_total";
 
 pub fn describe() {
     metrics::describe_counter!(COMMANDS, "Commands handled, by type and outcome.");
@@ -26,6 +28,14 @@ pub fn describe() {
         "Tokens charged, by app_id and kind (prompt, completion)."
     );
     metrics::describe_gauge!(ACTIVE_CHATS, "Chats with a live actor on this worker.");
+    metrics::describe_counter!(
+        CHILDREN,
+        "Child workflows, by app_id and event (spawned, cancelled)."
+    );
+    metrics::describe_counter!(
+        REFUSALS_NOTIFIED,
+        "Refused client commands reported to the user's sockets, by code."
+    );
     metrics::describe_histogram!(
         TOOL_SECONDS,
         metrics::Unit::Seconds,

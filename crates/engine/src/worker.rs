@@ -1,6 +1,8 @@
 //! The worker service.
 
-use std::collections::HashMap;
+mod effects;
+
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -185,6 +187,8 @@ struct Owned {
     /// Stream sequence of the chat's last event (0: none).
     stream_seq: u64,
     run_started: Option<Instant>,
+    /// Child chats this actor started or whose log it checked (see `reconcile_children`).
+    known_children: HashSet<String>,
 }
 
 impl Owned {
@@ -204,6 +208,7 @@ impl Owned {
             chat: Chat::default(),
             stream_seq: 0,
             run_started: None,
+            known_children: HashSet::new(),
         };
         if let mozaiks_events::Command::StartSession { parent_chat_id, .. } = &first.command {
             o.parent_chat_id = parent_chat_id.clone();
@@ -217,6 +222,14 @@ impl Owned {
         o.stream_seq = events.last().map(|(_, s)| *s).unwrap_or(0);
         if o.chat.run.is_some() {
             o.run_started = Some(Instant::now());
+        }
+        // A child chat whose run ended: tell the parent again, in case the worker that ended it
+        // died before it could (the parent ignores a repeat).
+        if o.parent_chat_id.is_some()
+            && o.chat.run.is_none()
+            && let Some(effect) = effects::first_run_end(&events)
+        {
+            o.perform(sh, effect).await?;
         }
         Ok(o)
     }
@@ -242,10 +255,14 @@ impl Owned {
                 causation_id: causation,
                 event,
             };
+            let effects = self.effects_of(&env.event);
             let ack = sh.bus.append(&env, self.stream_seq).await?;
             self.stream_seq = ack.stream_seq;
             self.observe(&env.event);
             self.chat.apply(&env.event, causation);
+            for effect in effects {
+                self.perform(sh, effect).await?;
+            }
             debug!(
                 seq = env.seq,
                 r#type = env.event.type_name(),
@@ -403,6 +420,11 @@ async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut Held) {
                 info!(code = refusal.code(), command = kind, "Command refused.");
                 metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => refusal.code())
                     .increment(1);
+                // Workers' own commands (child.finished) have no user waiting for an answer.
+                if !matches!(cmd.command, mozaiks_events::Command::ChildFinished { .. }) {
+                    effects::notify_refusal(sh, &cmd, &refusal).await;
+                    metrics::counter!(m::REFUSALS_NOTIFIED, "code" => refusal.code()).increment(1);
+                }
                 let _ = msg.ack().await;
                 return;
             }
@@ -411,7 +433,7 @@ async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut Held) {
         match outcome {
             Ok(()) => {
                 metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "ok").increment(1);
-                if owned.chat.next(&pack, Uuid::nil()) == Next::Idle {
+                if owned.chat.next(&pack, Uuid::nil()).is_idle() {
                     let _ = msg.ack().await;
                 } else {
                     held.keep(msg);
@@ -455,6 +477,11 @@ async fn drive(
     let Some(pack) = sh.catalog.get(&owned.workflow) else {
         return true;
     };
+    owned.chat.max_parallel_children = sh
+        .registry
+        .get(&owned.app_id)
+        .map(|a| sh.registry.effective_limits(&a).max_parallel_children as usize)
+        .unwrap_or(0);
     if owned.chat.next(&pack, Uuid::nil()) == Next::Idle {
         return true;
     }
@@ -462,12 +489,49 @@ async fn drive(
         return false;
     };
     let mut conflicts = 0;
+    let mut early = Vec::new();
+    let mut open = true;
     loop {
         // Commands that arrived meanwhile (cancel, more messages) go first.
+        for job in early.drain(..) {
+            handle(sh, owned, job, held).await;
+        }
         while let Ok(job) = rx.try_recv() {
             handle(sh, owned, job, held).await;
         }
-        let result = step(sh, owned, &pack).await;
+        // A step (a model or tool call) is interrupted by a `cancel` or by the run's timeout:
+        // the step's future is dropped, and what it may have appended is found by the next
+        // append's concurrency check. Other commands wait for the step to end.
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        let deadline = owned
+            .run_started
+            .map(|t| tokio::time::Instant::from_std(t + sh.opts.run_timeout))
+            .unwrap_or(far);
+        let result = {
+            let fut = step(sh, owned, &pack);
+            tokio::pin!(fut);
+            loop {
+                tokio::select! {
+                    r = &mut fut => break Some(r),
+                    job = rx.recv(), if open => match job {
+                        Some(job) => {
+                            let cancel = matches!(job.cmd.command, mozaiks_events::Command::Cancel { .. });
+                            early.push(job);
+                            if cancel {
+                                info!("Cancel arrived mid-step; interrupting the step.");
+                                break None;
+                            }
+                        }
+                        None => open = false,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => {
+                        info!("The run's time is up mid-step; interrupting the step.");
+                        break None;
+                    }
+                }
+            }
+        };
+        let Some(result) = result else { continue };
         match result {
             Ok(true) => conflicts = 0,
             Ok(false) => return true,
@@ -505,6 +569,7 @@ async fn step(sh: &Shared, owned: &mut Owned, pack: &Pack) -> Result<bool, Error
     }
     match owned.chat.next(pack, Uuid::now_v7()) {
         Next::Idle => Ok(false),
+        Next::AwaitChildren { pending, .. } => owned.reconcile_children(sh, pack, pending).await,
         Next::Emit(events) => {
             owned.append(sh, events, None).await?;
             Ok(true)

@@ -61,6 +61,17 @@ pub enum Command {
         #[serde(default)]
         reason: String,
     },
+    /// To a parent chat, from the worker of one of its child chats: the child's run ended.
+    /// Idempotent on `child_chat_id`; never sent by clients.
+    #[serde(rename = "child.finished")]
+    ChildFinished {
+        child_chat_id: String,
+        /// `completed`, `failed` or `cancelled`.
+        status: String,
+        /// The child's `run.completed` output (empty otherwise).
+        #[serde(default)]
+        output: String,
+    },
 }
 
 impl Command {
@@ -70,6 +81,7 @@ impl Command {
             Command::UserMessage { .. } => "user.message",
             Command::InputResponse { .. } => "input.response",
             Command::Cancel { .. } => "cancel",
+            Command::ChildFinished { .. } => "child.finished",
         }
     }
 }

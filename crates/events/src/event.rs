@@ -240,6 +240,15 @@ pub struct ChildSpawned {
     pub run_id: Uuid,
     pub child_chat_id: String,
     pub workflow: String,
+    /// The step (agent turn) that spawned it.
+    #[serde(default)]
+    pub step: u32,
+    /// Position among the step's children, from 0.
+    #[serde(default)]
+    pub index: u32,
+    /// The child's first user message.
+    #[serde(default)]
+    pub input: String,
 }
 
 /// A child workflow finished.
@@ -247,6 +256,12 @@ pub struct ChildSpawned {
 pub struct ChildCompleted {
     pub run_id: Uuid,
     pub child_chat_id: String,
+    /// The step that spawned the child.
+    #[serde(default)]
+    pub step: u32,
+    /// Position among the step's children, from 0.
+    #[serde(default)]
+    pub index: u32,
     /// `completed`, `failed` or `cancelled`.
     pub status: String,
     #[serde(default)]

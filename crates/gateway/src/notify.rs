@@ -46,6 +46,9 @@ struct Wire {
     app_id: String,
     #[serde(default)]
     user_id: Option<String>,
+    /// The frame's type: `notification` (the default) or `error` (a worker refused a command).
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
     data: Value,
 }
 
@@ -79,6 +82,7 @@ pub async fn notify(
         id: Uuid::now_v7(),
         app_id: user.app_id.clone(),
         user_id: req.user_id,
+        kind: None,
         data: req.data,
     };
     let payload = serde_json::to_vec(&wire).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -129,7 +133,11 @@ pub async fn listen(bus: &mozaiks_bus::Bus, hub: Hub) -> Result<(), mozaiks_bus:
                 warn!(subject = %msg.subject, app_id = %wire.app_id, "Ignoring a notification for another app than its subject.");
                 continue;
             }
-            let mut frame = Frame::ephemeral("notification", wire.data);
+            let kind = match wire.kind.as_deref() {
+                Some("error") => "error",
+                _ => "notification",
+            };
+            let mut frame = Frame::ephemeral(kind, wire.data);
             frame.id = wire.id;
             let json = Utf8Bytes::from(frame.to_json());
             let n = hub.deliver(&wire.app_id, wire.user_id.as_deref(), &json);

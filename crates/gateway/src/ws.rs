@@ -654,9 +654,15 @@ async fn on_client_frame(
                 msg_id,
             )
         }
+        // Whether a run waits for this answer is the chat owner's decision: its refusal comes
+        // back from the worker as an `error` frame (`not_waiting_for_input`, `unknown_request`).
+        // Only the plain case is answered here: no run at all (a chat whose last event opened
+        // it or ended a run).
         ClientFrame::InputResponse { request_id, text } => {
             match state.bus.last_event(&claims.app_id, &claims.chat_id).await {
-                Ok(Some((env, _))) if matches!(env.event, Event::InputRequested(_)) => {}
+                Ok(Some((env, _)))
+                    if !env.event.ends_run()
+                        && !matches!(env.event, Event::SessionStarted(_)) => {}
                 Ok(_) => {
                     send(
                         tx,

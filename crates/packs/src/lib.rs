@@ -80,9 +80,57 @@ pub struct Agent {
     pub human_input: bool,
     #[serde(default)]
     pub handoff: Handoff,
+    /// Child workflows this agent fans out on its turn, before it speaks: their outputs are in
+    /// the context variable `into` when its model is called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub children: Option<Children>,
     /// What the built-in offline model answers for this agent.
     #[serde(default)]
     pub offline: OfflineScript,
+}
+
+/// Child workflows of an agent's turn: each child is a chat of `workflow` (with the parent's
+/// user and app, and `parent_chat_id`) whose first message is one of `inputs` (or the parent's
+/// input, `count` times). They run in parallel (at most the app's `max_parallel_children` at
+/// once); when `wait` is satisfied their outputs, in `inputs` order, go into the context variable
+/// `into` as a list of `{input, status, output}`, and the agent speaks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Children {
+    /// The child workflow pack (another pack of the catalog).
+    pub workflow: String,
+    /// Spawn this many children, each with the parent's input (1 to [`MAX_CHILDREN`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// One child per entry, whose first message is the entry: a template like the offline
+    /// model's (`{input}`, `{context.KEY}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
+    /// `all` (the default): continue once every child ended; `any`: once the first ended (the
+    /// others are cancelled).
+    #[serde(default)]
+    pub wait: Wait,
+    /// The context variable that receives the results.
+    pub into: String,
+}
+
+/// When a fan-out is over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Wait {
+    #[default]
+    All,
+    Any,
+}
+
+impl Children {
+    /// The input templates, one per child.
+    pub fn templates(&self) -> Vec<String> {
+        match self.count {
+            Some(n) => vec!["{input}".to_string(); n as usize],
+            None => self.inputs.clone(),
+        }
+    }
 }
 
 /// Who speaks after an agent (AG2's OnContextCondition, then after-work).
@@ -304,6 +352,8 @@ pub const TERMINATE: &str = "terminate";
 pub const MAX_TURNS_LIMIT: u32 = 100;
 /// Longest HTTP tool timeout.
 pub const MAX_TOOL_TIMEOUT_MS: u64 = 300_000;
+/// Most children one agent turn may spawn.
+pub const MAX_CHILDREN: usize = 32;
 
 /// Why a pack was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -390,6 +440,11 @@ impl Catalog {
                 message: format!("no workflow packs found (expected <name>/{PACK_FILE})"),
             });
         }
+        validate::children(&packs).map_err(|(name, path, message)| Error {
+            file: dir.join(&name).join(PACK_FILE),
+            path,
+            message,
+        })?;
         Ok(Catalog {
             packs: Arc::new(packs),
         })

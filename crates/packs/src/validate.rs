@@ -1,10 +1,12 @@
 //! Validation of a parsed pack: every rule says where (a path inside the file) and what was
 //! expected. Serde already refused unknown fields and wrong types.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use crate::{
-    BUILTIN_TOOLS, Condition, MAX_TOOL_TIMEOUT_MS, MAX_TURNS_LIMIT, Pack, Pattern, TERMINATE,
+    BUILTIN_TOOLS, Children, Condition, MAX_CHILDREN, MAX_TOOL_TIMEOUT_MS, MAX_TURNS_LIMIT, Pack,
+    Pattern, TERMINATE,
 };
 
 /// `(path, message)` of the first problem.
@@ -94,6 +96,15 @@ pub(crate) fn pack(pack: &Pack, folder_name: &str) -> Result<(), Problem> {
             if !listed.insert(t.as_str()) {
                 return fail(path, format!("tool {t:?} is listed twice"));
             }
+        }
+        if let Some(c) = &a.children {
+            if a.human_input {
+                return fail(
+                    at("children"),
+                    "a human_input agent does not spawn children (the user answers for it)",
+                );
+            }
+            children_spec(&at("children"), c)?;
         }
         for (j, c) in a.offline.tool_calls.iter().enumerate() {
             let path = at(&format!("offline.tool_calls[{j}]"));
@@ -189,6 +200,89 @@ fn tools(pack: &Pack) -> Result<(), Problem> {
                         at("http.timeout_ms"),
                         format!("must be 1 to {MAX_TOOL_TIMEOUT_MS}, got {}", h.timeout_ms),
                     );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn children_spec(path: &str, c: &Children) -> Result<(), Problem> {
+    token(&format!("{path}.workflow"), "workflow name", &c.workflow)?;
+    token(&format!("{path}.into"), "context variable", &c.into)?;
+    match (c.count, c.inputs.is_empty()) {
+        (Some(_), false) | (None, true) => {
+            fail(path, "expected exactly one of `count` or `inputs`")
+        }
+        (Some(n), true) => {
+            if n == 0 || n as usize > MAX_CHILDREN {
+                return fail(
+                    format!("{path}.count"),
+                    format!("must be 1 to {MAX_CHILDREN}, got {n}"),
+                );
+            }
+            Ok(())
+        }
+        (None, false) => {
+            if c.inputs.len() > MAX_CHILDREN {
+                return fail(
+                    format!("{path}.inputs"),
+                    format!("at most {MAX_CHILDREN} children, got {}", c.inputs.len()),
+                );
+            }
+            if let Some(j) = c.inputs.iter().position(|i| i.trim().is_empty()) {
+                return fail(
+                    format!("{path}.inputs[{j}]"),
+                    "expected a non-empty message for the child",
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Checks across a catalog: every `children.workflow` is a pack of it, and no pack spawns
+/// itself, directly or through others. `(pack, path, message)` of the first problem.
+pub(crate) fn children(
+    packs: &BTreeMap<String, Arc<Pack>>,
+) -> Result<(), (String, String, String)> {
+    for (name, pack) in packs {
+        for (i, a) in pack.agents.iter().enumerate() {
+            let Some(c) = &a.children else { continue };
+            let path = format!("agents[{i}].children.workflow");
+            if !packs.contains_key(&c.workflow) {
+                return Err((
+                    name.clone(),
+                    path,
+                    format!(
+                        "unknown workflow {:?}; expected one of {}",
+                        c.workflow,
+                        quoted(packs.keys().map(String::as_str))
+                    ),
+                ));
+            }
+            // Depth-first through the packs the child spawns in turn.
+            let mut stack = vec![(
+                c.workflow.as_str(),
+                vec![name.as_str(), c.workflow.as_str()],
+            )];
+            let mut seen = HashSet::new();
+            while let Some((w, trail)) = stack.pop() {
+                if w == name {
+                    return Err((
+                        name.clone(),
+                        path,
+                        format!("child workflows form a cycle: {}", trail.join(" -> ")),
+                    ));
+                }
+                if !seen.insert(w) {
+                    continue;
+                }
+                let Some(p) = packs.get(w) else { continue };
+                for next in p.agents.iter().filter_map(|a| a.children.as_ref()) {
+                    let mut t = trail.clone();
+                    t.push(next.workflow.as_str());
+                    stack.push((next.workflow.as_str(), t));
                 }
             }
         }
@@ -436,6 +530,75 @@ mod tests {
             ))
             .starts_with("line ")
         );
+    }
+
+    #[test]
+    fn children_are_checked() {
+        let a = |c: &str| path_of(&format!("agents:\n  - name: a\n    children: {c}\n"));
+        assert_eq!(a("{workflow: w2, into: r}"), "agents[0].children");
+        assert_eq!(
+            a("{workflow: w2, count: 2, inputs: [x], into: r}"),
+            "agents[0].children"
+        );
+        assert_eq!(
+            a("{workflow: w2, count: 0, into: r}"),
+            "agents[0].children.count"
+        );
+        assert_eq!(
+            a("{workflow: w2, count: 33, into: r}"),
+            "agents[0].children.count"
+        );
+        assert_eq!(
+            a("{workflow: w2, inputs: [x, ' '], into: r}"),
+            "agents[0].children.inputs[1]"
+        );
+        assert_eq!(
+            a("{workflow: 'a b', count: 1, into: r}"),
+            "agents[0].children.workflow"
+        );
+        assert_eq!(
+            a("{workflow: w2, count: 1, into: 'r s'}"),
+            "agents[0].children.into"
+        );
+        assert!(a("{workflow: w2, count: 1, into: r, wait: some}").starts_with("line "));
+        assert_eq!(
+            path_of(
+                "agents:\n  - name: a\n    human_input: true\n    children: {workflow: w2, count: 1, into: r}\n"
+            ),
+            "agents[0].children"
+        );
+        assert!(parse(&format!(
+            "{HEAD}agents:\n  - name: a\n    children: {{workflow: w2, inputs: ['{{input}} 1', '{{input}} 2'], wait: any, into: r}}\n"
+        ))
+        .is_ok());
+    }
+
+    fn catalog(packs: &[(&str, &str)]) -> Result<(), (String, String, String)> {
+        let map = packs
+            .iter()
+            .map(|(name, body)| {
+                let text = format!("name: {name}\nstart_agent: a\nagents:\n  - name: a\n{body}");
+                let p = Pack::parse(Path::new("x"), name, &text).unwrap();
+                (name.to_string(), std::sync::Arc::new(p))
+            })
+            .collect();
+        super::children(&map)
+    }
+
+    #[test]
+    fn child_workflows_must_exist_and_not_cycle() {
+        let spawn = |w: &str| format!("    children: {{workflow: {w}, count: 2, into: r}}\n");
+        assert!(catalog(&[("p", &spawn("c")), ("c", "")]).is_ok());
+        let e = catalog(&[("p", &spawn("nope")), ("c", "")]).unwrap_err();
+        assert_eq!(
+            (e.0.as_str(), e.1.as_str()),
+            ("p", "agents[0].children.workflow")
+        );
+        assert!(e.2.contains("\"nope\""), "{}", e.2);
+        let e = catalog(&[("p", &spawn("p"))]).unwrap_err();
+        assert!(e.2.contains("cycle: p -> p"), "{}", e.2);
+        let e = catalog(&[("p", &spawn("q")), ("q", &spawn("r")), ("r", &spawn("p"))]).unwrap_err();
+        assert!(e.2.contains("cycle"), "{}", e.2);
     }
 
     #[test]

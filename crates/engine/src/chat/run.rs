@@ -26,6 +26,13 @@ pub enum Next {
         agent: String,
         round: u32,
     },
+    /// The run waits for these child chats to end (their `child.finished` commands). Like
+    /// `Idle` for the worker, which checks the children's logs once when it takes the chat over.
+    AwaitChildren {
+        run_id: Uuid,
+        step: u32,
+        pending: Vec<super::PendingChild>,
+    },
     /// Call the pack's HTTP tool, then append [`Chat::on_tool_result`].
     CallTool {
         run_id: Uuid,
@@ -34,6 +41,13 @@ pub enum Next {
         tool: String,
         arguments: serde_json::Value,
     },
+}
+
+impl Next {
+    /// Nothing to do until a command arrives.
+    pub fn is_idle(&self) -> bool {
+        matches!(self, Next::Idle | Next::AwaitChildren { .. })
+    }
 }
 
 impl Chat {
@@ -106,6 +120,12 @@ impl Chat {
                     text: text.clone(),
                 })]),
             };
+        }
+        if let Some(spec) = &agent.children
+            && run.rounds.is_empty()
+            && let Some(next) = self.fan_out(agent, spec, run)
+        {
+            return next;
         }
         let Some(round) = run.rounds.last() else {
             return self.call_model(run, 1);

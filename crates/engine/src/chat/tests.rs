@@ -39,7 +39,7 @@ fn calls(list: &[(&str, &str, serde_json::Value)]) -> Reply {
 }
 
 /// given events
-fn given(events: &[Event]) -> Chat {
+pub(super) fn given(events: &[Event]) -> Chat {
     Chat::from_events(events.iter().map(|e| (e, None)))
 }
 
@@ -51,11 +51,11 @@ fn start() -> Command {
     }
 }
 
-fn names(events: &[Event]) -> Vec<&'static str> {
+pub(super) fn names(events: &[Event]) -> Vec<&'static str> {
     events.iter().map(|e| e.type_name()).collect()
 }
 
-fn started_with(text: &str) -> Vec<Event> {
+pub(super) fn started_with(text: &str) -> Vec<Event> {
     vec![
         Event::SessionStarted(SessionStarted::default()),
         Event::MessageUser(MessageUser {
@@ -66,12 +66,12 @@ fn started_with(text: &str) -> Vec<Event> {
 }
 
 /// A scripted world: the model answers with `model(agent, round)`, HTTP tools with `tool(name)`.
-struct World<'a> {
-    model: &'a dyn Fn(&str, u32) -> Reply,
-    tool: &'a dyn Fn(&str) -> Result<serde_json::Value, String>,
+pub(super) struct World<'a> {
+    pub(super) model: &'a dyn Fn(&str, u32) -> Reply,
+    pub(super) tool: &'a dyn Fn(&str) -> Result<serde_json::Value, String>,
 }
 
-fn text_world() -> World<'static> {
+pub(super) fn text_world() -> World<'static> {
     World {
         model: &|agent, _| reply(&format!("from {agent}")),
         tool: &|_| Ok(serde_json::json!("ok")),
@@ -79,11 +79,11 @@ fn text_world() -> World<'static> {
 }
 
 /// Drives a chat until it is idle, collecting every event.
-fn drive_in(chat: &mut Chat, p: &Pack, w: &World) -> Vec<Event> {
+pub(super) fn drive_in(chat: &mut Chat, p: &Pack, w: &World) -> Vec<Event> {
     let mut all = Vec::new();
     for _ in 0..200 {
         let events = match chat.next(p, Uuid::now_v7()) {
-            Next::Idle => return all,
+            Next::Idle | Next::AwaitChildren { .. } => return all,
             Next::Emit(ev) => ev,
             Next::CallModel { agent, round, .. } => chat.on_reply(round, &(w.model)(&agent, round)),
             Next::CallTool { call_id, tool, .. } => {
@@ -103,7 +103,7 @@ fn drive(mut chat: Chat, p: &Pack) -> Vec<Event> {
     drive_in(&mut chat, p, &text_world())
 }
 
-fn count(events: &[Event], kind: &str) -> usize {
+pub(super) fn count(events: &[Event], kind: &str) -> usize {
     events.iter().filter(|e| e.type_name() == kind).count()
 }
 
