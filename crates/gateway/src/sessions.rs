@@ -121,9 +121,17 @@ pub async fn start(
         )
         .into());
     }
-    let app = state
-        .registry
-        .get(&req.app_id)
+    // The replica's view follows the bucket within moments; an app created a moment ago on
+    // another replica may not be here yet, so a miss reads the bucket before answering 404.
+    let app = match state.registry.get(&req.app_id) {
+        Some(app) => Some(app),
+        None => state
+            .registry
+            .read_through(&req.app_id)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("app registry: {e}")))?,
+    };
+    let app = app
         .filter(|a| a.status != mozaiks_control::AppStatus::Deleted)
         .ok_or_else(|| ApiError::not_found("app_not_found", "no such app"))?;
     if !app.is_active() {
