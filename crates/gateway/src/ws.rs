@@ -360,6 +360,10 @@ impl Conn {
         }
         pump.abort();
         drop(tx);
+        // The writer ends on a close request, not on the queue closing (the replica's connection
+        // table holds a sender for notifications): ask it to close in every case, so a client that
+        // closed first frees its slot at once. A second request after an earlier one is ignored.
+        let _ = close_tx.send((CLOSE_NORMAL, String::new()));
         // Give the writer a moment to send a close frame, then read what the client still sends
         // until its close: dropping a socket with unread input resets it, and the client would
         // lose the frames and the close reason in flight.
