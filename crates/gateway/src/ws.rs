@@ -665,8 +665,7 @@ async fn on_client_frame(
         ClientFrame::InputResponse { request_id, text } => {
             match state.bus.last_event(&claims.app_id, &claims.chat_id).await {
                 Ok(Some((env, _)))
-                    if !env.event.ends_run()
-                        && !matches!(env.event, Event::SessionStarted(_)) => {}
+                    if !env.event.ends_run() && !matches!(env.event, Event::SessionStarted(_)) => {}
                 Ok(_) => {
                     send(
                         tx,
