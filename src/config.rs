@@ -49,6 +49,22 @@ pub struct Global {
     /// HS256 secret of user and runtime tokens (at least 32 bytes unless --dev).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true, global = true)]
     pub jwt_secret: Option<String>,
+    /// The issuer's JWKS URL (Keycloak: .../realms/{realm}/protocol/openid-connect/certs) for
+    /// RS256/ES256 user tokens.
+    #[arg(long, env = "JWT_JWKS_URL", global = true)]
+    pub jwt_jwks_url: Option<String>,
+    /// Algorithms accepted on user tokens, e.g. RS256,ES256 (HS256 uses JWT_SECRET; the others
+    /// need JWT_JWKS_URL). Default: HS256, plus RS256 when JWT_JWKS_URL is set.
+    #[arg(long, env = "JWT_ALGORITHMS", global = true)]
+    pub jwt_algorithms: Option<String>,
+    /// `iss` of user tokens signed with JWKS keys (Keycloak: the realm URL).
+    #[arg(
+        long,
+        env = "JWT_JWKS_ISSUER",
+        default_value = "mozaiks",
+        global = true
+    )]
+    pub jwt_jwks_issuer: String,
     /// Development mode: a built-in JWT secret when JWT_SECRET is unset, short secrets allowed.
     #[arg(
         long,
@@ -140,6 +156,24 @@ impl Global {
             .filter(|s| !s.is_empty())
             .or_else(|| std::env::var("MONGODB_URI").ok().filter(|s| !s.is_empty()))
             .unwrap_or_else(|| "mongodb://127.0.0.1:27017/?directConnection=true".into())
+    }
+
+    /// The verifier's configuration: the secret, and the JWKS source when configured.
+    pub fn auth_config(&self) -> anyhow::Result<mozaiks_auth::Config> {
+        let mut cfg = mozaiks_auth::Config::hs256(self.jwt_secret()?, self.dev);
+        let url = self.jwt_jwks_url.as_deref().filter(|u| !u.is_empty());
+        let algorithms = match (self.jwt_algorithms.as_deref(), url) {
+            (Some(list), _) if !list.trim().is_empty() => mozaiks_auth::parse_algorithms(list)?,
+            (_, Some(_)) => vec![
+                mozaiks_auth::Algorithm::HS256,
+                mozaiks_auth::Algorithm::RS256,
+            ],
+            _ => vec![mozaiks_auth::Algorithm::HS256],
+        };
+        cfg.user_algorithms = algorithms;
+        cfg.jwks_url = url.map(String::from);
+        cfg.jwks_issuer = self.jwt_jwks_issuer.clone();
+        Ok(cfg)
     }
 
     pub fn jwt_secret(&self) -> anyhow::Result<Vec<u8>> {

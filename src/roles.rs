@@ -159,8 +159,8 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
     // Configuration errors first, before any connection is tried.
     let auth = if roles.gateway {
         Some(
-            mozaiks_auth::Auth::new(mozaiks_auth::Config::hs256(g.jwt_secret()?, g.dev))
-                .context("JWT_SECRET")?,
+            mozaiks_auth::Auth::new(g.auth_config()?)
+                .context("JWT_SECRET / JWT_JWKS_URL / JWT_ALGORITHMS")?,
         )
     } else {
         None

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::claims::{RuntimeClaims, UserClaims};
 use crate::error::Error;
+use crate::jwks::Jwks;
 use crate::{
     DEFAULT_LEEWAY_SECS, DEFAULT_RUNTIME_TTL_SECS, ISSUER, MAX_LEEWAY_SECS, MAX_RUNTIME_TTL_SECS,
     MAX_TOKEN_LEN, MIN_SECRET_LEN, RUNTIME_AUDIENCE, USER_AUDIENCE, b64,
@@ -28,6 +29,17 @@ pub struct Config {
     pub leeway_secs: u64,
     /// Lifetime of minted runtime tokens, in seconds (1 to 86400).
     pub runtime_ttl_secs: u64,
+    /// Algorithms accepted on user tokens (`JWT_ALGORITHMS`); HS256 uses the secret, the
+    /// public-key ones (RS256, RS384, RS512, PS256, ES256, ES384) keys from `jwks_url`. Runtime
+    /// tokens are always HS256 (we mint them).
+    pub user_algorithms: Vec<Algorithm>,
+    /// The issuer's JWKS URL (`JWT_JWKS_URL`), e.g. Keycloak's
+    /// `https://kc.example.com/realms/acme/protocol/openid-connect/certs`.
+    pub jwks_url: Option<String>,
+    /// `iss` of user tokens signed with JWKS keys (`JWT_JWKS_ISSUER`; default `mozaiks`).
+    pub jwks_issuer: String,
+    /// A token with an unknown `kid` refetches the JWKS at most this often.
+    pub jwks_min_refresh: std::time::Duration,
 }
 
 impl Config {
@@ -38,8 +50,50 @@ impl Config {
             dev_mode,
             leeway_secs: DEFAULT_LEEWAY_SECS,
             runtime_ttl_secs: DEFAULT_RUNTIME_TTL_SECS,
+            user_algorithms: vec![Algorithm::HS256],
+            jwks_url: None,
+            jwks_issuer: ISSUER.to_string(),
+            jwks_min_refresh: std::time::Duration::from_secs(30),
         }
     }
+
+    /// Also accepts user tokens signed with `algorithms` by keys from the JWKS at `url`
+    /// (`algorithms` replaces the accepted list: include `HS256` to keep accepting secret-signed
+    /// user tokens).
+    pub fn with_jwks(mut self, url: &str, algorithms: &[Algorithm]) -> Config {
+        self.jwks_url = Some(url.to_string());
+        self.user_algorithms = algorithms.to_vec();
+        self
+    }
+}
+
+/// Parses `JWT_ALGORITHMS` (`RS256,ES256`); refuses `none`, unknown names and duplicates.
+pub fn parse_algorithms(list: &str) -> Result<Vec<Algorithm>, Error> {
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let alg = match name {
+            "HS256" => Algorithm::HS256,
+            "RS256" => Algorithm::RS256,
+            "RS384" => Algorithm::RS384,
+            "RS512" => Algorithm::RS512,
+            "PS256" => Algorithm::PS256,
+            "ES256" => Algorithm::ES256,
+            "ES384" => Algorithm::ES384,
+            other => {
+                return Err(Error::Config(format!(
+                    "JWT_ALGORITHMS: {other:?} is not accepted (HS256, RS256, RS384, RS512, PS256, ES256, ES384)"
+                )));
+            }
+        };
+        if out.contains(&alg) {
+            return Err(Error::Config(format!("JWT_ALGORITHMS: {name} twice")));
+        }
+        out.push(alg);
+    }
+    if out.is_empty() {
+        return Err(Error::Config("JWT_ALGORITHMS is empty".into()));
+    }
+    Ok(out)
 }
 
 impl fmt::Debug for Config {
@@ -49,30 +103,43 @@ impl fmt::Debug for Config {
             .field("dev_mode", &self.dev_mode)
             .field("leeway_secs", &self.leeway_secs)
             .field("runtime_ttl_secs", &self.runtime_ttl_secs)
+            .field("user_algorithms", &self.user_algorithms)
+            .field("jwks_url", &self.jwks_url)
+            .field("jwks_issuer", &self.jwks_issuer)
             .finish()
     }
 }
 
 /// Where verification keys come from. The verifier's configuration decides both the accepted
-/// algorithms and the key; the token's header (`alg`, `kid`, `jwk`, `jku`, `x5u`, `x5c`) never
-/// does. Public-key sources (RS256/ES256 keys from a JWKS, selected by `kid` among keys we
-/// fetched ourselves) will be further variants.
+/// algorithms and the key; the token's header (`alg`, `jwk`, `jku`, `x5u`, `x5c`) never does: a
+/// JWKS source only looks the token's `kid` up among keys we fetched ourselves from the
+/// configured URL.
 enum KeySource {
     /// One shared secret, HS256 only.
-    Hs256(DecodingKey),
+    Hs256(Arc<DecodingKey>),
+    /// Public keys from the issuer's JWKS, by `kid`.
+    Jwks(Arc<Jwks>),
 }
 
 impl KeySource {
-    fn algorithms(&self) -> &'static [Algorithm] {
+    fn algorithms(&self) -> &[Algorithm] {
         match self {
             KeySource::Hs256(_) => &[Algorithm::HS256],
+            KeySource::Jwks(j) => j.algorithms(),
         }
     }
 
-    /// The key to check this token with. A JWKS source would look `kid` up among its own keys.
-    fn key_for(&self, _header: &Header) -> Result<&DecodingKey, Error> {
+    /// The key to check this token with.
+    fn key_for(&self, header: &Header) -> Result<Arc<DecodingKey>, Error> {
         match self {
-            KeySource::Hs256(key) => Ok(key),
+            KeySource::Hs256(key) => Ok(key.clone()),
+            KeySource::Jwks(j) => {
+                let kid = header
+                    .kid
+                    .as_deref()
+                    .ok_or_else(|| Error::Malformed("token has no `kid`".into()))?;
+                j.key(kid, header.alg).ok_or(Error::UnknownKey)
+            }
         }
     }
 }
@@ -81,11 +148,21 @@ impl KeySource {
 struct Verifier {
     keys: KeySource,
     audience: &'static str,
+    issuer: String,
     validation: Validation,
 }
 
 impl Verifier {
     fn new(keys: KeySource, audience: &'static str, leeway_secs: u64) -> Verifier {
+        Verifier::with_issuer(keys, audience, ISSUER, leeway_secs)
+    }
+
+    fn with_issuer(
+        keys: KeySource,
+        audience: &'static str,
+        issuer: &str,
+        leeway_secs: u64,
+    ) -> Verifier {
         let algorithms = keys.algorithms();
         let mut validation = Validation::new(algorithms[0]);
         validation.algorithms = algorithms.to_vec();
@@ -94,11 +171,12 @@ impl Verifier {
         validation.validate_nbf = true;
         validation.validate_aud = true;
         validation.set_audience(&[audience]);
-        validation.set_issuer(&[ISSUER]);
+        validation.set_issuer(&[issuer]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         Verifier {
             keys,
             audience,
+            issuer: issuer.to_string(),
             validation,
         }
     }
@@ -108,7 +186,19 @@ impl Verifier {
     fn verify<T: DeserializeOwned>(&self, token: &str) -> Result<T, Error> {
         let header = check_header(token, self.keys.algorithms())?;
         let key = self.keys.key_for(&header)?;
-        let data = jsonwebtoken::decode::<Value>(token, key, &self.validation)
+        // `jsonwebtoken` wants every listed algorithm in the key's family: narrow a JWKS
+        // verifier's list to the token's (already checked to be allowed) algorithm.
+        let narrowed;
+        let validation = match &self.keys {
+            KeySource::Hs256(_) => &self.validation,
+            KeySource::Jwks(_) => {
+                let mut v = self.validation.clone();
+                v.algorithms = vec![header.alg];
+                narrowed = v;
+                &narrowed
+            }
+        };
+        let data = jsonwebtoken::decode::<Value>(token, &key, validation)
             .map_err(Error::from_verify)?;
         if !data.claims.is_object() {
             return Err(Error::Malformed("payload is not a JSON object".into()));
@@ -118,7 +208,7 @@ impl Verifier {
 
     /// Defence in depth on top of `jsonwebtoken`'s own checks.
     fn check_registered(&self, iss: &str, aud: &str) -> Result<(), Error> {
-        if iss != ISSUER {
+        if iss != self.issuer {
             return Err(Error::WrongIssuer);
         }
         if aud != self.audience {
@@ -180,7 +270,12 @@ pub struct Auth {
 }
 
 struct Inner {
-    user: Verifier,
+    /// User tokens signed with the secret (`None` when HS256 is not among the user algorithms).
+    user: Option<Verifier>,
+    /// User tokens signed with the issuer's keys (when a JWKS is configured).
+    user_jwks: Option<Verifier>,
+    /// Every algorithm accepted on user tokens.
+    user_algorithms: Vec<Algorithm>,
     runtime: Verifier,
     signing_key: EncodingKey,
     dev_mode: bool,
@@ -191,7 +286,7 @@ struct Inner {
 impl fmt::Debug for Auth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Auth")
-            .field("algorithms", &self.inner.user.keys.algorithms())
+            .field("algorithms", &self.inner.user_algorithms)
             .field("dev_mode", &self.inner.dev_mode)
             .field("leeway_secs", &self.inner.leeway_secs)
             .field("runtime_ttl_secs", &self.inner.runtime_ttl_secs)
@@ -228,19 +323,50 @@ impl Auth {
         // unification enables a second backend. Failing means one is already set: fine.
         let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
 
-        let user = Verifier::new(
-            KeySource::Hs256(DecodingKey::from_secret(&cfg.secret)),
-            USER_AUDIENCE,
-            cfg.leeway_secs,
-        );
-        let runtime = Verifier::new(
-            KeySource::Hs256(DecodingKey::from_secret(&cfg.secret)),
-            RUNTIME_AUDIENCE,
-            cfg.leeway_secs,
-        );
+        let secret = Arc::new(DecodingKey::from_secret(&cfg.secret));
+        if cfg.user_algorithms.is_empty() {
+            return Err(Error::Config(
+                "no algorithm accepted for user tokens".into(),
+            ));
+        }
+        let public: Vec<Algorithm> = cfg
+            .user_algorithms
+            .iter()
+            .copied()
+            .filter(|a| *a != Algorithm::HS256)
+            .collect();
+        let user_jwks = match (&cfg.jwks_url, public.is_empty()) {
+            (Some(url), false) => Some(Verifier::with_issuer(
+                KeySource::Jwks(Arc::new(Jwks::new(url, public, cfg.jwks_min_refresh)?)),
+                USER_AUDIENCE,
+                &cfg.jwks_issuer,
+                cfg.leeway_secs,
+            )),
+            (Some(_), true) => {
+                return Err(Error::Config(
+                    "JWT_JWKS_URL is set but JWT_ALGORITHMS names no public-key algorithm (RS256, ES256, …)".into(),
+                ));
+            }
+            (None, false) => {
+                return Err(Error::Config(format!(
+                    "JWT_ALGORITHMS names {public:?}, which need keys from JWT_JWKS_URL"
+                )));
+            }
+            (None, true) => None,
+        };
+        let user = cfg.user_algorithms.contains(&Algorithm::HS256).then(|| {
+            Verifier::new(
+                KeySource::Hs256(secret.clone()),
+                USER_AUDIENCE,
+                cfg.leeway_secs,
+            )
+        });
+        let runtime = Verifier::new(KeySource::Hs256(secret), RUNTIME_AUDIENCE, cfg.leeway_secs);
         Ok(Auth {
             inner: Arc::new(Inner {
                 user,
+                user_jwks,
+                user_algorithms: cfg.user_algorithms.clone(),
                 runtime,
                 signing_key: EncodingKey::from_secret(&cfg.secret),
                 dev_mode: cfg.dev_mode,
@@ -260,14 +386,38 @@ impl Auth {
         self.inner.runtime_ttl_secs
     }
 
-    /// Verifies a user token (`aud = "mozaiks"`) and validates `sub` and `app_id`.
+    /// Verifies a user token (`aud = "mozaiks"`) and validates `sub` and `app_id`, with the keys
+    /// at hand: a token signed by a JWKS key this process has not fetched yet gives
+    /// [`Error::UnknownKey`] (see [`Auth::verify_user_fetching`]).
     pub fn verify_user(&self, token: &str) -> Result<UserClaims, Error> {
-        let verifier = &self.inner.user;
+        let header = check_header(token, &self.inner.user_algorithms)?;
+        let verifier = if header.alg == Algorithm::HS256 {
+            self.inner.user.as_ref()
+        } else {
+            self.inner.user_jwks.as_ref()
+        }
+        .ok_or(Error::WrongAlgorithm)?;
         let claims: UserClaims = verifier.verify(token)?;
         verifier.check_registered(&claims.iss, &claims.aud)?;
         ids::check_user(&claims.sub)?;
         ids::check_token("app_id", &claims.app_id)?;
         Ok(claims)
+    }
+
+    /// Like [`Auth::verify_user`], and when the token names a `kid` not in the cached JWKS,
+    /// fetches the set again (key rotation; at most once per `jwks_min_refresh`) and retries once.
+    pub async fn verify_user_fetching(&self, token: &str) -> Result<UserClaims, Error> {
+        match self.verify_user(token) {
+            Err(Error::UnknownKey) => {
+                if let Some(KeySource::Jwks(j)) = self.inner.user_jwks.as_ref().map(|v| &v.keys)
+                    && j.refresh().await?
+                {
+                    return self.verify_user(token);
+                }
+                Err(Error::UnknownKey)
+            }
+            other => other,
+        }
     }
 
     /// Verifies a runtime token (`aud = "mozaiks-runtime"`) and validates its identifiers.

@@ -42,6 +42,12 @@ pub enum Error {
     /// A token could not be minted.
     #[error("could not mint token: {0}")]
     Mint(String),
+    /// The token names a `kid` that is not in the issuer's key set (after a refresh).
+    #[error("token signing key is unknown")]
+    UnknownKey,
+    /// The issuer's key set could not be fetched.
+    #[error("signing keys unavailable: {0}")]
+    KeysUnavailable(String),
 }
 
 /// Coarse classification of an [`Error`], e.g. to choose an HTTP status.
@@ -53,6 +59,8 @@ pub enum ErrorKind {
     Config,
     /// Something failed on our side (HTTP 500).
     Internal,
+    /// A dependency (the issuer's JWKS) could not be reached (HTTP 503).
+    Unavailable,
 }
 
 impl Error {
@@ -67,7 +75,9 @@ impl Error {
             | Error::WrongAudience
             | Error::WrongIssuer
             | Error::WrongAlgorithm
-            | Error::InvalidClaims(_) => ErrorKind::Unauthorized,
+            | Error::InvalidClaims(_)
+            | Error::UnknownKey => ErrorKind::Unauthorized,
+            Error::KeysUnavailable(_) => ErrorKind::Unavailable,
             Error::WeakSecret | Error::Config(_) => ErrorKind::Config,
             Error::Mint(_) => ErrorKind::Internal,
         }
@@ -88,6 +98,8 @@ impl Error {
             Error::WeakSecret => "auth_weak_secret",
             Error::Config(_) => "auth_config",
             Error::Mint(_) => "token_mint_failed",
+            Error::UnknownKey => "token_unknown_key",
+            Error::KeysUnavailable(_) => "auth_keys_unavailable",
         }
     }
 

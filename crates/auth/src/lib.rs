@@ -11,10 +11,14 @@
 //!
 //! Rules (RFC 8725, OWASP JWT cheat sheet):
 //!
-//! - The verifier fixes the accepted algorithms (HS256 only for now) and never trusts the token's
-//!   `alg` header: `none`, other HMAC sizes and asymmetric algorithms are refused. Keys come only
-//!   from our configuration (a key source, so RS256/ES256 via JWKS can be added later), never from
-//!   the token (`jwk`, `jku`, `x5u`, `x5c` and `kid` are ignored); `crit` headers are refused.
+//! - The verifier fixes the accepted algorithms (HS256 by default; `JWT_ALGORITHMS` may add or
+//!   replace them with RS256/ES256/… for user tokens) and never trusts the token's `alg` header
+//!   beyond picking among those: `none`, other HMAC sizes and unconfigured algorithms are refused.
+//!   The secret verifies only HS256, JWKS keys only their own family, so a public key can never be
+//!   used as an HMAC secret. Keys come only from our configuration: the secret, or the JWKS we
+//!   fetch ourselves from `JWT_JWKS_URL`, where the token's `kid` selects a key (cached, refetched
+//!   on an unknown `kid` at most every 30 s); `jwk`, `jku`, `x5u` and `x5c` are ignored and `crit`
+//!   headers refused.
 //! - An HS256 secret shorter than 32 bytes is refused at construction unless `dev_mode` is set.
 //! - `exp` is required, `nbf` is checked when present, both with a small leeway (30 s default).
 //! - `iss` and `aud` must match exactly (an `aud` array must hold exactly one value), so a user
@@ -29,11 +33,13 @@ mod auth;
 mod b64;
 mod claims;
 mod error;
+mod jwks;
 mod redact;
 #[cfg(test)]
 mod tests;
 
-pub use auth::{Auth, Config};
+pub use auth::{Auth, Config, parse_algorithms};
+pub use jsonwebtoken::Algorithm;
 pub use claims::{RuntimeClaims, UserClaims};
 pub use error::{Error, ErrorKind};
 pub use redact::redact_token;

@@ -32,7 +32,8 @@ impl FromRequestParts<State> for User {
             .ok_or_else(|| {
                 ApiError::unauthorized("token_malformed", "expected Authorization: Bearer <token>")
             })?;
-        let claims = state.auth.verify_user(token.trim())?;
+        // Fetches the issuer's JWKS again when the token names a key not seen yet (rotation).
+        let claims = state.auth.verify_user_fetching(token.trim()).await?;
         Ok(User(claims))
     }
 }

@@ -102,6 +102,7 @@ impl From<mozaiks_auth::Error> for ApiError {
             mozaiks_auth::ErrorKind::Unauthorized => {
                 ApiError::unauthorized(e.code(), e.to_string())
             }
+            mozaiks_auth::ErrorKind::Unavailable => ApiError::unavailable(e.to_string()),
             _ => ApiError::internal(e.to_string()),
         }
     }
