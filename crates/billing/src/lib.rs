@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use async_nats::jetstream::{AckKind, consumer::pull};
+use async_nats::jetstream::AckKind;
 use futures::StreamExt;
 use mozaiks_bus::Bus;
 use mozaiks_events::{Envelope, Event, codec};
@@ -67,11 +67,7 @@ impl Billing {
     /// Applies charges until `shutdown` resolves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         self.store.ensure_indexes(self.store.shared()).await?;
-        let stream = self.bus.stream("MZ_USAGE").await?;
-        let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = stream
-            .get_consumer(&self.bus.subjects().name("billing"))
-            .await
-            .map_err(|e| Error::Consumer(e.to_string()))?;
+        let consumer = self.bus.durable("MZ_USAGE", "billing").await?;
         let mut messages = consumer
             .messages()
             .await

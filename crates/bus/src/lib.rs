@@ -113,6 +113,19 @@ impl Bus {
             .map_err(Error::js)
     }
 
+    /// A durable pull consumer of this namespace, as defined in `streams/consumers/`.
+    pub async fn durable(
+        &self,
+        stream: &str,
+        consumer: &str,
+    ) -> Result<jetstream::consumer::Consumer<jetstream::consumer::pull::Config>, Error> {
+        self.stream(stream)
+            .await?
+            .get_consumer(&self.subjects.name(consumer))
+            .await
+            .map_err(|e| Error::JetStream(format!("consumer {consumer} of {stream}: {e}")))
+    }
+
     /// The epoch of the event log: when `MZ_EVT` was created, as RFC 3339. A recreated stream has a
     /// new epoch, so clients holding seqs of the old one are told to resync instead of resuming.
     pub async fn log_epoch(&self) -> Result<String, Error> {

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{AckKind, consumer::pull};
+use async_nats::jetstream::AckKind;
 use futures::StreamExt;
 use mozaiks_bus::Bus;
 use mozaiks_events::codec;
@@ -58,11 +58,7 @@ impl Projector {
     /// Projects until `shutdown` resolves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         self.store.ensure_indexes(self.store.shared()).await?;
-        let stream = self.bus.stream("MZ_EVT").await?;
-        let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = stream
-            .get_consumer(&self.bus.subjects().name("projector"))
-            .await
-            .map_err(|e| Error::Consumer(e.to_string()))?;
+        let consumer = self.bus.durable("MZ_EVT", "projector").await?;
         info!("Projector started.");
         tokio::pin!(shutdown);
         loop {
