@@ -365,3 +365,153 @@ async fn worker_refusals_reach_the_client_and_an_answer_after_a_message_is_taken
     let result = rest.iter().find(|f| f["type"] == "tool.result").unwrap();
     assert_eq!(result["data"]["result"], "A-100");
 }
+
+/// GET `path` on the gateway at `port` with `token`.
+async fn get(port: u16, path: &str, token: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls `path` until `ok` holds for its body (30 s at most).
+async fn poll(
+    port: u16,
+    path: &str,
+    token: &str,
+    procs: &Procs,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = get(port, path, token).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        if ok(&body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} never got there: {body}\n{}",
+            procs.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_endpoints_answer_from_every_live_worker_per_tenant() {
+    let (tool_base, hits, gate) = gated_tool_server().await;
+    let mut procs = Procs::new(&fan_packs(&tool_base)).await;
+    let port = procs.gateway().await;
+    let worker = procs.spawn("worker", None);
+    let root = Fleet::token("root", "default", &["superadmin"]);
+    let admin = Fleet::token("ann", "default", &["admin"]);
+    let stranger = Fleet::token("sam", "other", &["admin"]);
+    let user = Fleet::token("kim", "default", &["user"]);
+
+    // A parent waiting for three children, each inside its tool call: four runs in progress.
+    let (ticket, _ws) = start_fan(port).await;
+    wait_hits(&hits, 3, &procs).await;
+    let parent = ticket["chat_id"].as_str().unwrap();
+    let active = poll(port, "/health/active-runs", &root, &procs, |b| {
+        b["count"] == 4
+    })
+    .await;
+    assert_eq!(active["workers"], 1);
+    let runs = active["runs"].as_array().unwrap();
+    assert!(runs.iter().all(|r| r["app_id"] == "default"));
+    let lead = runs.iter().find(|r| r["chat_id"] == parent).unwrap();
+    assert_eq!(
+        (
+            lead["workflow"].as_str(),
+            lead["step"].as_u64(),
+            lead["agent"].as_str()
+        ),
+        (Some("fan"), Some(1), Some("lead"))
+    );
+    assert_eq!(
+        runs.iter()
+            .filter(|r| r["workflow"] == "slow_topic")
+            .count(),
+        3
+    );
+    // The app's admin sees the same; another app's admin sees nothing of it.
+    let (s, mine) = get(port, "/health/active-runs", &admin).await;
+    assert_eq!((s, mine["count"].as_u64()), (200, Some(4)));
+    let (s, theirs) = get(port, "/health/active-runs", &stranger).await;
+    assert_eq!((s, theirs["count"].as_u64()), (200, Some(0)));
+    let (s, body) = get(port, "/metrics/perf/chats", &stranger).await;
+    assert_eq!((s, body["chats"].as_array().map(Vec::len)), (200, Some(0)));
+    let (s, body) = get(port, "/metrics/perf/aggregate", &stranger).await;
+    assert_eq!(s, 200);
+    assert_eq!(body["runs_started"], 0);
+    assert!(body["apps"].as_object().unwrap().is_empty(), "{body}");
+    // Refusals.
+    for path in [
+        "/health/active-runs",
+        "/metrics/perf/aggregate",
+        "/metrics/perf/chats",
+    ] {
+        let (s, body) = get(port, &format!("{path}?app_id=default"), &stranger).await;
+        assert_eq!(
+            (s, body["error"]["code"].as_str()),
+            (403, Some("app_mismatch")),
+            "{path}"
+        );
+        let (s, body) = get(port, path, &user).await;
+        assert_eq!(
+            (s, body["error"]["code"].as_str()),
+            (403, Some("admin_required")),
+            "{path}"
+        );
+        let (s, body) = get(port, &format!("{path}?color=red"), &admin).await;
+        assert_eq!(
+            (s, body["error"]["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{path}"
+        );
+        let r = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    let (s, scoped) = get(port, "/health/active-runs?app_id=other", &root).await;
+    assert_eq!((s, scoped["count"].as_u64()), (200, Some(0)));
+
+    // Per chat: the children have called the model once (the tool call), the parent not yet.
+    let (_, chats) = get(port, "/metrics/perf/chats", &admin).await;
+    let chats = chats["chats"].as_array().unwrap();
+    assert_eq!(chats.len(), 4);
+    for c in chats.iter().filter(|c| c["workflow"] == "slow_topic") {
+        assert!(c["total_tokens"].as_u64().unwrap() > 0, "{c}");
+        assert_eq!(c["step"], 1);
+    }
+
+    // The runs end: nothing active, and the totals count them.
+    let _ = gate.send(true);
+    poll(port, "/health/active-runs", &root, &procs, |b| {
+        b["count"] == 0
+    })
+    .await;
+    let agg = poll(port, "/metrics/perf/aggregate", &admin, &procs, |b| {
+        b["runs_completed"] == 4
+    })
+    .await;
+    assert_eq!(agg["runs_started"], 4);
+    assert_eq!(agg["runs_failed"], 0);
+    assert!(agg["total_tokens"].as_u64().unwrap() > 0);
+    assert!(agg["turns"].as_u64().unwrap() >= 5, "{agg}");
+    assert_eq!(agg["apps"]["default"]["runs_completed"], 4);
+
+    // A dead worker drops out once its snapshot ages out.
+    procs.kill(worker);
+    poll(port, "/metrics/perf/aggregate", &root, &procs, |b| {
+        b["workers"] == 0
+    })
+    .await;
+}

@@ -31,6 +31,9 @@ pub struct BucketDef {
     pub storage: stream::StorageType,
     #[serde(default = "one_usize")]
     pub num_replicas: usize,
+    /// Entries older than this many nanoseconds are dropped (0: kept).
+    #[serde(default)]
+    pub max_age: u64,
 }
 
 fn one() -> i64 {
@@ -76,6 +79,10 @@ const EMBEDDED: &[(&str, &str)] = &[
     (
         "kv/MZ_KEYS.json",
         include_str!("../../../streams/kv/MZ_KEYS.json"),
+    ),
+    (
+        "kv/MZ_PERF.json",
+        include_str!("../../../streams/kv/MZ_PERF.json"),
     ),
 ];
 
@@ -211,6 +218,7 @@ impl Bus {
                 history: b.history,
                 storage: b.storage,
                 num_replicas: b.num_replicas,
+                max_age: std::time::Duration::from_nanos(b.max_age),
                 ..Default::default()
             };
             self.jetstream()
@@ -298,7 +306,7 @@ mod tests {
         let d = Definitions::embedded().unwrap();
         assert_eq!(d.streams.len(), 5);
         assert_eq!(d.consumers.len(), 3);
-        assert_eq!(d.buckets.len(), 2);
+        assert_eq!(d.buckets.len(), 3);
         let evt = d.streams.iter().find(|s| s.name == "MZ_EVT").unwrap();
         assert_eq!(evt.duplicate_window, std::time::Duration::from_secs(120));
     }
@@ -313,7 +321,7 @@ mod tests {
             "a new file in streams/ must be embedded too"
         );
         assert_eq!(from_dir.consumers.len(), 3);
-        assert_eq!(from_dir.buckets.len(), 2);
+        assert_eq!(from_dir.buckets.len(), 3);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod chat;
 pub mod metrics;
 pub mod model;
+pub mod perf;
 pub mod tools;
 pub mod worker;
 

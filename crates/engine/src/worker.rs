@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::chat::{Chat, Next};
 use crate::model::Model;
+use crate::perf::{ActiveRun, Perf};
 use crate::{Error, metrics as m};
 
 /// Worker settings.
@@ -59,6 +60,8 @@ struct Shared {
     http: reqwest::Client,
     runs: Semaphore,
     opts: Options,
+    /// Live numbers for `MZ_PERF`.
+    perf: Perf,
 }
 
 /// The worker service. See the crate docs.
@@ -84,6 +87,7 @@ impl Worker {
                 http: reqwest::Client::new(),
                 runs: Semaphore::new(opts.max_concurrent_runs.max(1)),
                 opts,
+                perf: Perf::default(),
             }),
         }
     }
@@ -104,8 +108,11 @@ impl Worker {
             .messages()
             .await
             .map_err(|e| Error::Consumer(e.to_string()))?;
+        let stop_perf = Arc::new(tokio::sync::Notify::new());
+        let perf_task = tokio::spawn(sh.perf.clone().publish(sh.bus.clone(), stop_perf.clone()));
         info!(
             max_concurrent_runs = sh.opts.max_concurrent_runs,
+            worker = %sh.perf.key(),
             "Worker started."
         );
         let mut actors: HashMap<(String, String), mpsc::UnboundedSender<Job>> = HashMap::new();
@@ -172,6 +179,8 @@ impl Worker {
                 }
             }
         }
+        stop_perf.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(2), perf_task).await;
         Ok(())
     }
 }
@@ -189,6 +198,7 @@ struct Owned {
     run_started: Option<Instant>,
     /// Child chats this actor started or whose log it checked (see `reconcile_children`).
     known_children: HashSet<String>,
+    step_started: Option<Instant>,
 }
 
 impl Owned {
@@ -209,6 +219,7 @@ impl Owned {
             stream_seq: 0,
             run_started: None,
             known_children: HashSet::new(),
+            step_started: None,
         };
         if let mozaiks_events::Command::StartSession { parent_chat_id, .. } = &first.command {
             o.parent_chat_id = parent_chat_id.clone();
@@ -220,8 +231,23 @@ impl Owned {
         }
         o.chat = Chat::from_events(events.iter().map(|(e, _)| (&e.event, e.causation_id)));
         o.stream_seq = events.last().map(|(_, s)| *s).unwrap_or(0);
-        if o.chat.run.is_some() {
+        if let Some(run) = &o.chat.run {
             o.run_started = Some(Instant::now());
+            sh.perf.run_started(
+                ActiveRun {
+                    app_id: o.app_id.clone(),
+                    chat_id: o.chat_id.clone(),
+                    workflow: o.workflow.clone(),
+                    run_id: run.run_id,
+                    started_at: Utc::now(),
+                    step: run.step,
+                    agent: run.agent.clone(),
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    turns: 0,
+                },
+                false,
+            );
         }
         // A child chat whose run ended: tell the parent again, in case the worker that ended it
         // died before it could (the parent ignores a repeat).
@@ -258,7 +284,7 @@ impl Owned {
             let effects = self.effects_of(&env.event);
             let ack = sh.bus.append(&env, self.stream_seq).await?;
             self.stream_seq = ack.stream_seq;
-            self.observe(&env.event);
+            self.observe(sh, &env.event);
             self.chat.apply(&env.event, causation);
             for effect in effects {
                 self.perform(sh, effect).await?;
@@ -272,11 +298,27 @@ impl Owned {
         Ok(())
     }
 
-    fn observe(&mut self, event: &Event) {
+    fn observe(&mut self, sh: &Shared, event: &Event) {
         let app = self.app_id.clone();
+        let perf = &sh.perf;
         match event {
-            Event::RunStarted(_) => {
+            Event::RunStarted(r) => {
                 self.run_started = Some(Instant::now());
+                perf.run_started(
+                    ActiveRun {
+                        app_id: app.clone(),
+                        chat_id: self.chat_id.clone(),
+                        workflow: self.workflow.clone(),
+                        run_id: r.run_id,
+                        started_at: Utc::now(),
+                        step: 0,
+                        agent: String::new(),
+                        prompt_tokens: 0,
+                        completion_tokens: 0,
+                        turns: 0,
+                    },
+                    true,
+                );
                 metrics::counter!(m::RUNS_STARTED, "app_id" => app.clone()).increment(1);
                 metrics::gauge!(m::ACTIVE_RUNS, "app_id" => app).increment(1.0);
             }
@@ -290,11 +332,22 @@ impl Owned {
                     metrics::histogram!(m::RUN_SECONDS).record(t.elapsed().as_secs_f64());
                     metrics::gauge!(m::ACTIVE_RUNS, "app_id" => app.clone()).decrement(1.0);
                 }
+                perf.run_ended(&app, &self.chat_id, outcome);
                 metrics::counter!(m::RUNS_ENDED, "app_id" => app, "outcome" => outcome)
                     .increment(1);
                 info!(outcome, "Run ended.");
             }
+            Event::StepStarted(s) => {
+                self.step_started = Some(Instant::now());
+                perf.step_started(&app, &self.chat_id, s.step, &s.agent);
+            }
+            Event::StepCompleted(_) => {
+                let took = self.step_started.take().map(|t| t.elapsed());
+                perf.turn_completed(&app, &self.chat_id, took);
+            }
+            Event::ToolResult(t) if t.error.is_some() => perf.tool_error(&app),
             Event::UsageCharged(u) => {
+                perf.charged(&app, &self.chat_id, u.prompt_tokens, u.completion_tokens);
                 metrics::counter!(m::TOKENS, "app_id" => app.clone(), "kind" => "prompt")
                     .increment(u.prompt_tokens);
                 metrics::counter!(m::TOKENS, "app_id" => app, "kind" => "completion")
@@ -350,6 +403,7 @@ async fn actor(
             Ok(None) | Err(_) => break,
         };
     }
+    sh.perf.forget(&app_id, &chat_id);
     debug!("Chat actor idle; stopping.");
 }
 

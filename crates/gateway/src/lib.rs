@@ -13,6 +13,7 @@ pub mod keys;
 pub mod metrics;
 pub mod notify;
 pub mod openapi;
+pub mod ops;
 pub mod sessions;
 pub mod storage;
 pub mod ws;
@@ -237,6 +238,9 @@ pub fn router(state: State) -> Router {
             post(keys::create).get(keys::list),
         )
         .route("/api/apps/{app_id}/keys/{key_id}", delete(keys::revoke))
+        .route("/health/active-runs", get(ops::active_runs))
+        .route("/metrics/perf/aggregate", get(ops::perf_aggregate))
+        .route("/metrics/perf/chats", get(ops::perf_chats))
         .route("/openapi.json", get(openapi::serve))
         .route(
             "/ws/{workflow}/{app_id}/{chat_id}/{user_id}",

@@ -24,8 +24,14 @@ pub const API_KEY_AUTH: &str = "mozaiks_api_key_auth_total";
 pub const API_KEYS_CREATED: &str = "mozaiks_api_keys_created_total";
 pub const STORAGE_MOVES: &str = "mozaiks_storage_moves_total";
 pub const STORAGE_MOVE_SECONDS: &str = "mozaiks_storage_move_seconds";
+pub const OPS_READ_SECONDS: &str = "mozaiks_ops_perf_read_seconds";
 
 pub fn describe() {
+    metrics::describe_histogram!(
+        OPS_READ_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to read every worker's MZ_PERF snapshot for an ops endpoint."
+    );
     metrics::describe_counter!(
         API_KEY_AUTH,
         "API keys presented, by outcome (accepted, malformed, unknown, mismatch, revoked)."

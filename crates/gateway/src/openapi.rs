@@ -265,6 +265,54 @@ pub const OPERATIONS: &[Op] = &[
             &[400, 401, 403, 404, 409, 422, 503],
         )
     },
+    Op {
+        query: &[(
+            "app_id",
+            "Only this app (superadmin); an app's admin always sees only its own app.",
+            false,
+        )],
+        ..op(
+            "get",
+            "/health/active-runs",
+            "ops",
+            "Runs in progress on every live worker (from MZ_PERF; role admin of the app, or superadmin for every app): {workers, count, runs: [{app_id, chat_id, workflow, run_id, started_at, elapsed_ms, step, agent, worker_id}]}.",
+            Auth::User,
+            200,
+            &[400, 401, 403, 503],
+        )
+    },
+    Op {
+        query: &[(
+            "app_id",
+            "Only this app (superadmin); an app's admin always sees only its own app.",
+            false,
+        )],
+        ..op(
+            "get",
+            "/metrics/perf/aggregate",
+            "ops",
+            "Fleet totals since each live worker started (role admin/superadmin, scoped like active-runs): {workers, active_runs, runs_started, runs_completed, runs_failed, runs_cancelled, prompt_tokens, completion_tokens, total_tokens, tool_errors, turns, turn_avg_ms, turn_max_ms, apps: {app_id: the same fields}}.",
+            Auth::User,
+            200,
+            &[400, 401, 403, 503],
+        )
+    },
+    Op {
+        query: &[(
+            "app_id",
+            "Only this app (superadmin); an app's admin always sees only its own app.",
+            false,
+        )],
+        ..op(
+            "get",
+            "/metrics/perf/chats",
+            "ops",
+            "Per chat with a run in progress (role admin/superadmin, scoped like active-runs): {count, chats: [{app_id, chat_id, workflow, run_id, started_at, elapsed_ms, step, agent, turns, prompt_tokens, completion_tokens, total_tokens, worker_id}]}.",
+            Auth::User,
+            200,
+            &[400, 401, 403, 503],
+        )
+    },
     op(
         "get",
         "/openapi.json",
