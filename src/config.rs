@@ -106,6 +106,42 @@ pub struct Global {
         global = true
     )]
     pub workflow_timeout_seconds: u64,
+    /// Where the projector role archives sessions past their tier's retention
+    /// (`{dir}/{app_id}/{YYYY-MM-DD}.jsonl`).
+    #[arg(
+        long,
+        env = "MOZAIKS_ARCHIVE_DIR",
+        default_value = "archive",
+        global = true
+    )]
+    pub archive_dir: PathBuf,
+    /// Whether the projector role sweeps for sessions past retention (turn off on all but one
+    /// projector replica).
+    #[arg(
+        long,
+        env = "MOZAIKS_RETENTION",
+        global = true,
+        default_value_t = true,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub retention: bool,
+    /// Seconds between retention sweeps.
+    #[arg(
+        long,
+        env = "MOZAIKS_RETENTION_INTERVAL_SECONDS",
+        default_value_t = 3600,
+        global = true
+    )]
+    pub retention_interval_seconds: u64,
+    /// Whether archived chats' events are purged from MZ_EVT too.
+    #[arg(
+        long,
+        env = "MOZAIKS_RETENTION_PURGE_LOG",
+        global = true,
+        default_value_t = true,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub retention_purge_log: bool,
     #[command(flatten)]
     pub model: ModelArgs,
 }

@@ -232,6 +232,25 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
                 .context("projector")
         });
     }
+    if roles.projector && g.retention {
+        let r = mozaiks_projector::retention::Retention::new(
+            bus.clone(),
+            store.clone().context("store")?,
+            registry.clone().context("registry")?,
+            mozaiks_projector::retention::Options {
+                dir: g.archive_dir.clone(),
+                every: Duration::from_secs(g.retention_interval_seconds.max(60)),
+                purge_log: g.retention_purge_log,
+            },
+        );
+        let s = stopped();
+        tasks.spawn(async move {
+            r.run(s)
+                .await
+                .map_err(anyhow::Error::from)
+                .context("retention")
+        });
+    }
     if roles.billing {
         let b = mozaiks_billing::Billing::new(bus.clone(), store.clone().context("store")?);
         let s = stopped();

@@ -15,6 +15,8 @@ use mozaiks_events::codec;
 use mozaiks_store::Store;
 use tracing::{info, warn};
 
+pub mod retention;
+
 /// Errors of the projector.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

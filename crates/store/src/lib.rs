@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod metrics;
 mod model;
 pub mod projection;
+pub mod retention;
 pub mod storage;
 
 use std::sync::Arc;
@@ -39,6 +40,8 @@ pub enum Error {
     Mongo(#[from] mongodb::error::Error),
     #[error("invalid document: {0}")]
     Document(String),
+    #[error("cannot write the archive: {0}")]
+    Archive(String),
 }
 
 /// Mongo error code of a duplicate key.
