@@ -198,8 +198,8 @@ impl Verifier {
                 &narrowed
             }
         };
-        let data = jsonwebtoken::decode::<Value>(token, &key, validation)
-            .map_err(Error::from_verify)?;
+        let data =
+            jsonwebtoken::decode::<Value>(token, &key, validation).map_err(Error::from_verify)?;
         if !data.claims.is_object() {
             return Err(Error::Malformed("payload is not a JSON object".into()));
         }

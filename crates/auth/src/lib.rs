@@ -39,9 +39,9 @@ mod redact;
 mod tests;
 
 pub use auth::{Auth, Config, parse_algorithms};
-pub use jsonwebtoken::Algorithm;
 pub use claims::{RuntimeClaims, UserClaims};
 pub use error::{Error, ErrorKind};
+pub use jsonwebtoken::Algorithm;
 pub use redact::redact_token;
 
 /// The issuer of every Mozaiks token.
