@@ -514,10 +514,24 @@ async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut Held) {
     }
 }
 
+/// Catches the chat up with what another writer appended: the aggregate already holds every event
+/// up to `stream_seq`, so only the later ones are read and applied.
 async fn reload(sh: &Shared, owned: &mut Owned) -> Result<(), Error> {
-    let events = sh.bus.read_chat(&owned.app_id, &owned.chat_id, 0).await?;
-    owned.chat = Chat::from_events(events.iter().map(|(e, _)| (&e.event, e.causation_id)));
-    owned.stream_seq = events.last().map(|(_, s)| *s).unwrap_or(0);
+    let events = sh
+        .bus
+        .read_chat_since(&owned.app_id, &owned.chat_id, owned.stream_seq)
+        .await?;
+    for (env, stream_seq) in &events {
+        if env.seq != owned.chat.seq + 1 {
+            // Not the continuation of what we hold (e.g. the log was purged): read it all again.
+            let all = sh.bus.read_chat(&owned.app_id, &owned.chat_id, 0).await?;
+            owned.chat = Chat::from_events(all.iter().map(|(e, _)| (&e.event, e.causation_id)));
+            owned.stream_seq = all.last().map(|(_, s)| *s).unwrap_or(0);
+            return Ok(());
+        }
+        owned.chat.apply(&env.event, env.causation_id);
+        owned.stream_seq = *stream_seq;
+    }
     Ok(())
 }
 

@@ -1,0 +1,106 @@
+//! A chat's log against a real nats-server: optimistic appends and the reads workers rely on.
+
+use chrono::Utc;
+use mozaiks_bus::Bus;
+use mozaiks_bus::definitions::Definitions;
+use mozaiks_events::{ENVELOPE_VERSION, Envelope, Event, MessageUser};
+use mozaiks_testkit::TestServers;
+use uuid::Uuid;
+
+fn message(chat: &str, seq: u64) -> Envelope {
+    Envelope {
+        v: ENVELOPE_VERSION,
+        event_id: Uuid::now_v7(),
+        app_id: "app1".into(),
+        chat_id: chat.into(),
+        user_id: "u1".into(),
+        workflow: "hello".into(),
+        seq,
+        ts: Utc::now(),
+        parent_chat_id: None,
+        causation_id: None,
+        event: Event::MessageUser(MessageUser {
+            text: format!("m{seq}"),
+            client_msg_id: None,
+        }),
+    }
+}
+
+async fn bus() -> (TestServers, Bus) {
+    let servers = TestServers::start_nats().await.unwrap();
+    let bus = Bus::connect(&servers.nats_url, &servers.namespace, "test")
+        .await
+        .unwrap();
+    bus.apply(&Definitions::embedded().unwrap()).await.unwrap();
+    (servers, bus)
+}
+
+#[tokio::test]
+async fn appends_are_ordered_by_the_log_and_a_stale_writer_is_refused() {
+    let (_servers, bus) = bus().await;
+    let mut last = 0;
+    let mut positions = Vec::new();
+    for seq in 1..=5 {
+        last = bus
+            .append(&message("c1", seq), last)
+            .await
+            .unwrap()
+            .stream_seq;
+        positions.push(last);
+        // Another chat interleaves on the same stream.
+        bus.append(&message(&format!("other{seq}"), 1), 0)
+            .await
+            .unwrap();
+    }
+    // A writer that did not see the last event is refused.
+    let stale = bus.append(&message("c1", 5), positions[3]).await;
+    assert!(matches!(stale, Err(mozaiks_bus::Error::Conflict { .. })));
+
+    let all = bus.read_chat("app1", "c1", 0).await.unwrap();
+    assert_eq!(
+        all.iter().map(|(e, _)| e.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(all.iter().map(|(_, s)| *s).collect::<Vec<_>>(), positions);
+
+    // Catching up from a known position reads only what came after it.
+    let since = bus
+        .read_chat_since("app1", "c1", positions[2])
+        .await
+        .unwrap();
+    assert_eq!(since.iter().map(|(e, _)| e.seq).collect::<Vec<_>>(), [4, 5]);
+    assert!(
+        bus.read_chat_since("app1", "c1", last)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        bus.read_chat_since("app1", "nobody", 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // After N reads the same as the full read past N.
+    let after = bus.read_chat("app1", "c1", 3).await.unwrap();
+    assert_eq!(after.iter().map(|(e, _)| e.seq).collect::<Vec<_>>(), [4, 5]);
+    let pos = bus.chat_position("app1", "c1").await.unwrap();
+    assert_eq!((pos.seq, pos.stream_seq), (5, last));
+}
+
+#[tokio::test]
+async fn long_chats_are_read_whole() {
+    let (_servers, bus) = bus().await;
+    let mut last = 0;
+    for seq in 1..=120 {
+        last = bus
+            .append(&message("long", seq), last)
+            .await
+            .unwrap()
+            .stream_seq;
+    }
+    let all = bus.read_chat("app1", "long", 0).await.unwrap();
+    assert_eq!(all.len(), 120);
+    assert!(all.windows(2).all(|w| w[1].0.seq == w[0].0.seq + 1));
+}
