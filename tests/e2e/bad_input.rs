@@ -9,10 +9,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::fleet::*;
 
-fn code(v: &serde_json::Value) -> &str {
-    v["error"]["code"].as_str().unwrap_or("<none>")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_bad_input_and_cross_tenant_requests_are_refused() {
     let fleet = Fleet::start(1).await;

@@ -8,40 +8,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::fleet::*;
 
-fn code(v: &Value) -> &str {
-    v["error"]["code"].as_str().unwrap_or("<none>")
-}
-
-fn root() -> String {
-    Fleet::token("root", "default", &["superadmin"])
-}
-
-/// Any HTTP call on gateway `gw`; returns (status, JSON body or Null, Retry-After).
-async fn call(
-    fleet: &Fleet,
-    gw: usize,
-    method: &str,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-) -> (u16, Value, Option<String>) {
-    let url = format!("{}{path}", fleet.gateways[gw]);
-    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-    let mut req = fleet.http.request(m, url).bearer_auth(token);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16();
-    let retry = r
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_string());
-    (status, r.json().await.unwrap_or(Value::Null), retry)
-}
-
 async fn create_app(fleet: &Fleet, body: Value) -> Value {
-    let (s, v, _) = call(fleet, 0, "POST", "/api/apps", &root(), Some(body)).await;
+    let (s, v, _) = fleet
+        .call(0, "POST", "/api/apps", &root(), Some(body))
+        .await;
     assert_eq!(s, 201, "create app: {v}");
     v
 }
@@ -111,37 +81,39 @@ async fn apps_lifecycle_bad_input_and_live_limits_on_every_replica() {
         (json!({"app_id": "x", "name": "X"}), 422, "invalid_body"),
     ];
     for (body, status, want) in bad_creates {
-        let (s, v, _) = call(&fleet, 0, "POST", "/api/apps", &root(), Some(body.clone())).await;
+        let (s, v, _) = fleet
+            .call(0, "POST", "/api/apps", &root(), Some(body.clone()))
+            .await;
         assert_eq!((s, code(&v)), (status, want), "{body}");
     }
-    let (s, v, _) = call(
-        &fleet,
-        0,
-        "POST",
-        "/api/apps",
-        &admin,
-        Some(json!({"name": "Mine", "tier": "starter"})),
-    )
-    .await;
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps",
+            &admin,
+            Some(json!({"name": "Mine", "tier": "starter"})),
+        )
+        .await;
     assert_eq!((s, code(&v)), (403, "superadmin_required"));
     // A generated app_id.
     let generated = create_app(&fleet, json!({"name": "No id", "tier": "horizons"})).await;
     assert!(generated["app_id"].as_str().unwrap().starts_with("app-"));
 
     // Read and patch: the app's admin may change its own settings, not its entitlements.
-    let (s, v, _) = call(&fleet, 1, "GET", "/api/apps/acme", &admin, None).await;
+    let (s, v, _) = fleet.call(1, "GET", "/api/apps/acme", &admin, None).await;
     assert_eq!((s, v["name"].as_str()), (200, Some("Acme")), "{v}");
-    let (s, v, _) = call(&fleet, 1, "GET", "/api/apps/acme", &user, None).await;
+    let (s, v, _) = fleet.call(1, "GET", "/api/apps/acme", &user, None).await;
     assert_eq!((s, code(&v)), (403, "admin_required"));
-    let (s, v, _) = call(
-        &fleet,
-        0,
-        "PATCH",
-        "/api/apps/acme",
-        &admin,
-        Some(json!({"name": "Acme Inc", "context": {"brand": "acme"}})),
-    )
-    .await;
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "PATCH",
+            "/api/apps/acme",
+            &admin,
+            Some(json!({"name": "Acme Inc", "context": {"brand": "acme"}})),
+        )
+        .await;
     assert_eq!((s, v["name"].as_str()), (200, Some("Acme Inc")), "{v}");
     let root = root();
     let bad_patches = [
@@ -181,26 +153,20 @@ async fn apps_lifecycle_bad_input_and_live_limits_on_every_replica() {
         (&root, json!({"status": "deleted"}), 422, "invalid_status"),
     ];
     for (token, body, status, want) in bad_patches {
-        let (s, v, _) = call(
-            &fleet,
-            0,
-            "PATCH",
-            "/api/apps/acme",
-            token,
-            Some(body.clone()),
-        )
-        .await;
+        let (s, v, _) = fleet
+            .call(0, "PATCH", "/api/apps/acme", token, Some(body.clone()))
+            .await;
         assert_eq!((s, code(&v)), (status, want), "{body}");
     }
-    let (s, v, _) = call(
-        &fleet,
-        0,
-        "PATCH",
-        "/api/apps/nope",
-        &root,
-        Some(json!({"name": "N"})),
-    )
-    .await;
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "PATCH",
+            "/api/apps/nope",
+            &root,
+            Some(json!({"name": "N"})),
+        )
+        .await;
     assert_eq!((s, code(&v)), (404, "app_not_found"));
 
     // The broker: allowlist, unknown app.
@@ -217,15 +183,15 @@ async fn apps_lifecycle_bad_input_and_live_limits_on_every_replica() {
     assert_eq!((s, code(&v)), (404, "app_not_found"));
 
     // An allowlist change on replica 0 reaches replica 1 without a restart.
-    let (s, _, _) = call(
-        &fleet,
-        0,
-        "PATCH",
-        "/api/apps/acme",
-        &admin,
-        Some(json!({"workflows": ["hello", "triage_handoff"]})),
-    )
-    .await;
+    let (s, _, _) = fleet
+        .call(
+            0,
+            "PATCH",
+            "/api/apps/acme",
+            &admin,
+            Some(json!({"workflows": ["hello", "triage_handoff"]})),
+        )
+        .await;
     assert_eq!(s, 200);
     fleet
         .eventually("the allowlist on replica 1", || async {
@@ -245,30 +211,30 @@ async fn apps_lifecycle_bad_input_and_live_limits_on_every_replica() {
     assert_eq!(names, HashSet::from(["hello", "triage_handoff"]));
 
     // A limit change reaches replica 1 too: requests per minute, then 429 with Retry-After.
-    let (s, v, _) = call(
-        &fleet,
-        0,
-        "PATCH",
-        "/api/apps/acme",
-        &root,
-        Some(json!({"limits": {"requests_per_minute": 2}})),
-    )
-    .await;
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "PATCH",
+            "/api/apps/acme",
+            &root,
+            Some(json!({"limits": {"requests_per_minute": 2}})),
+        )
+        .await;
     assert_eq!(
         (s, v["effective_limits"]["requests_per_minute"].as_u64()),
         (200, Some(2))
     );
     let (retry, body) = fleet
         .eventually("rate limiting on replica 1", || async {
-            let (s, v, retry) = call(
-                &fleet,
-                1,
-                "POST",
-                "/api/sessions",
-                &user,
-                Some(start("acme", "hello")),
-            )
-            .await;
+            let (s, v, retry) = fleet
+                .call(
+                    1,
+                    "POST",
+                    "/api/sessions",
+                    &user,
+                    Some(start("acme", "hello")),
+                )
+                .await;
             (s == 429).then_some((retry, v))
         })
         .await;
@@ -280,15 +246,15 @@ async fn apps_lifecycle_bad_input_and_live_limits_on_every_replica() {
     fleet.session(1, &alice, "hello", None).await;
 
     // Suspend and resume (superadmin), seen by the other replica.
-    let (s, _, _) = call(
-        &fleet,
-        0,
-        "PATCH",
-        "/api/apps/acme",
-        &root,
-        Some(json!({"status": "suspended", "limits": {}})),
-    )
-    .await;
+    let (s, _, _) = fleet
+        .call(
+            0,
+            "PATCH",
+            "/api/apps/acme",
+            &root,
+            Some(json!({"status": "suspended", "limits": {}})),
+        )
+        .await;
     assert_eq!(s, 200);
     fleet
         .eventually("the suspension on replica 1", || async {
@@ -296,15 +262,15 @@ async fn apps_lifecycle_bad_input_and_live_limits_on_every_replica() {
             (s == 403 && code(&v) == "app_suspended").then_some(())
         })
         .await;
-    let (s, _, _) = call(
-        &fleet,
-        1,
-        "PATCH",
-        "/api/apps/acme",
-        &root,
-        Some(json!({"status": "active"})),
-    )
-    .await;
+    let (s, _, _) = fleet
+        .call(
+            1,
+            "PATCH",
+            "/api/apps/acme",
+            &root,
+            Some(json!({"status": "active"})),
+        )
+        .await;
     assert_eq!(s, 200);
     fleet
         .eventually("the resumption on replica 0", || async {
@@ -383,9 +349,13 @@ async fn deleting_an_app_refuses_sessions_everywhere_and_removes_its_read_models
     }
 
     // Only the operator deletes.
-    let (s, v, _) = call(&fleet, 0, "DELETE", "/api/apps/gone", &admin, None).await;
+    let (s, v, _) = fleet
+        .call(0, "DELETE", "/api/apps/gone", &admin, None)
+        .await;
     assert_eq!((s, code(&v)), (403, "superadmin_required"));
-    let (s, v, _) = call(&fleet, 0, "DELETE", "/api/apps/gone", &root(), None).await;
+    let (s, v, _) = fleet
+        .call(0, "DELETE", "/api/apps/gone", &root(), None)
+        .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["sessions_removed"], 1);
     assert!(v["messages_removed"].as_u64().unwrap() >= 2, "{v}");
@@ -399,7 +369,7 @@ async fn deleting_an_app_refuses_sessions_everywhere_and_removes_its_read_models
             })
             .await;
     }
-    let (s, v, _) = call(&fleet, 1, "GET", "/api/apps/gone", &root(), None).await;
+    let (s, v, _) = fleet.call(1, "GET", "/api/apps/gone", &root(), None).await;
     assert_eq!((s, code(&v)), (404, "app_not_found"));
     let (s, v) = fleet
         .get(1, &format!("/api/sessions/{}", chats[0]), &user)
@@ -426,19 +396,23 @@ async fn deleting_an_app_refuses_sessions_everywhere_and_removes_its_read_models
     }
 
     // Deleting again repeats the clean-up; the id is not reusable (its history is on the log).
-    let (s, v, _) = call(&fleet, 1, "DELETE", "/api/apps/gone", &root(), None).await;
+    let (s, v, _) = fleet
+        .call(1, "DELETE", "/api/apps/gone", &root(), None)
+        .await;
     assert_eq!((s, v["sessions_removed"].as_u64()), (200, Some(0)), "{v}");
-    let (s, v, _) = call(
-        &fleet,
-        0,
-        "POST",
-        "/api/apps",
-        &root(),
-        Some(json!({"app_id": "gone", "name": "Again", "tier": "starter"})),
-    )
-    .await;
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps",
+            &root(),
+            Some(json!({"app_id": "gone", "name": "Again", "tier": "starter"})),
+        )
+        .await;
     assert_eq!((s, code(&v)), (409, "app_exists"));
-    let (s, v, _) = call(&fleet, 0, "DELETE", "/api/apps/never", &root(), None).await;
+    let (s, v, _) = fleet
+        .call(0, "DELETE", "/api/apps/never", &root(), None)
+        .await;
     assert_eq!((s, code(&v)), (404, "app_not_found"));
 }
 
@@ -483,15 +457,15 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
     let new_key = |app: &'static str| {
         let fleet = &fleet;
         async move {
-            let (s, v, _) = call(
-                fleet,
-                0,
-                "POST",
-                &format!("/api/apps/{app}/keys"),
-                &root(),
-                Some(json!({"name": "backend"})),
-            )
-            .await;
+            let (s, v, _) = fleet
+                .call(
+                    0,
+                    "POST",
+                    &format!("/api/apps/{app}/keys"),
+                    &root(),
+                    Some(json!({"name": "backend"})),
+                )
+                .await;
             assert_eq!(s, 201, "{v}");
             v
         }
@@ -602,8 +576,8 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
         ("A's API key", &a_key),
     ] {
         for (method, real, twin, body) in &requests {
-            let (s1, v1, _) = call(&fleet, 0, method, real, token, body.clone()).await;
-            let (s2, v2, _) = call(&fleet, 0, method, twin, token, body.clone()).await;
+            let (s1, v1, _) = fleet.call(0, method, real, token, body.clone()).await;
+            let (s2, v2, _) = fleet.call(0, method, twin, token, body.clone()).await;
             assert!(
                 (400..500).contains(&s1),
                 "{who} {method} {real} was not refused: {s1} {v1}"
@@ -636,7 +610,9 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
         }
     }
     // Nothing of B changed, and B's user still sees its chat.
-    let (_, v, _) = call(&fleet, 0, "GET", "/api/apps/tenant-b", &root(), None).await;
+    let (_, v, _) = fleet
+        .call(0, "GET", "/api/apps/tenant-b", &root(), None)
+        .await;
     assert_eq!(v["name"], "B");
     let (s, _) = fleet
         .get(0, &format!("/api/sessions/{b_chat}"), &b_user)

@@ -140,18 +140,56 @@ impl Fleet {
         Self::auth().mint_user(sub, app, roles, 3600).unwrap()
     }
 
+    /// Any HTTP call on gateway `gw` with `Authorization: Bearer {bearer}` and/or
+    /// `X-Api-Key: {api_key}`; returns (status, JSON body or Null, Retry-After).
+    pub async fn call_as(
+        &self,
+        gw: usize,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        api_key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value, Option<String>) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(m, format!("{}{path}", self.gateways[gw]));
+        if let Some(t) = bearer {
+            req = req.bearer_auth(t);
+        }
+        if let Some(k) = api_key {
+            req = req.header("x-api-key", k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
+        (status, r.json().await.unwrap_or(Value::Null), retry)
+    }
+
+    /// Any HTTP call on gateway `gw` with a bearer token.
+    pub async fn call(
+        &self,
+        gw: usize,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value, Option<String>) {
+        self.call_as(gw, method, path, Some(token), None, body)
+            .await
+    }
+
     /// POST /api/sessions; returns (status, body).
     pub async fn post_session(&self, gw: usize, token: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}/api/sessions", self.gateways[gw]))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        let (status, v, _) = self
+            .call(gw, "POST", "/api/sessions", token, Some(body))
+            .await;
+        (status, v)
     }
 
     /// Starts a session that must succeed.
@@ -172,15 +210,8 @@ impl Fleet {
     }
 
     pub async fn get(&self, gw: usize, path: &str, token: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.gateways[gw]))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        let (status, v, _) = self.call(gw, "GET", path, token, None).await;
+        (status, v)
     }
 
     /// The WebSocket URL of a ticket on gateway `gw`.
@@ -232,6 +263,16 @@ impl Drop for Fleet {
             eprintln!("process logs kept in {}", self.dir.display());
         }
     }
+}
+
+/// The `code` of an error answer, or `<none>`.
+pub fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("<none>")
+}
+
+/// A superadmin token (the fleet operator).
+pub fn root() -> String {
+    Fleet::token("root", "default", &["superadmin"])
 }
 
 /// Reads the next JSON text frame (10 s timeout).

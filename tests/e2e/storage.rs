@@ -10,35 +10,6 @@ use serde_json::{Value, json};
 
 use crate::fleet::*;
 
-fn code(v: &Value) -> &str {
-    v["error"]["code"].as_str().unwrap_or("<none>")
-}
-
-fn root() -> String {
-    Fleet::token("root", "default", &["superadmin"])
-}
-
-async fn call(
-    fleet: &Fleet,
-    gw: usize,
-    method: &str,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-    let mut req = fleet
-        .http
-        .request(m, format!("{}{path}", fleet.gateways[gw]))
-        .bearer_auth(token);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 async fn start_chat(fleet: &Fleet, gw: usize, token: &str, app: &str, text: &str) -> String {
     let (s, v) = fleet
         .post_session(
@@ -73,15 +44,15 @@ async fn moving_an_app_rebuilds_its_read_models_from_the_log_without_losing_even
     let admin = Fleet::token("max", "movy", &["admin"]);
 
     // A business app gets its own database from the start; its sessions live there only.
-    let (s, biz) = call(
-        &fleet,
-        0,
-        "POST",
-        "/api/apps",
-        &root(),
-        Some(json!({"app_id": "biz", "name": "Biz", "tier": "business"})),
-    )
-    .await;
+    let (s, biz, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps",
+            &root(),
+            Some(json!({"app_id": "biz", "name": "Biz", "tier": "business"})),
+        )
+        .await;
     assert_eq!(s, 201, "{biz}");
     let biz_db_name = format!("{}_biz", fleet.servers.mongo_db);
     assert_eq!(biz["storage"]["db_name"], biz_db_name.as_str());
@@ -104,15 +75,15 @@ async fn moving_an_app_rebuilds_its_read_models_from_the_log_without_losing_even
     );
 
     // A starter app on the shared database, with sessions before the move.
-    let (s, v) = call(
-        &fleet,
-        0,
-        "POST",
-        "/api/apps",
-        &root(),
-        Some(json!({"app_id": "movy", "name": "Movy", "tier": "starter"})),
-    )
-    .await;
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps",
+            &root(),
+            Some(json!({"app_id": "movy", "name": "Movy", "tier": "starter"})),
+        )
+        .await;
     assert_eq!(s, 201, "{v}");
     assert!(v["storage"].is_null());
     let mut before = Vec::new();
@@ -154,40 +125,42 @@ async fn moving_an_app_rebuilds_its_read_models_from_the_log_without_losing_even
         (root(), json!({"db_name": 7}), 422, "invalid_body"),
     ];
     for (token, body, status, want) in cases {
-        let (s, v) = call(&fleet, 0, "POST", path, &token, Some(body.clone())).await;
+        let (s, v, _) = fleet
+            .call(0, "POST", path, &token, Some(body.clone()))
+            .await;
         assert_eq!((s, code(&v)), (status, want), "{body}");
     }
-    let (s, v) = call(
-        &fleet,
-        0,
-        "POST",
-        "/api/apps/nope/storage",
-        &root(),
-        Some(json!({"db_name": "x"})),
-    )
-    .await;
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps/nope/storage",
+            &root(),
+            Some(json!({"db_name": "x"})),
+        )
+        .await;
     assert_eq!((s, code(&v)), (404, "app_not_found"));
-    let (s, v) = call(
-        &fleet,
-        0,
-        "POST",
-        "/api/apps/bad!id/storage",
-        &root(),
-        Some(json!({"db_name": "x"})),
-    )
-    .await;
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps/bad!id/storage",
+            &root(),
+            Some(json!({"db_name": "x"})),
+        )
+        .await;
     assert_eq!((s, code(&v)), (422, "invalid_id"));
 
     // Business now: still on the shared database until moved.
-    let (s, v) = call(
-        &fleet,
-        0,
-        "PATCH",
-        "/api/apps/movy",
-        &root(),
-        Some(json!({"tier": "business"})),
-    )
-    .await;
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "PATCH",
+            "/api/apps/movy",
+            &root(),
+            Some(json!({"tier": "business"})),
+        )
+        .await;
     assert_eq!(s, 200, "{v}");
     assert!(v["storage"].is_null());
     for (body, why) in [
@@ -202,7 +175,9 @@ async fn moving_an_app_rebuilds_its_read_models_from_the_log_without_losing_even
             "mongodb://",
         ),
     ] {
-        let (s, v) = call(&fleet, 0, "POST", path, &root(), Some(body.clone())).await;
+        let (s, v, _) = fleet
+            .call(0, "POST", path, &root(), Some(body.clone()))
+            .await;
         assert_eq!((s, code(&v)), (422, "invalid_storage"), "{body}");
         assert!(v["error"]["message"].as_str().unwrap().contains(why), "{v}");
     }
@@ -231,15 +206,9 @@ async fn moving_an_app_rebuilds_its_read_models_from_the_log_without_losing_even
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (s, moved) = call(
-        &fleet,
-        1,
-        "POST",
-        path,
-        &root(),
-        Some(json!({"db_name": target})),
-    )
-    .await;
+    let (s, moved, _) = fleet
+        .call(1, "POST", path, &root(), Some(json!({"db_name": target})))
+        .await;
     assert_eq!(s, 200, "{moved}");
     assert_eq!(moved["storage"]["db_name"], target.as_str());
     assert_eq!(moved["previous_left_intact"], true);
@@ -247,18 +216,18 @@ async fn moving_an_app_rebuilds_its_read_models_from_the_log_without_losing_even
     let during = during.await.unwrap();
 
     // Every replica reads the new placement; admins see it.
-    let (_, v) = call(&fleet, 0, "GET", "/api/apps/movy", &admin, None).await;
+    let (_, v, _) = fleet.call(0, "GET", "/api/apps/movy", &admin, None).await;
     assert_eq!(v["storage"]["db_name"], target.as_str());
     // Down to a shared-database tier only after moving back.
-    let (s, v) = call(
-        &fleet,
-        0,
-        "PATCH",
-        "/api/apps/movy",
-        &root(),
-        Some(json!({"tier": "starter"})),
-    )
-    .await;
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "PATCH",
+            "/api/apps/movy",
+            &root(),
+            Some(json!({"tier": "starter"})),
+        )
+        .await;
     assert_eq!((s, code(&v)), (422, "invalid_storage"));
 
     let mut after = Vec::new();
@@ -331,15 +300,9 @@ async fn moving_an_app_rebuilds_its_read_models_from_the_log_without_losing_even
 
     // Moving back to the shared database: reads follow, and the sessions after the first move
     // are replayed there.
-    let (s, back) = call(
-        &fleet,
-        0,
-        "POST",
-        path,
-        &root(),
-        Some(json!({"db_name": null})),
-    )
-    .await;
+    let (s, back, _) = fleet
+        .call(0, "POST", path, &root(), Some(json!({"db_name": null})))
+        .await;
     assert_eq!(s, 200, "{back}");
     assert!(back["storage"].is_null());
     let in_old: HashSet<String> = sessions_in(&shared, "movy")
@@ -355,17 +318,19 @@ async fn moving_an_app_rebuilds_its_read_models_from_the_log_without_losing_even
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_projector_skips_events_of_a_deleted_app() {
     let fleet = Fleet::start(1).await;
-    let (s, v) = call(
-        &fleet,
-        0,
-        "POST",
-        "/api/apps",
-        &root(),
-        Some(json!({"app_id": "late", "name": "Late", "tier": "starter"})),
-    )
-    .await;
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps",
+            &root(),
+            Some(json!({"app_id": "late", "name": "Late", "tier": "starter"})),
+        )
+        .await;
     assert_eq!(s, 201, "{v}");
-    let (s, v) = call(&fleet, 0, "DELETE", "/api/apps/late", &root(), None).await;
+    let (s, v, _) = fleet
+        .call(0, "DELETE", "/api/apps/late", &root(), None)
+        .await;
     assert_eq!(s, 200, "{v}");
 
     // An event of the deleted app reaches the log after the delete (a run still finishing), then
