@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -295,21 +295,9 @@ impl Procs {
 
     pub fn spawn(&mut self, role: &str, port: Option<u16>) -> usize {
         let log = self.dir.join(format!("{role}-{}.log", self.children.len()));
-        let out = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mozaiks"));
-        cmd.arg(role)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("NATS_URL", &self.servers.nats_url)
-            .env("MONGO_URI", &self.servers.mongo_uri)
-            .env("MOZAIKS_MONGO_DB", &self.servers.mongo_db)
-            .env("MOZAIKS_NAMESPACE", &self.servers.namespace)
-            .env("JWT_SECRET", SECRET)
-            .env("MOZAIKS_WORKFLOWS_DIR", self.dir.join("workflows"))
-            .env("MOZAIKS_STREAMS_DIR", self.dir.join("streams"))
-            .env("LOG_LEVEL", "info,async_nats=warn")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
+        let mut cmd = command(&self.servers, role, &log);
+        cmd.env("MOZAIKS_WORKFLOWS_DIR", self.dir.join("workflows"))
+            .env("MOZAIKS_STREAMS_DIR", self.dir.join("streams"));
         if let Some(p) = port {
             cmd.env("MOZAIKS_LISTEN", format!("127.0.0.1:{p}"));
         }
@@ -379,14 +367,6 @@ async fn slow_tool_server() -> (String, Arc<AtomicUsize>) {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (format!("http://{addr}"), hits)
-}
-
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

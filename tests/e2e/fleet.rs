@@ -28,7 +28,30 @@ pub struct Fleet {
     dir: std::path::PathBuf,
 }
 
-fn free_port() -> u16 {
+/// A `mozaiks {role}` process for `servers`, with only the environment a test sets (the shipped
+/// workflows, the test secret), its output in `log`.
+pub fn command(servers: &TestServers, role: &str, log: &std::path::Path) -> Command {
+    let out = std::fs::File::create(log).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mozaiks"));
+    cmd.arg(role)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("NATS_URL", &servers.nats_url)
+        .env("MONGO_URI", &servers.mongo_uri)
+        .env("MOZAIKS_MONGO_DB", &servers.mongo_db)
+        .env("MOZAIKS_NAMESPACE", &servers.namespace)
+        .env("JWT_SECRET", SECRET)
+        .env(
+            "MOZAIKS_WORKFLOWS_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/workflows"),
+        )
+        .env("LOG_LEVEL", "info,async_nats=warn")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    cmd
+}
+
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -66,25 +89,14 @@ impl Fleet {
     }
 
     pub fn spawn(&mut self, role: &str, port: Option<u16>) -> usize {
+        self.spawn_with(role, port, &[("MOZAIKS_DRAIN_SECONDS", "3")])
+    }
+
+    /// Like [`Fleet::spawn`], with more environment (later entries win).
+    pub fn spawn_with(&mut self, role: &str, port: Option<u16>, env: &[(&str, &str)]) -> usize {
         let log = self.dir.join(format!("{role}-{}.log", self.procs.len()));
-        let out = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mozaiks"));
-        cmd.arg(role)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("NATS_URL", &self.servers.nats_url)
-            .env("MONGO_URI", &self.servers.mongo_uri)
-            .env("MOZAIKS_MONGO_DB", &self.servers.mongo_db)
-            .env("MOZAIKS_NAMESPACE", &self.servers.namespace)
-            .env("JWT_SECRET", SECRET)
-            .env(
-                "MOZAIKS_WORKFLOWS_DIR",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/workflows"),
-            )
-            .env("LOG_LEVEL", "info,async_nats=warn")
-            .env("MOZAIKS_DRAIN_SECONDS", "3")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
+        let mut cmd = command(&self.servers, role, &log);
+        cmd.envs(env.iter().copied());
         if let Some(p) = port {
             cmd.env("MOZAIKS_LISTEN", format!("127.0.0.1:{p}"));
         }

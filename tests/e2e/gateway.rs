@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::fleet::{Fleet, Proc, SECRET, Ws, next_frame};
+use crate::fleet::{Fleet, Ws, free_port, next_frame};
 
 /// The test's own connection to the fleet's NATS, in its namespace.
 async fn bus(fleet: &Fleet) -> Bus {
@@ -584,42 +584,8 @@ async fn notifications_reach_a_user_on_every_replica_and_never_another_app() {
 
 /// Starts one more gateway process with extra environment.
 fn spawn_gateway(fleet: &mut Fleet, env: &[(&str, &str)]) -> usize {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let log = std::env::temp_dir().join(format!(
-        "mozaiks-e2e-gw-{}.log",
-        uuid::Uuid::now_v7().simple()
-    ));
-    let out = std::fs::File::create(&log).unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mozaiks"));
-    cmd.arg("gateway")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("NATS_URL", &fleet.servers.nats_url)
-        .env("MONGO_URI", &fleet.servers.mongo_uri)
-        .env("MOZAIKS_MONGO_DB", &fleet.servers.mongo_db)
-        .env("MOZAIKS_NAMESPACE", &fleet.servers.namespace)
-        .env("JWT_SECRET", SECRET)
-        .env(
-            "MOZAIKS_WORKFLOWS_DIR",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/workflows"),
-        )
-        .env("LOG_LEVEL", "info,async_nats=warn")
-        .env("MOZAIKS_LISTEN", format!("127.0.0.1:{port}"))
-        .stdout(out.try_clone().unwrap())
-        .stderr(out);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().unwrap();
-    fleet.procs.push(Proc {
-        role: "gateway".into(),
-        child,
-        log,
-    });
+    let port = free_port();
+    fleet.spawn_with("gateway", Some(port), env);
     fleet.gateways.push(format!("http://127.0.0.1:{port}"));
     fleet.gateways.len() - 1
 }
