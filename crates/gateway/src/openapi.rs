@@ -11,6 +11,13 @@ use std::sync::OnceLock;
 use axum::Json;
 use serde_json::{Map, Value, json};
 
+/// The `app_id` scope of the ops endpoints.
+const OPS_SCOPE: &[(&str, &str, bool)] = &[(
+    "app_id",
+    "Only this app (superadmin); an app's admin always sees only its own app.",
+    false,
+)];
+
 /// How an operation authenticates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Auth {
@@ -266,11 +273,7 @@ pub const OPERATIONS: &[Op] = &[
         )
     },
     Op {
-        query: &[(
-            "app_id",
-            "Only this app (superadmin); an app's admin always sees only its own app.",
-            false,
-        )],
+        query: OPS_SCOPE,
         ..op(
             "get",
             "/health/active-runs",
@@ -282,11 +285,7 @@ pub const OPERATIONS: &[Op] = &[
         )
     },
     Op {
-        query: &[(
-            "app_id",
-            "Only this app (superadmin); an app's admin always sees only its own app.",
-            false,
-        )],
+        query: OPS_SCOPE,
         ..op(
             "get",
             "/metrics/perf/aggregate",
@@ -298,11 +297,7 @@ pub const OPERATIONS: &[Op] = &[
         )
     },
     Op {
-        query: &[(
-            "app_id",
-            "Only this app (superadmin); an app's admin always sees only its own app.",
-            false,
-        )],
+        query: OPS_SCOPE,
         ..op(
             "get",
             "/metrics/perf/chats",
