@@ -202,6 +202,12 @@ struct Owned {
 }
 
 impl Owned {
+    /// Sets the chat to the fold of `events`, the whole log as read from the stream.
+    fn replace_with(&mut self, events: &[(Envelope, u64)]) {
+        self.chat = Chat::from_events(events.iter().map(|(e, _)| (&e.event, e.causation_id)));
+        self.stream_seq = events.last().map(|(_, s)| *s).unwrap_or(0);
+    }
+
     async fn load(
         sh: &Shared,
         app_id: &str,
@@ -229,8 +235,7 @@ impl Owned {
             o.workflow = head.workflow.clone();
             o.parent_chat_id = head.parent_chat_id.clone();
         }
-        o.chat = Chat::from_events(events.iter().map(|(e, _)| (&e.event, e.causation_id)));
-        o.stream_seq = events.last().map(|(_, s)| *s).unwrap_or(0);
+        o.replace_with(&events);
         if let Some(run) = &o.chat.run {
             o.run_started = Some(Instant::now());
             sh.perf.run_started(
@@ -525,8 +530,7 @@ async fn reload(sh: &Shared, owned: &mut Owned) -> Result<(), Error> {
         if env.seq != owned.chat.seq + 1 {
             // Not the continuation of what we hold (e.g. the log was purged): read it all again.
             let all = sh.bus.read_chat(&owned.app_id, &owned.chat_id, 0).await?;
-            owned.chat = Chat::from_events(all.iter().map(|(e, _)| (&e.event, e.causation_id)));
-            owned.stream_seq = all.last().map(|(_, s)| *s).unwrap_or(0);
+            owned.replace_with(&all);
             return Ok(());
         }
         owned.chat.apply(&env.event, env.causation_id);
