@@ -6,6 +6,7 @@ mod children;
 mod cli;
 mod control;
 mod engine;
+mod expiry;
 mod fleet;
 mod gateway;
 mod keys;
