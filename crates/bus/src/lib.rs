@@ -4,6 +4,7 @@
 //! consumer and bucket definitions of `streams/` ([`definitions`]), appends events to a chat's log
 //! with optimistic concurrency ([`Bus::append`]), sends commands, and reads a chat's log back.
 
+mod batch;
 pub mod definitions;
 mod log;
 pub mod metrics;
@@ -12,6 +13,7 @@ mod replay;
 use std::time::Duration;
 
 use async_nats::jetstream;
+pub use batch::BATCH;
 pub use log::{Appended, ChatPosition, Seek};
 use mozaiks_events::subjects::Subjects;
 pub use replay::ReplayBatch;

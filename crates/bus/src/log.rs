@@ -9,9 +9,6 @@ use mozaiks_events::{CommandEnvelope, Envelope, codec};
 
 use crate::{Bus, Error, metrics as m};
 
-/// Chats with at most this many events are read with direct gets rather than a consumer.
-const SHORT_CHAT: u64 = 48;
-
 /// Header naming the codec of a message's payload.
 pub const CODEC_HEADER: &str = "Mz-Codec";
 
@@ -136,7 +133,8 @@ impl Bus {
         }
     }
 
-    /// Every event of a chat with `seq > after`, in order, each with its stream sequence.
+    /// Every event of a chat with `seq > after`, in order, each with its stream sequence. Read
+    /// with batched direct gets up to the chat's end at the call (no consumer is created).
     pub async fn read_chat(
         &self,
         app_id: &str,
@@ -147,58 +145,31 @@ impl Bus {
         if end.seq <= after {
             return Ok(Vec::new());
         }
-        if after == 0 && end.seq <= SHORT_CHAT {
-            // A short chat is cheaper to read with a few gets than with a consumer, and leaves no
-            // consumer behind on the server (workers load and reload chats often).
-            return self.read_chat_since(app_id, chat_id, 0).await;
-        }
-        let mut out = Vec::with_capacity((end.seq - after) as usize);
-        let mut events = self.follow_chat(app_id, chat_id, 0).await?;
-        while let Some(item) = events.next().await {
-            let (env, stream_seq) = item?;
-            if env.seq > after {
-                out.push((env, stream_seq));
-            }
-            if stream_seq >= end.stream_seq {
-                break;
-            }
-        }
+        let from = if after == 0 {
+            1
+        } else {
+            self.seek_chat(app_id, chat_id, after, end)
+                .await?
+                .from_stream_seq
+        };
+        let mut out = self
+            .read_chat_range(app_id, chat_id, from, end.stream_seq, usize::MAX)
+            .await?;
+        out.retain(|(env, _)| env.seq > after);
         Ok(out)
     }
 
-    /// The chat's events stored after stream sequence `after_stream_seq`, in order, read from the
-    /// stream leader one message at a time (no consumer). For catching up a chat whose state is
-    /// known up to `after_stream_seq`, e.g. after an append was refused as a conflict.
+    /// The chat's events stored after stream sequence `after_stream_seq`, in order (batched direct
+    /// gets from the stream leader, no consumer). For catching up a chat whose state is known up
+    /// to `after_stream_seq`, e.g. after an append was refused as a conflict.
     pub async fn read_chat_since(
         &self,
         app_id: &str,
         chat_id: &str,
         after_stream_seq: u64,
     ) -> Result<Vec<(Envelope, u64)>, Error> {
-        let stream = self.stream("MZ_EVT").await?;
-        let filter = self.subjects().chat_events(app_id, chat_id);
-        let mut out = Vec::new();
-        let mut pos = after_stream_seq;
-        loop {
-            let msg = stream
-                .raw_message_builder()
-                .next_by_subject(filter.clone())
-                .sequence(pos + 1)
-                .send()
-                .await;
-            match msg {
-                Ok(msg) => {
-                    pos = msg.sequence;
-                    out.push((codec::decode_event(&msg.payload)?, msg.sequence));
-                }
-                Err(e)
-                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-                {
-                    return Ok(out);
-                }
-                Err(e) => return Err(Error::js(e)),
-            }
-        }
+        self.read_chat_range(app_id, chat_id, after_stream_seq + 1, u64::MAX, usize::MAX)
+            .await
     }
 
     /// A chat's events from stream sequence `from_stream_seq` (0: from its first event), then live,

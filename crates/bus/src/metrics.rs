@@ -4,6 +4,7 @@ pub const APPENDS: &str = "mozaiks_bus_appends_total";
 pub const APPEND_CONFLICTS: &str = "mozaiks_bus_append_conflicts_total";
 pub const APPEND_SECONDS: &str = "mozaiks_bus_append_seconds";
 pub const COMMANDS_SENT: &str = "mozaiks_bus_commands_sent_total";
+pub const BATCH_GETS: &str = "mozaiks_bus_batch_gets_total";
 
 pub fn describe() {
     metrics::describe_counter!(APPENDS, "Events appended to chat logs.");
@@ -17,4 +18,8 @@ pub fn describe() {
         "Time to append one event."
     );
     metrics::describe_counter!(COMMANDS_SENT, "Commands published to MZ_CMD.");
+    metrics::describe_counter!(
+        BATCH_GETS,
+        "Batched direct-get requests reading a chat's log (catch-ups and reloads; no consumer)."
+    );
 }

@@ -104,3 +104,94 @@ async fn long_chats_are_read_whole() {
     assert_eq!(all.len(), 120);
     assert!(all.windows(2).all(|w| w[1].0.seq == w[0].0.seq + 1));
 }
+
+#[tokio::test]
+async fn ranges_are_read_in_batches_without_a_consumer() {
+    let (_servers, bus) = bus().await;
+    let n = (mozaiks_bus::BATCH * 2 + 37) as u64;
+    let durables = bus
+        .stream("MZ_EVT")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .consumer_count;
+    let mut last = 0;
+    let mut positions = vec![0];
+    for seq in 1..=n {
+        last = bus
+            .append(&message("ranged", seq), last)
+            .await
+            .unwrap()
+            .stream_seq;
+        positions.push(last);
+        if seq % 100 == 0 {
+            // Another chat interleaves on the same stream.
+            bus.append(&message(&format!("noise{seq}"), 1), 0)
+                .await
+                .unwrap();
+        }
+    }
+    let seqs = |v: &[(Envelope, u64)]| v.iter().map(|(e, _)| e.seq).collect::<Vec<_>>();
+
+    // The whole chat, across three batches, in order, with stream sequences.
+    let all = bus
+        .read_chat_range("app1", "ranged", 1, last, usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(seqs(&all), (1..=n).collect::<Vec<_>>());
+    assert_eq!(
+        all.iter().map(|(_, s)| *s).collect::<Vec<_>>(),
+        positions[1..]
+    );
+    // A window: from the 10th event's position through the 700th's, inclusive.
+    let window = bus
+        .read_chat_range("app1", "ranged", positions[10], positions[700], usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(seqs(&window), (10..=700).collect::<Vec<_>>());
+    // `max` bounds a read; the caller continues after the last one.
+    let first = bus
+        .read_chat_range("app1", "ranged", 1, u64::MAX, 600)
+        .await
+        .unwrap();
+    assert_eq!(seqs(&first), (1..=600).collect::<Vec<_>>());
+    let rest = bus
+        .read_chat_range("app1", "ranged", first.last().unwrap().1 + 1, u64::MAX, 600)
+        .await
+        .unwrap();
+    assert_eq!(seqs(&rest), (601..=n).collect::<Vec<_>>());
+    // Past the end, an empty range, a chat that does not exist, another chat's window.
+    assert!(
+        bus.read_chat_range("app1", "ranged", last + 1, u64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        bus.read_chat_range("app1", "ranged", 5, 4, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        bus.read_chat_range("app1", "nobody", 1, u64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        bus.read_chat_range("app2", "ranged", 1, u64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // `read_chat` after N uses the same reads: exactly the events past N.
+    let tail = bus.read_chat("app1", "ranged", n - 3).await.unwrap();
+    assert_eq!(seqs(&tail), [n - 2, n - 1, n]);
+    // None of these reads created a consumer (only the durable ones of `streams/` exist).
+    let mut stream = bus.stream("MZ_EVT").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.consumer_count, durables);
+}

@@ -1,0 +1,125 @@
+//! Reading a chat's log in batches with one direct-get request per batch (NATS 2.11+ `batch`
+//! direct gets, ADR-31): no consumer is created on the server, and a batch of up to
+//! [`BATCH`] events costs one round trip. Catch-ups (a socket resuming, a worker reloading a chat)
+//! read this way, so a reconnect storm after a replica dies does not create one JetStream consumer
+//! per client.
+
+use std::time::Duration;
+
+use async_nats::StatusCode;
+use futures::StreamExt;
+use mozaiks_events::{Envelope, codec};
+use serde::Serialize;
+
+use crate::{Bus, Error, metrics as m};
+
+/// Events asked for per request. The server also caps a batch by bytes (its slow-consumer
+/// pending limit); a shorter batch is simply followed by another request.
+pub const BATCH: usize = 512;
+
+/// How long one batch may take before the read fails.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The direct-get request of a batch (`JSApiMsgGetRequest` of nats-server).
+#[derive(Serialize)]
+struct BatchGet<'a> {
+    seq: u64,
+    next_by_subj: &'a str,
+    batch: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    up_to_seq: Option<u64>,
+}
+
+impl Bus {
+    /// The chat's events stored at stream sequences `from_stream_seq..=until_stream_seq`
+    /// (`u64::MAX`: to the end), in order, each with its stream sequence; at most `max` of them
+    /// (the caller continues from the last one's stream sequence + 1). One direct-get request per
+    /// [`BATCH`] events.
+    pub async fn read_chat_range(
+        &self,
+        app_id: &str,
+        chat_id: &str,
+        from_stream_seq: u64,
+        until_stream_seq: u64,
+        max: usize,
+    ) -> Result<Vec<(Envelope, u64)>, Error> {
+        let filter = self.subjects().chat_events(app_id, chat_id);
+        let mut out = Vec::new();
+        let mut from = from_stream_seq.max(1);
+        while from <= until_stream_seq && out.len() < max {
+            let want = (max - out.len()).min(BATCH);
+            let got = self
+                .direct_get_batch(&filter, from, until_stream_seq, want, &mut out)
+                .await?;
+            match got {
+                Some(last) if last < until_stream_seq => from = last + 1,
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// One batch: appends to `out` and returns the stream sequence of the last message read
+    /// (`None`: nothing matched from `from` on).
+    async fn direct_get_batch(
+        &self,
+        filter: &str,
+        from: u64,
+        until: u64,
+        batch: usize,
+        out: &mut Vec<(Envelope, u64)>,
+    ) -> Result<Option<u64>, Error> {
+        let request = BatchGet {
+            seq: from,
+            next_by_subj: filter,
+            batch,
+            // `u64::MAX`: to the end of the stream.
+            up_to_seq: (until < u64::MAX).then_some(until),
+        };
+        let body = serde_json::to_vec(&request).map_err(Error::js)?;
+        let api = format!("$JS.API.DIRECT.GET.{}", self.subjects().name("MZ_EVT"));
+        let inbox = self.client().new_inbox();
+        let mut sub = self
+            .client()
+            .subscribe(inbox.clone())
+            .await
+            .map_err(Error::js)?;
+        self.client()
+            .publish_with_reply(api, inbox, body.into())
+            .await
+            .map_err(Error::js)?;
+        metrics::counter!(m::BATCH_GETS).increment(1);
+        let mut last = None;
+        loop {
+            let msg = tokio::time::timeout(BATCH_TIMEOUT, sub.next())
+                .await
+                .map_err(|_| Error::JetStream(format!("batch get of {filter} timed out")))?
+                .ok_or_else(|| Error::JetStream("batch get subscription ended".into()))?;
+            match msg.status {
+                // End of batch; or nothing at or after `from`.
+                Some(s) if s == StatusCode::NOT_FOUND || s.as_u16() == 204 => break,
+                Some(status) => {
+                    return Err(Error::JetStream(format!(
+                        "batch get of {filter}: {status} {}",
+                        msg.description.unwrap_or_default()
+                    )));
+                }
+                None => {}
+            }
+            let seq = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Sequence"))
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+                .ok_or_else(|| Error::JetStream("batch get answer without Nats-Sequence".into()))?;
+            if seq > until {
+                // Servers without `up_to_seq` support send past it: ignore the rest.
+                continue;
+            }
+            out.push((codec::decode_event(&msg.payload)?, seq));
+            last = Some(seq);
+        }
+        let _ = sub.unsubscribe().await;
+        Ok(last)
+    }
+}
