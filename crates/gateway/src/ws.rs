@@ -593,33 +593,44 @@ async fn catch_up(
         warn!(error = %e, "Replay failed.");
         Stop::Log("event log unavailable; reconnect with after".into())
     };
-    let events = state
-        .bus
-        .follow_chat(&claims.app_id, &claims.chat_id, from)
-        .await
-        .map_err(log)?;
-    let mut events = Box::pin(events);
+    // Batched direct gets: one request per batch, no consumer on the server, so a reconnect
+    // storm does not create one JetStream consumer per client. Each batch is written before the
+    // next is read: the socket paces the replay.
+    let mut next = from;
     let mut sent = 0;
-    loop {
-        let item = match tokio::time::timeout(CATCH_UP_STALL, events.next()).await {
-            Ok(Some(item)) => item,
-            Ok(None) => return Err(Stop::Log("replay ended early; reconnect with after".into())),
-            Err(_) => return Err(Stop::Log("replay stalled; reconnect with after".into())),
+    while next <= until {
+        let batch = tokio::time::timeout(
+            CATCH_UP_STALL,
+            state.bus.read_chat_range(
+                &claims.app_id,
+                &claims.chat_id,
+                next,
+                until,
+                mozaiks_bus::BATCH,
+            ),
+        )
+        .await
+        .map_err(|_| Stop::Log("replay stalled; reconnect with after".into()))?
+        .map_err(log)?;
+        let Some(&(_, last)) = batch.last() else {
+            // Nothing left up to `until` (purged meanwhile): the live feed takes over from here.
+            break;
         };
-        let (env, stream_seq) = item.map_err(log)?;
-        if env.seq > cur.seq {
-            let json = Utf8Bytes::from(Frame::from_envelope(&env).to_json());
-            if tx.send(json).await.is_err() {
-                return Err(Stop::Gone);
+        for (env, stream_seq) in batch {
+            if env.seq > cur.seq {
+                let json = Utf8Bytes::from(Frame::from_envelope(&env).to_json());
+                if tx.send(json).await.is_err() {
+                    return Err(Stop::Gone);
+                }
+                sent += 1;
+                cur.seq = env.seq;
             }
-            sent += 1;
-            cur.seq = env.seq;
+            cur.stream_seq = cur.stream_seq.max(stream_seq);
         }
-        cur.stream_seq = cur.stream_seq.max(stream_seq);
-        if stream_seq >= until {
-            return Ok(sent);
-        }
+        next = last + 1;
     }
+    cur.stream_seq = cur.stream_seq.max(until);
+    Ok(sent)
 }
 
 async fn on_client_frame(
