@@ -13,6 +13,7 @@ use std::sync::Arc;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub mod output;
 mod validate;
 
 /// The file a pack lives in, inside `workflows/<name>/`.
@@ -33,6 +34,10 @@ pub struct Pack {
     /// How the next speaker is chosen after a turn.
     #[serde(default)]
     pub pattern: Pattern,
+    /// The model of `pattern: auto`'s speaker-selection calls; `None` uses the configured
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector_model: Option<String>,
     /// Agent turns per run, at most.
     #[serde(default = "default_max_turns")]
     pub max_turns: u32,
@@ -58,6 +63,11 @@ pub enum Pattern {
     /// Agents speak in the order they are declared (a matching handoff condition still wins),
     /// until a terminate condition or `max_turns`.
     RoundRobin,
+    /// AG2's `auto`: after a turn whose handoff conditions do not hold, a model chooses the next
+    /// speaker from the agents' names and descriptions and the conversation. An answer that
+    /// names no agent falls back to the agent's `after_work`, else to declaration order. Needs
+    /// at least two agents.
+    Auto,
 }
 
 /// One agent.
@@ -65,6 +75,10 @@ pub enum Pattern {
 #[serde(deny_unknown_fields)]
 pub struct Agent {
     pub name: String,
+    /// What the agent does, for `pattern: auto`'s speaker selection (the system message's
+    /// first line when empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
     /// The model's instructions; for a `human_input` agent, the prompt shown to the user.
     #[serde(default)]
     pub system_message: String,
@@ -84,6 +98,14 @@ pub struct Agent {
     /// the context variable `into` when its model is called.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub children: Option<Children>,
+    /// The agent answers with JSON matching this schema (the subset in [`output`]); the value
+    /// is the `structured` field of its `agent.message`. A reply that does not match is retried
+    /// once with the error in the prompt, then the run fails (`invalid_structured_output`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_schema: Option<serde_json::Value>,
+    /// The context variable that receives the structured output (needs `output_schema`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_into: Option<String>,
     /// What the built-in offline model answers for this agent.
     #[serde(default)]
     pub offline: OfflineScript,
@@ -155,7 +177,8 @@ pub struct ConditionalHandoff {
 }
 
 /// A condition on a context variable (`var` with exactly one of `equals`, `in`, `exists`) or on
-/// the agent's message (`keyword`: the message contains it).
+/// the agent's message (`keyword`: the message contains it). `var` may be a dotted path into an
+/// object variable, e.g. `request.topic`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
@@ -182,7 +205,7 @@ impl Condition {
             return message.contains(k.as_str());
         }
         let Some(var) = &self.var else { return false };
-        let value = context.get(var);
+        let value = context_path(context, var);
         if let Some(want) = &self.equals {
             return value == Some(want);
         }
@@ -194,6 +217,20 @@ impl Condition {
         }
         false
     }
+}
+
+/// The value at a dotted path of context variables (`request.topic`: the `topic` property of
+/// the variable `request`).
+pub fn context_path<'a>(
+    context: &'a serde_json::Map<String, serde_json::Value>,
+    path: &str,
+) -> Option<&'a serde_json::Value> {
+    let mut parts = path.split('.');
+    let mut value = context.get(parts.next()?)?;
+    for p in parts {
+        value = value.get(p)?;
+    }
+    Some(value)
 }
 
 /// Built-in tools every agent may list in `tools`.
@@ -311,7 +348,9 @@ pub enum HttpMethod {
 ///
 /// The first model call of a turn returns `tool_calls` (if any); the next one returns `reply`.
 /// Templates: `{input}` is the user's last message, `{agent}` the agent's name,
-/// `{context.KEY}` a context variable, `{tool.NAME}` the result of the turn's call of tool NAME.
+/// `{context.KEY}` a context variable (or a dotted path into one), `{tool.NAME}` the result of
+/// the turn's call of tool NAME. For an agent with an `output_schema`, `reply` is JSON whose
+/// strings are templates (without `reply`, the smallest value matching the schema).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OfflineScript {
@@ -319,6 +358,11 @@ pub struct OfflineScript {
     pub reply: Option<String>,
     #[serde(default)]
     pub tool_calls: Vec<ScriptedCall>,
+    /// With `pattern: auto`: the offline selector's answer after this agent's turn, a template
+    /// (e.g. `"{context.request.topic}"`) that should name an agent. Without it, the next agent
+    /// in declaration order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_speaker: Option<String>,
 }
 
 /// A tool call of the offline model. String values in `arguments` are templates.
@@ -542,6 +586,17 @@ mod tests {
         assert!(c("{var: zz, exists: false}").holds(&ctx, ""));
         assert!(c("{keyword: DONE}").holds(&ctx, "all DONE here"));
         assert!(!c("{keyword: DONE}").holds(&ctx, "not yet"));
+    }
+
+    #[test]
+    fn conditions_follow_dotted_paths_into_objects() {
+        let ctx: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"req": {"topic": "dining", "n": {"k": 1}}}"#).unwrap();
+        let c = |yaml: &str| serde_yaml::from_str::<Condition>(yaml).unwrap();
+        assert!(c("{var: req.topic, equals: dining}").holds(&ctx, ""));
+        assert!(c("{var: req.n.k, in: [1, 2]}").holds(&ctx, ""));
+        assert!(c("{var: req.missing, exists: false}").holds(&ctx, ""));
+        assert!(!c("{var: req.topic.deeper, exists: true}").holds(&ctx, ""));
     }
 
     #[test]

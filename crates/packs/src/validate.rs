@@ -52,6 +52,7 @@ pub(crate) fn pack(pack: &Pack, folder_name: &str) -> Result<(), Problem> {
         }
     }
     tools(pack)?;
+    auto(pack)?;
     for (i, c) in pack.terminate_when.iter().enumerate() {
         condition(&format!("terminate_when[{i}]"), c)?;
     }
@@ -97,6 +98,7 @@ pub(crate) fn pack(pack: &Pack, folder_name: &str) -> Result<(), Problem> {
                 return fail(path, format!("tool {t:?} is listed twice"));
             }
         }
+        structured(pack, i)?;
         if let Some(c) = &a.children {
             if a.human_input {
                 return fail(
@@ -135,6 +137,98 @@ pub(crate) fn pack(pack: &Pack, folder_name: &str) -> Result<(), Problem> {
                 agent_names(pack)
             ),
         );
+    }
+    Ok(())
+}
+
+/// `pattern: auto`: two agents at least; its settings only with it; offline selector answers
+/// that name agents.
+fn auto(pack: &Pack) -> Result<(), Problem> {
+    let is_auto = pack.pattern == Pattern::Auto;
+    if is_auto && pack.agents.len() < 2 {
+        return fail(
+            "pattern",
+            "auto chooses the next speaker among the agents; it needs at least two (use sequential for one agent)",
+        );
+    }
+    if let Some(m) = &pack.selector_model {
+        if !is_auto {
+            return fail(
+                "selector_model",
+                "is only used with pattern auto (it is the speaker-selection model)",
+            );
+        }
+        if m.trim().is_empty() {
+            return fail("selector_model", "expected a model name");
+        }
+    }
+    for (i, a) in pack.agents.iter().enumerate() {
+        let Some(next) = &a.offline.next_speaker else {
+            continue;
+        };
+        let path = format!("agents[{i}].offline.next_speaker");
+        if !is_auto {
+            return fail(
+                path,
+                "is only used with pattern auto (the offline speaker selector's answer)",
+            );
+        }
+        if !next.contains('{') && pack.agent(next.trim()).is_none() {
+            return fail(
+                path,
+                format!(
+                    "unknown agent {next:?}; expected one of {} or a template like \"{{context.KEY}}\"",
+                    agent_names(pack)
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Placeholders of the offline model's templates.
+const TEMPLATE_MARKS: [&str; 4] = ["{input}", "{agent}", "{context.", "{tool."];
+
+/// An agent's `output_schema`, `output_into` and its offline reply.
+fn structured(pack: &Pack, i: usize) -> Result<(), Problem> {
+    let a = &pack.agents[i];
+    let at = |rest: &str| format!("agents[{i}].{rest}");
+    let Some(schema) = &a.output_schema else {
+        if a.output_into.is_some() {
+            return fail(
+                at("output_into"),
+                "needs `output_schema` (it receives the structured output)",
+            );
+        }
+        return Ok(());
+    };
+    if a.human_input {
+        return fail(
+            at("output_schema"),
+            "a human_input agent's message is the user's text; output_schema needs a model",
+        );
+    }
+    crate::output::check_schema(&at("output_schema"), schema).or_else(|(p, m)| fail(p, m))?;
+    if let Some(var) = &a.output_into {
+        token(&at("output_into"), "context variable", var)?;
+    }
+    if let Some(reply) = &a.offline.reply {
+        let value: serde_json::Value = serde_json::from_str(reply).or_else(|e| {
+            fail(
+                at("offline.reply"),
+                format!(
+                    "an agent with output_schema replies JSON (templates go inside strings): {e}"
+                ),
+            )
+        })?;
+        if !TEMPLATE_MARKS.iter().any(|m| reply.contains(m)) {
+            crate::output::validate(schema, &value).or_else(|e| {
+                fail(
+                    at("offline.reply"),
+                    format!("does not match output_schema: {e}"),
+                )
+            })?;
+        }
     }
     Ok(())
 }
@@ -308,7 +402,9 @@ fn condition(path: &str, c: &Condition) -> Result<(), Problem> {
             Ok(())
         }
         (Some(var), None) => {
-            token(&format!("{path}.var"), "context variable", var)?;
+            for part in var.split('.') {
+                token(&format!("{path}.var"), "context variable", part)?;
+            }
             let tests = [c.equals.is_some(), c.one_of.is_some(), c.exists.is_some()];
             if tests.iter().filter(|t| **t).count() != 1 {
                 return fail(
@@ -380,7 +476,127 @@ mod tests {
 
     #[test]
     fn pattern_must_be_known() {
-        assert!(path_of("pattern: auto\nagents: [{name: a}]\n").starts_with("line "));
+        assert!(path_of("pattern: magic\nagents: [{name: a}]\n").starts_with("line "));
+    }
+
+    const AUTO: &str =
+        "pattern: auto\nagents:\n  - {name: a, description: Greets}\n  - {name: b}\n";
+
+    #[test]
+    fn auto_chooses_among_two_agents_or_more() {
+        let p = parse(&format!("{HEAD}selector_model: gpt-4o\n{AUTO}")).unwrap();
+        assert_eq!(p.pattern, crate::Pattern::Auto);
+        assert_eq!(p.agents[0].description, "Greets");
+        let e = parse(&format!("{HEAD}pattern: auto\nagents: [{{name: a}}]\n")).unwrap_err();
+        assert_eq!(e.path, "pattern");
+        assert!(e.message.contains("at least two"), "{e}");
+        assert_eq!(
+            path_of("selector_model: gpt-4o\nagents: [{name: a}]\n"),
+            "selector_model"
+        );
+        assert_eq!(
+            path_of(&format!("selector_model: ' '\n{AUTO}")),
+            "selector_model"
+        );
+    }
+
+    #[test]
+    fn offline_next_speaker_names_an_agent_of_an_auto_pack() {
+        let with = |next: &str| {
+            format!(
+                "pattern: auto\nagents:\n  - {{name: a, offline: {{next_speaker: '{next}'}}}}\n  - {{name: b}}\n"
+            )
+        };
+        assert!(parse(&format!("{HEAD}{}", with("b"))).is_ok());
+        assert!(parse(&format!("{HEAD}{}", with("{context.route}"))).is_ok());
+        let e = parse(&format!("{HEAD}{}", with("nobody"))).unwrap_err();
+        assert_eq!(e.path, "agents[0].offline.next_speaker");
+        assert!(e.message.contains("\"nobody\""), "{e}");
+        assert_eq!(
+            path_of("agents:\n  - {name: a, offline: {next_speaker: a}}\n"),
+            "agents[0].offline.next_speaker"
+        );
+    }
+
+    const SCHEMA: &str =
+        "{type: object, properties: {topic: {type: string, enum: [x, y]}}, required: [topic]}";
+
+    #[test]
+    fn output_schemas_are_checked() {
+        let agent = |rest: &str| format!("agents:\n  - name: a\n{rest}");
+        let ok = parse(&format!(
+            "{HEAD}{}",
+            agent(&format!(
+                "    output_schema: {SCHEMA}\n    output_into: req\n    offline: {{reply: '{{\"topic\": \"x\"}}'}}\n"
+            ))
+        ))
+        .unwrap();
+        assert_eq!(ok.agents[0].output_into.as_deref(), Some("req"));
+        // templated replies are checked at run time
+        assert!(
+            parse(&format!(
+                "{HEAD}{}",
+                agent(&format!(
+                    "    output_schema: {SCHEMA}\n    offline: {{reply: '{{\"topic\": \"{{input}}\"}}'}}\n"
+                ))
+            ))
+            .is_ok()
+        );
+        assert_eq!(
+            path_of(&agent("    output_into: req\n")),
+            "agents[0].output_into"
+        );
+        assert_eq!(
+            path_of(&agent(&format!(
+                "    output_schema: {SCHEMA}\n    output_into: 'a b'\n"
+            ))),
+            "agents[0].output_into"
+        );
+        assert_eq!(
+            path_of(&agent(&format!(
+                "    human_input: true\n    output_schema: {SCHEMA}\n"
+            ))),
+            "agents[0].output_schema"
+        );
+        assert_eq!(
+            path_of(&agent("    output_schema: {type: string}\n")),
+            "agents[0].output_schema.type"
+        );
+        assert_eq!(
+            path_of(&agent(
+                "    output_schema: {type: object, properties: {a: {type: string, format: email}}, required: [a]}\n"
+            )),
+            "agents[0].output_schema.properties.a.format"
+        );
+        assert_eq!(
+            path_of(&agent(&format!(
+                "    output_schema: {SCHEMA}\n    offline: {{reply: not json}}\n"
+            ))),
+            "agents[0].offline.reply"
+        );
+        let e = parse(&format!(
+            "{HEAD}{}",
+            agent(&format!(
+                "    output_schema: {SCHEMA}\n    offline: {{reply: '{{\"topic\": \"z\"}}'}}\n"
+            ))
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "agents[0].offline.reply");
+        assert!(e.message.contains("$.topic"), "{e}");
+    }
+
+    #[test]
+    fn condition_vars_may_be_dotted_paths() {
+        assert!(
+            parse(&format!(
+                "{HEAD}terminate_when: [{{var: request.topic, equals: x}}]\nagents: [{{name: a}}]\n"
+            ))
+            .is_ok()
+        );
+        assert_eq!(
+            path_of("terminate_when: [{var: 'request..topic', equals: x}]\nagents: [{name: a}]\n"),
+            "terminate_when[0].var"
+        );
     }
 
     #[test]

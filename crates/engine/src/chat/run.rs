@@ -259,7 +259,7 @@ impl Chat {
             });
             let (target, reason) = match (by_condition, pack.pattern) {
                 (Some(h), _) => (Some(h.target.clone()), "condition"),
-                (None, Pattern::RoundRobin) => {
+                (None, Pattern::RoundRobin | Pattern::Auto) => {
                     let i = pack
                         .agents
                         .iter()
