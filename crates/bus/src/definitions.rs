@@ -84,6 +84,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         "kv/MZ_PERF.json",
         include_str!("../../../streams/kv/MZ_PERF.json"),
     ),
+    (
+        "kv/MZ_LEASES.json",
+        include_str!("../../../streams/kv/MZ_LEASES.json"),
+    ),
 ];
 
 impl Definitions {

@@ -21,6 +21,7 @@
 pub mod aggregate;
 pub mod app;
 pub mod keys;
+pub mod lease;
 mod log;
 pub mod metrics;
 pub mod ratelimit;
