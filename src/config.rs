@@ -115,8 +115,8 @@ pub struct Global {
         global = true
     )]
     pub archive_dir: PathBuf,
-    /// Whether the projector role sweeps for sessions past retention (turn off on all but one
-    /// projector replica).
+    /// Whether the projector role takes part in retention and deleted-app archiving (the
+    /// replicas that do contend for the `retention` lease in `MZ_LEASES`; one works at a time).
     #[arg(
         long,
         env = "MOZAIKS_RETENTION",
@@ -142,6 +142,14 @@ pub struct Global {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub retention_purge_log: bool,
+    /// Seconds between looks for deleted apps whose read models are still to archive and remove.
+    #[arg(
+        long,
+        env = "MOZAIKS_APP_ARCHIVE_INTERVAL_SECONDS",
+        default_value_t = 5,
+        global = true
+    )]
+    pub app_archive_interval_seconds: u64,
     #[command(flatten)]
     pub model: ModelArgs,
 }

@@ -241,6 +241,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
                 dir: g.archive_dir.clone(),
                 every: Duration::from_secs(g.retention_interval_seconds.max(60)),
                 purge_log: g.retention_purge_log,
+                deleted_every: Duration::from_secs(g.app_archive_interval_seconds.max(1)),
             },
         );
         let s = stopped();

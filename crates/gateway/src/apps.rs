@@ -372,8 +372,10 @@ pub async fn patch(
 }
 
 /// `DELETE /api/apps/{app_id}` (superadmin): records `app.deleted` — every replica then refuses
-/// the app's sessions — cancels its unfinished chats, and removes its read models. Idempotent:
-/// deleting a deleted app repeats the clean-up.
+/// the app's sessions and the projector skips its events — and cancels its unfinished chats. The
+/// read models are archived, then removed, by the projector replica that holds the `retention`
+/// lease (`mozaiks_projector::retention`), within seconds. Idempotent: deleting a deleted app
+/// cancels its unfinished chats again.
 pub async fn delete(
     St(state): St<State>,
     User(user): User,
@@ -393,22 +395,20 @@ pub async fn delete(
             .execute(&app_id, &AppCommand::Delete, &user.sub, None)
             .await?;
     }
-    let (cancelled, sessions, messages) = clean_up(&state, &app_id).await?;
-    info!(app_id = %app_id, cancelled, sessions, messages, actor = %user.sub, "App deleted; read models removed.");
+    let cancelled = cancel_runs(&state, &app_id).await?;
+    info!(app_id = %app_id, cancelled, actor = %user.sub, "App deleted; its read models are archived, then removed, by the retention projector.");
     Ok(Json(json!({
         "app_id": app_id,
         "status": "deleted",
         "runs_cancelled": cancelled,
-        "sessions_removed": sessions,
-        "messages_removed": messages,
+        "read_models": "archive_pending",
     })))
 }
 
-/// Cancels the app's unfinished chats and removes its sessions and messages from its database.
-async fn clean_up(state: &State, app_id: &str) -> Result<(u64, u64, u64), ApiError> {
+/// Sends `cancel` to each of the app's unfinished chats.
+async fn cancel_runs(state: &State, app_id: &str) -> Result<u64, ApiError> {
     let db = state.store.resolve_storage(app_id).await?;
     let sessions = db.collection::<Document>(mozaiks_store::SESSIONS);
-    let messages = db.collection::<Document>(mozaiks_store::MESSAGES);
     let mongo = |e: mongodb::error::Error| ApiError::unavailable(format!("read models: {e}"));
     let mut open = sessions
         .find(
@@ -450,8 +450,5 @@ async fn clean_up(state: &State, app_id: &str) -> Result<(u64, u64, u64), ApiErr
             }
         }
     }
-    let filter = doc! { "app_id": app_id };
-    let m = messages.delete_many(filter.clone()).await.map_err(mongo)?;
-    let s = sessions.delete_many(filter).await.map_err(mongo)?;
-    Ok((cancelled, s.deleted_count, m.deleted_count))
+    Ok(cancelled)
 }

@@ -1,11 +1,13 @@
 //! Retention: sessions whose last activity is older than their app's retention are archived as
-//! JSON lines and removed from the read models.
+//! JSON lines and removed from the read models; a deleted app's sessions all are.
 //!
 //! The archive is one file per app and day of last activity: `{dir}/{app_id}/{YYYY-MM-DD}.jsonl`,
-//! one line per session, `{"archived_at", "session": {...}, "messages": [...]}`, appended and
-//! synced before the session is removed. A crash between the two archives the session again on
-//! the next sweep (a repeated line: readers keep the last line per `chat_id`); a session that got
-//! new activity meanwhile is not removed (the delete re-checks `updated_at`).
+//! one line per session, `{"archived_at", "reason", "session": {...}, "messages": [...]}`
+//! (`reason`: `retention` or `app_deleted`), appended and synced before the session is removed.
+//! A crash between the two archives the session again on the next sweep (a repeated line: readers
+//! keep the last line per `chat_id`, which is also the most complete); a session that got new
+//! activity meanwhile is not removed (the delete re-checks `updated_at`, or `last_seq` for a
+//! deleted app's).
 
 use std::path::{Path, PathBuf};
 
@@ -82,6 +84,7 @@ impl Store {
                 .await?;
             let line = json!({
                 "archived_at": archived_at,
+                "reason": "retention",
                 "session": session_json(&s),
                 "messages": messages.iter().map(message_json).collect::<Vec<_>>(),
             });
@@ -111,6 +114,139 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+/// What one call of [`Store::archive_app`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AppArchived {
+    /// Sessions archived and removed.
+    pub sessions: u64,
+    /// Messages removed (archived with their session, or left without one and archived alone).
+    pub messages: u64,
+    /// Sessions archived but not removed because they changed meanwhile (archived again later).
+    pub changed: u64,
+}
+
+impl Store {
+    /// Archives into `dir` and removes up to `max` of a **deleted** app's sessions with their
+    /// transcripts, then, once no session is left, messages without a session. Call again while
+    /// it returns `max` sessions. Idempotent: a second call after a complete one finds nothing.
+    pub async fn archive_app(
+        &self,
+        app_id: &str,
+        dir: &Path,
+        max: i64,
+    ) -> Result<AppArchived, Error> {
+        let db = self.resolve_storage(app_id).await?;
+        let sessions: Vec<SessionDoc> = db
+            .collection::<SessionDoc>(SESSIONS)
+            .find(doc! { "app_id": app_id })
+            .with_options(
+                FindOptions::builder()
+                    .sort(doc! { "updated_at": 1 })
+                    .limit(max)
+                    .build(),
+            )
+            .await?
+            .try_collect()
+            .await?;
+        let mut out = AppArchived::default();
+        let archived_at = Utc::now();
+        let full = sessions.len() as i64 >= max;
+        for s in sessions {
+            let messages: Vec<MessageDoc> = db
+                .collection::<MessageDoc>(MESSAGES)
+                .find(doc! { "app_id": app_id, "chat_id": &s.chat_id })
+                .sort(doc! { "seq": 1 })
+                .await?
+                .try_collect()
+                .await?;
+            let line = json!({
+                "archived_at": archived_at,
+                "reason": "app_deleted",
+                "session": session_json(&s),
+                "messages": messages.iter().map(message_json).collect::<Vec<_>>(),
+            });
+            let file = dir
+                .join(app_id)
+                .join(format!("{}.jsonl", s.updated_at.format("%Y-%m-%d")));
+            append_line(&file, &line).await?;
+            // Only what was archived: a session a late event moved on stays for the next call.
+            let gone = db
+                .collection::<SessionDoc>(SESSIONS)
+                .delete_one(doc! {
+                    "app_id": app_id, "chat_id": &s.chat_id, "last_seq": s.last_seq,
+                })
+                .await?
+                .deleted_count;
+            if gone == 1 {
+                out.sessions += 1;
+                let top = messages.last().map(|m| m.seq).unwrap_or(0);
+                out.messages += db
+                    .collection::<MessageDoc>(MESSAGES)
+                    .delete_many(
+                        doc! { "app_id": app_id, "chat_id": &s.chat_id, "seq": { "$lte": top } },
+                    )
+                    .await?
+                    .deleted_count;
+            } else {
+                out.changed += 1;
+            }
+        }
+        if !full && out.changed == 0 {
+            out.messages += self.archive_orphans(&db, app_id, dir, archived_at).await?;
+        }
+        Ok(out)
+    }
+
+    /// Messages of `app_id` left without a session (a projection interrupted between the two
+    /// writes): archived per chat with `"session": null`, then removed.
+    async fn archive_orphans(
+        &self,
+        db: &mongodb::Database,
+        app_id: &str,
+        dir: &Path,
+        archived_at: DateTime<Utc>,
+    ) -> Result<u64, Error> {
+        let left: Vec<MessageDoc> = db
+            .collection::<MessageDoc>(MESSAGES)
+            .find(doc! { "app_id": app_id })
+            .sort(doc! { "chat_id": 1, "seq": 1 })
+            .limit(10_000)
+            .await?
+            .try_collect()
+            .await?;
+        let mut removed = 0;
+        for chat in left.chunk_by(|a, b| a.chat_id == b.chat_id) {
+            let (first, last) = (&chat[0], &chat[chat.len() - 1]);
+            let has_session = db
+                .collection::<SessionDoc>(SESSIONS)
+                .find_one(doc! { "app_id": app_id, "chat_id": &first.chat_id })
+                .await?
+                .is_some();
+            if has_session {
+                // Projected after this call's read of the sessions: the next call archives it.
+                continue;
+            }
+            let line = json!({
+                "archived_at": archived_at,
+                "reason": "app_deleted",
+                "session": null,
+                "chat_id": first.chat_id,
+                "messages": chat.iter().map(message_json).collect::<Vec<_>>(),
+            });
+            let file = dir
+                .join(app_id)
+                .join(format!("{}.jsonl", last.ts.format("%Y-%m-%d")));
+            append_line(&file, &line).await?;
+            removed += db
+                .collection::<MessageDoc>(MESSAGES)
+                .delete_many(doc! { "app_id": app_id, "chat_id": &first.chat_id, "seq": { "$lte": last.seq } })
+                .await?
+                .deleted_count;
+        }
+        Ok(removed)
     }
 }
 
