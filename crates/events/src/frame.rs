@@ -66,6 +66,85 @@ impl Frame {
     }
 }
 
+/// The `data` of an `agent.delta` frame: a piece of the text an agent is streaming.
+///
+/// Ephemeral (`"seq": null`): deltas travel on core NATS, outside the durable log, and are
+/// re-sendable from the step's final `agent.message`, which is what counts. `offset` is where
+/// `text` starts in the message, in UTF-8 bytes: a client sets the message's text to its first
+/// `offset` bytes followed by `text` (so a model call retried from the start, which restarts at
+/// offset 0, replaces what was shown). A slow client gets consecutive deltas merged into one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentDelta {
+    #[serde(default)]
+    pub run_id: Option<Uuid>,
+    pub step: u32,
+    /// The model call of the step's turn (1 = first; a later round answers tool results).
+    #[serde(default = "one")]
+    pub round: u32,
+    pub agent: String,
+    pub offset: u64,
+    pub text: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Longest `text` of one delta on the bus, in bytes.
+pub const MAX_DELTA_BYTES: usize = 64 * 1024;
+
+/// A delta on the bus: core NATS subject `mz.dlt.{app_id}.{chat_id}`, MessagePack with field
+/// names. Not stored anywhere.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeltaMessage {
+    /// Envelope version.
+    pub v: u16,
+    /// UUID v7 of this delta; the frame's `id`.
+    pub id: Uuid,
+    pub app_id: String,
+    pub chat_id: String,
+    pub ts: DateTime<Utc>,
+    pub delta: AgentDelta,
+}
+
+impl DeltaMessage {
+    pub fn encode(&self) -> Result<Vec<u8>, crate::Error> {
+        rmp_serde::to_vec_named(self).map_err(|e| crate::Error::Encode(e.to_string()))
+    }
+
+    /// Decodes and validates a delta from the bus.
+    pub fn decode(bytes: &[u8]) -> Result<DeltaMessage, crate::Error> {
+        let m: DeltaMessage =
+            rmp_serde::from_slice(bytes).map_err(|e| crate::Error::Decode(e.to_string()))?;
+        let bad = |reason: String| Err(crate::Error::Decode(reason));
+        if m.v > crate::ENVELOPE_VERSION {
+            return bad(format!("delta version {} is newer than this reader", m.v));
+        }
+        crate::ids::check_token("app_id", &m.app_id)?;
+        crate::ids::check_token("chat_id", &m.chat_id)?;
+        if m.delta.agent.is_empty() || m.delta.agent.len() > 128 {
+            return bad("agent must be 1 to 128 bytes".into());
+        }
+        if m.delta.text.is_empty() || m.delta.text.len() > MAX_DELTA_BYTES {
+            return bad(format!("text must be 1 to {MAX_DELTA_BYTES} bytes"));
+        }
+        Ok(m)
+    }
+}
+
+impl Frame {
+    /// The `agent.delta` frame of a delta (`seq: null`).
+    pub fn delta(id: Uuid, ts: DateTime<Utc>, delta: &AgentDelta) -> Frame {
+        Frame {
+            id,
+            seq: None,
+            kind: "agent.delta".to_string(),
+            ts,
+            data: serde_json::to_value(delta).unwrap_or_default(),
+        }
+    }
+}
+
 /// The `data` of an `error` frame.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorFrame {
@@ -208,6 +287,44 @@ mod tests {
             ClientFrame::parse(r#"{"type":"input.response","text":"yes"}"#),
             Ok(ClientFrame::InputResponse { .. })
         ));
+    }
+
+    #[test]
+    fn deltas_round_trip_and_bad_ones_are_refused() {
+        let m = DeltaMessage {
+            v: 1,
+            id: Uuid::now_v7(),
+            app_id: "default".into(),
+            chat_id: "c1".into(),
+            ts: Utc::now(),
+            delta: AgentDelta {
+                run_id: Some(Uuid::now_v7()),
+                step: 2,
+                round: 1,
+                agent: "a".into(),
+                offset: 5,
+                text: "héllo".into(),
+            },
+        };
+        let back = DeltaMessage::decode(&m.encode().unwrap()).unwrap();
+        assert_eq!(back, m);
+        let f = Frame::delta(m.id, m.ts, &m.delta);
+        let json: serde_json::Value = serde_json::from_str(&f.to_json()).unwrap();
+        assert_eq!(json["seq"], serde_json::Value::Null);
+        assert_eq!(json["type"], "agent.delta");
+        assert_eq!(json["data"]["offset"], 5);
+        assert_eq!(json["data"]["text"], "héllo");
+        let refused = |f: &dyn Fn(&mut DeltaMessage)| {
+            let mut bad = m.clone();
+            f(&mut bad);
+            DeltaMessage::decode(&bad.encode().unwrap()).is_err()
+        };
+        assert!(refused(&|b| b.delta.text.clear()));
+        assert!(refused(&|b| b.delta.text = "x".repeat(MAX_DELTA_BYTES + 1)));
+        assert!(refused(&|b| b.delta.agent.clear()));
+        assert!(refused(&|b| b.chat_id = "a.b".into()));
+        assert!(refused(&|b| b.v = 99));
+        assert!(DeltaMessage::decode(b"not msgpack").is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ mod event;
 mod frame;
 /// Limits on client frames.
 pub mod frame_limits {
-    pub use crate::frame::{MAX_CLIENT_MSG_ID, MAX_TEXT_BYTES};
+    pub use crate::frame::{MAX_CLIENT_MSG_ID, MAX_DELTA_BYTES, MAX_TEXT_BYTES};
 }
 pub mod ids;
 pub mod schema;
@@ -25,7 +25,7 @@ pub use event::{
     StepStarted, ToolCall, ToolResult, UsageCharged,
 };
 pub use event::{ContextUpdated, InputReceived, ModelReplied, RequestedToolCall, SpeakerSelected};
-pub use frame::{ClientFrame, ErrorFrame, Frame, FrameError};
+pub use frame::{AgentDelta, ClientFrame, DeltaMessage, ErrorFrame, Frame, FrameError};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

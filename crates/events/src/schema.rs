@@ -17,6 +17,10 @@ pub fn all() -> Vec<(&'static str, String)> {
             pretty(schema_for!(crate::Frame)),
         ),
         (
+            "frame.agent-delta.schema.json",
+            pretty(schema_for!(crate::AgentDelta)),
+        ),
+        (
             "frame.client.schema.json",
             pretty(schema_for!(crate::ClientFrame)),
         ),

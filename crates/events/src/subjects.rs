@@ -8,6 +8,7 @@
 //! | `{ns}mz.evt.{app_id}.*.usage.charged` | `{NS}MZ_USAGE` (sourced from `MZ_EVT`) | token charges for billing |
 //! | `{ns}mz.ops.>` | `{NS}MZ_OPS` | incidents and ops actions |
 //! | `{ns}mz.live.{app_id}.{chat_id}.{type}` | core NATS (republished by `MZ_EVT`) | every *stored* event, with its stream sequence; gateways' live feed |
+//! | `{ns}mz.dlt.{app_id}.{chat_id}` | core NATS (not stored) | token deltas while an agent streams text (`agent.delta` frames) |
 //! | `{ns}mz.ntf.{app_id}` | core NATS | notifications to one user or the whole app, on every gateway replica |
 //! | `{ns}mz.ctl.app.{app_id}` | `{NS}MZ_CTL` | the control plane's app events |
 //!
@@ -76,6 +77,11 @@ impl Subjects {
         format!("{}mz.cmd.>", self.prefix)
     }
 
+    /// Token deltas of one chat (core NATS, not stored).
+    pub fn deltas(&self, app_id: &str, chat_id: &str) -> String {
+        format!("{}mz.dlt.{app_id}.{chat_id}", self.prefix)
+    }
+
     /// Ops incidents and actions.
     pub fn ops(&self, rest: &str) -> String {
         format!("{}mz.ops.{rest}", self.prefix)
@@ -108,5 +114,6 @@ mod tests {
         assert_eq!(s.command("a", "c"), "t1.mz.cmd.a.c");
         assert_eq!(s.name("MZ_EVT"), "t1_MZ_EVT");
         assert_eq!(s.usage_filter(), "t1.mz.evt.*.*.usage.charged");
+        assert_eq!(s.deltas("a", "c"), "t1.mz.dlt.a.c");
     }
 }

@@ -8,6 +8,18 @@
 //! (see [`crate::ws`]). Because only stored events are republished, an append refused by the
 //! concurrency check never reaches a client.
 //!
+//! **Token deltas.** The same feed subscribes to the chat's delta subject
+//! (`mz.dlt.{app_id}.{chat_id}`, core NATS, published by the worker while a model streams): each
+//! delta is validated, rendered once as an `agent.delta` frame (`"seq": null`) and handed to the
+//! chat's sockets on a channel of its own, so deltas never push durable events out of the feed's
+//! buffer. Sockets merge or drop deltas when they fall behind ([`crate::ws`]).
+//!
+//! **After a NATS reconnect.** Core subscriptions miss what is published while the connection is
+//! down. The hub watches the connection ([`watch_reconnects`]); after a reconnect (once the
+//! client's resubscriptions are on the server) every feed checks its chat's log: the events
+//! stored meanwhile are read once per chat and handed to its sockets in order (sockets drop what
+//! they already have, by seq), so a client gets them without waiting for the chat's next event.
+//!
 //! **Connections.** Every socket is admitted here before its upgrade ([`Hub::admit`]): the per-app
 //! and per-user limits are counted per replica, and notifications ([`crate::notify`]) find a user's
 //! sockets through the same table.
@@ -18,18 +30,31 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use mozaiks_bus::Bus;
-use mozaiks_events::{Frame, codec};
-use tokio::sync::{broadcast, mpsc};
+use mozaiks_bus::{Bus, ChatPosition};
+use mozaiks_events::{AgentDelta, DeltaMessage, Envelope, Event, Frame, codec};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+use uuid::Uuid;
 
 use crate::metrics as m;
 
 /// Live events buffered per chat for sockets that are busy (catching up, or writing). A socket
 /// that falls further behind refetches the gap from JetStream.
 pub const FEED_CAPACITY: usize = 64;
+
+/// Token deltas buffered per chat for sockets that are busy; a socket that falls further behind
+/// misses some (deltas are not durable; the step's `agent.message` has the whole text).
+pub const DELTA_CAPACITY: usize = 64;
+
+/// At most this many events missed during a NATS outage are read by the feed itself and handed
+/// to the sockets; past it, the feed hands over the last one and each socket refetches its gap.
+const RECOVER_MAX: u64 = 32;
+
+/// How often the hub looks at the NATS connection's connect counter.
+const RECONNECT_POLL: Duration = Duration::from_millis(100);
 
 /// WebSocket settings of a replica. Per-app limits come from the app's [`mozaiks_control::Limits`];
 /// these are the defaults for limits an app leaves unset.
@@ -41,6 +66,9 @@ pub struct Tuning {
     pub idle_timeout: Duration,
     /// Frames queued for one client before it counts as a slow consumer.
     pub queue_frames: usize,
+    /// Frames queued for one client past which token deltas are merged (and, when the queue is
+    /// full, dropped) instead of queued one by one. Below `queue_frames`.
+    pub delta_backlog: usize,
     pub max_websockets_per_app: u32,
     pub max_websockets_per_user: u32,
     pub max_frames_per_second: u32,
@@ -52,6 +80,7 @@ impl Default for Tuning {
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
             queue_frames: 1024,
+            delta_backlog: 64,
             max_websockets_per_app: 20_000,
             max_websockets_per_user: 50,
             max_frames_per_second: 50,
@@ -86,6 +115,36 @@ pub struct Live {
     pub seq: u64,
     pub stream_seq: u64,
     pub json: Utf8Bytes,
+    /// `(run_id, step)` when the event is an `agent.message` (later deltas of it are stale).
+    pub message: Option<(Uuid, u32)>,
+}
+
+impl Live {
+    pub fn of(env: &Envelope, stream_seq: u64) -> Live {
+        Live {
+            seq: env.seq,
+            stream_seq,
+            json: Utf8Bytes::from(Frame::from_envelope(env).to_json()),
+            message: message_of(env),
+        }
+    }
+}
+
+/// `(run_id, step)` of an `agent.message`.
+pub fn message_of(env: &Envelope) -> Option<(Uuid, u32)> {
+    match &env.event {
+        Event::AgentMessage(m) => Some((m.run_id, m.step)),
+        _ => None,
+    }
+}
+
+/// One token delta of a chat, validated and rendered once for every socket.
+#[derive(Debug)]
+pub struct Delta {
+    pub id: Uuid,
+    pub ts: DateTime<Utc>,
+    pub delta: AgentDelta,
+    pub json: Utf8Bytes,
 }
 
 /// Why a socket was refused before its upgrade.
@@ -105,6 +164,15 @@ struct Inner {
     feeds: Mutex<HashMap<String, Weak<Feed>>>,
     conns: Mutex<HashMap<String, AppConns>>,
     next_id: AtomicU64,
+    /// Bumped after each NATS reconnect, once the subscriptions are back on the server.
+    reconnects: watch::Sender<u64>,
+    watcher: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
 }
 
 #[derive(Default)]
@@ -117,6 +185,7 @@ struct AppConns {
 struct Feed {
     key: String,
     tx: broadcast::Sender<Arc<Live>>,
+    deltas: broadcast::Sender<Arc<Delta>>,
     task: JoinHandle<()>,
     hub: Weak<Inner>,
 }
@@ -135,10 +204,23 @@ impl Drop for Feed {
     }
 }
 
-/// One socket's share of a chat's live events.
+/// One socket's share of a chat's live events and token deltas.
 pub struct Follow {
     _feed: Arc<Feed>,
     pub rx: broadcast::Receiver<Arc<Live>>,
+    pub deltas: broadcast::Receiver<Arc<Delta>>,
+}
+
+impl Follow {
+    fn of(feed: Arc<Feed>) -> Follow {
+        let rx = feed.tx.subscribe();
+        let deltas = feed.deltas.subscribe();
+        Follow {
+            _feed: feed,
+            rx,
+            deltas,
+        }
+    }
 }
 
 /// A socket's place in the replica's table; removed on drop.
@@ -168,13 +250,18 @@ impl Drop for Admission {
 }
 
 impl Hub {
+    /// Must be called within a tokio runtime (it starts the reconnect watcher).
     pub fn new(bus: Bus, tuning: Tuning) -> Hub {
+        let (reconnects, _) = watch::channel(0);
+        let watcher = tokio::spawn(watch_reconnects(bus.clone(), reconnects.clone()));
         Hub(Arc::new(Inner {
             bus,
             tuning,
             feeds: Mutex::default(),
             conns: Mutex::default(),
             next_id: AtomicU64::new(1),
+            reconnects,
+            watcher,
         }))
     }
 
@@ -245,8 +332,8 @@ impl Hub {
         }
     }
 
-    /// Joins a chat's live events. The subscription is registered with the server before this
-    /// returns, so every event stored after it reaches the returned receiver.
+    /// Joins a chat's live events and token deltas. The subscriptions are registered with the
+    /// server before this returns, so every event stored after it reaches the returned receiver.
     pub async fn follow(&self, app_id: &str, chat_id: &str) -> Result<Follow, mozaiks_bus::Error> {
         let key = format!("{app_id}.{chat_id}");
         if let Some(f) = self.existing(&key) {
@@ -261,6 +348,11 @@ impl Hub {
             .subscribe(subject)
             .await
             .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
+        let delta_sub = bus
+            .client()
+            .subscribe(bus.subjects().deltas(app_id, chat_id))
+            .await
+            .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
         bus.client()
             .flush()
             .await
@@ -268,55 +360,206 @@ impl Hub {
         let mut feeds = self.0.feeds.lock().unwrap_or_else(|p| p.into_inner());
         // Another socket of the chat may have won the race; ours is dropped (unsubscribed).
         if let Some(f) = feeds.get(&key).and_then(Weak::upgrade) {
-            let rx = f.tx.subscribe();
-            return Ok(Follow { _feed: f, rx });
+            return Ok(Follow::of(f));
         }
-        let (tx, rx) = broadcast::channel(FEED_CAPACITY);
-        let task = tokio::spawn(run_feed(sub, tx.clone()));
+        let (tx, _) = broadcast::channel(FEED_CAPACITY);
+        let (deltas, _) = broadcast::channel(DELTA_CAPACITY);
+        let task = tokio::spawn(run_feed(
+            FeedCtx {
+                bus: bus.clone(),
+                app_id: app_id.to_string(),
+                chat_id: chat_id.to_string(),
+                events: tx.clone(),
+                deltas: deltas.clone(),
+            },
+            sub,
+            delta_sub,
+            self.0.reconnects.subscribe(),
+        ));
         let feed = Arc::new(Feed {
             key: key.clone(),
             tx,
+            deltas,
             task,
             hub: Arc::downgrade(&self.0),
         });
         metrics::gauge!(m::LIVE_FEEDS).increment(1.0);
         feeds.insert(key, Arc::downgrade(&feed));
-        Ok(Follow { _feed: feed, rx })
+        Ok(Follow::of(feed))
     }
 
     fn existing(&self, key: &str) -> Option<Follow> {
         let feeds = self.0.feeds.lock().unwrap_or_else(|p| p.into_inner());
         let f = feeds.get(key).and_then(Weak::upgrade)?;
-        let rx = f.tx.subscribe();
-        Some(Follow { _feed: f, rx })
+        Some(Follow::of(f))
     }
 }
 
-async fn run_feed(mut sub: async_nats::Subscriber, tx: broadcast::Sender<Arc<Live>>) {
-    while let Some(msg) = sub.next().await {
-        let stream_seq = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Sequence"))
-            .and_then(|v| v.as_str().parse::<u64>().ok());
-        let Some(stream_seq) = stream_seq else {
-            warn!(subject = %msg.subject, "Ignoring a live event without Nats-Sequence.");
+/// Watches the NATS connection's connect counter; after a reconnect, once a round trip shows the
+/// server has the client's resubscriptions, bumps `reconnects` so every feed checks its log.
+async fn watch_reconnects(bus: Bus, reconnects: watch::Sender<u64>) {
+    let stats = bus.client().statistics();
+    let mut seen = stats.connects.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(RECONNECT_POLL).await;
+        let now = stats.connects.load(Ordering::Relaxed);
+        if now == seen || !bus.is_connected() {
             continue;
-        };
-        let env = match codec::decode_event(&msg.payload) {
-            Ok(env) => env,
-            Err(e) => {
-                warn!(subject = %msg.subject, error = %e, "Ignoring a live event that does not decode.");
-                continue;
+        }
+        // The client re-sends its subscriptions right after it reconnects; a flush is a round
+        // trip behind them, so events stored after it reach the live subscriptions.
+        if let Err(e) = bus.client().flush().await {
+            debug!(error = %e, "Flush after a reconnect failed; trying again.");
+            continue;
+        }
+        seen = now;
+        metrics::counter!(m::NATS_RECONNECTS).increment(1);
+        info!(
+            feeds = reconnects.receiver_count(),
+            "NATS connection re-established; checking every followed chat against its log."
+        );
+        reconnects.send_replace(now);
+    }
+}
+
+/// What a feed task works with.
+struct FeedCtx {
+    bus: Bus,
+    app_id: String,
+    chat_id: String,
+    events: broadcast::Sender<Arc<Live>>,
+    deltas: broadcast::Sender<Arc<Delta>>,
+}
+
+async fn run_feed(
+    ctx: FeedCtx,
+    mut live: async_nats::Subscriber,
+    mut deltas: async_nats::Subscriber,
+    mut reconnects: watch::Receiver<u64>,
+) {
+    // The last event handed to the sockets (0: none yet).
+    let mut last = ChatPosition::default();
+    // A reconnect happened and the chat's log has not been checked yet.
+    let mut check_due: Option<tokio::time::Instant> = None;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        tokio::select! {
+            // Deltas first: a step's deltas were published before its `agent.message` was stored,
+            // so when both wait, the deltas go out first.
+            biased;
+            Some(msg) = deltas.next() => on_delta(&ctx, &msg),
+            msg = live.next() => match msg {
+                Some(msg) => {
+                    if let Some(pos) = on_live(&ctx, &msg) {
+                        last = pos;
+                    }
+                }
+                None => break,
+            },
+            Ok(()) = reconnects.changed() => {
+                check_due = Some(tokio::time::Instant::now());
+                backoff = Duration::from_millis(250);
             }
-        };
-        let live = Live {
-            seq: env.seq,
-            stream_seq,
-            json: Utf8Bytes::from(Frame::from_envelope(&env).to_json()),
-        };
-        // No receiver: every socket of the chat left; the feed is being dropped.
-        let _ = tx.send(Arc::new(live));
+            _ = tokio::time::sleep_until(check_due.unwrap_or_else(tokio::time::Instant::now)), if check_due.is_some() => {
+                match recover(&ctx, &mut last).await {
+                    Ok(()) => check_due = None,
+                    Err(e) => {
+                        debug!(chat_id = %ctx.chat_id, error = %e, "Cannot check the chat's log after a reconnect yet; retrying.");
+                        check_due = Some(tokio::time::Instant::now() + backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
     }
     debug!("Live feed ended.");
+}
+
+/// Hands a stored event to the sockets; its position, or `None` when it is not one.
+fn on_live(ctx: &FeedCtx, msg: &async_nats::Message) -> Option<ChatPosition> {
+    let stream_seq = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Sequence"))
+        .and_then(|v| v.as_str().parse::<u64>().ok());
+    let Some(stream_seq) = stream_seq else {
+        warn!(subject = %msg.subject, "Ignoring a live event without Nats-Sequence.");
+        return None;
+    };
+    let env = match codec::decode_event(&msg.payload) {
+        Ok(env) => env,
+        Err(e) => {
+            warn!(subject = %msg.subject, error = %e, "Ignoring a live event that does not decode.");
+            return None;
+        }
+    };
+    let pos = ChatPosition {
+        seq: env.seq,
+        stream_seq,
+    };
+    // No receiver: every socket of the chat left; the feed is being dropped.
+    let _ = ctx.events.send(Arc::new(Live::of(&env, stream_seq)));
+    Some(pos)
+}
+
+/// Validates a delta from the bus and hands it to the sockets.
+fn on_delta(ctx: &FeedCtx, msg: &async_nats::Message) {
+    let dm = match DeltaMessage::decode(&msg.payload) {
+        Ok(dm) if dm.app_id == ctx.app_id && dm.chat_id == ctx.chat_id => dm,
+        Ok(dm) => {
+            metrics::counter!(m::DELTAS_IN, "outcome" => "invalid").increment(1);
+            warn!(app_id = %ctx.app_id, chat_id = %ctx.chat_id, claimed_app_id = %dm.app_id, claimed_chat_id = %dm.chat_id, "Ignoring a delta whose ids do not match its subject.");
+            return;
+        }
+        Err(e) => {
+            metrics::counter!(m::DELTAS_IN, "outcome" => "invalid").increment(1);
+            warn!(app_id = %ctx.app_id, chat_id = %ctx.chat_id, error = %e, "Ignoring a delta that does not decode.");
+            return;
+        }
+    };
+    metrics::counter!(m::DELTAS_IN, "outcome" => "accepted").increment(1);
+    let json = Utf8Bytes::from(Frame::delta(dm.id, dm.ts, &dm.delta).to_json());
+    let _ = ctx.deltas.send(Arc::new(Delta {
+        id: dm.id,
+        ts: dm.ts,
+        delta: dm.delta,
+        json,
+    }));
+}
+
+/// After a reconnect: hands the sockets what the chat's log got while the subscription was down.
+async fn recover(ctx: &FeedCtx, last: &mut ChatPosition) -> Result<(), mozaiks_bus::Error> {
+    let Some((head, head_ss)) = ctx.bus.last_event(&ctx.app_id, &ctx.chat_id).await? else {
+        metrics::counter!(m::RECONNECT_CHECKS, "outcome" => "current").increment(1);
+        return Ok(());
+    };
+    if head.seq <= last.seq {
+        metrics::counter!(m::RECONNECT_CHECKS, "outcome" => "current").increment(1);
+        return Ok(());
+    }
+    // Read the missed events once for every socket when there are few and the feed knows where
+    // they start; otherwise hand over the last one: each socket sees its gap and refetches it.
+    let missed = if last.stream_seq > 0 && head.seq - last.seq <= RECOVER_MAX {
+        ctx.bus
+            .read_chat_since(&ctx.app_id, &ctx.chat_id, last.stream_seq)
+            .await?
+    } else {
+        vec![(head, head_ss)]
+    };
+    let mut handed = 0u64;
+    for (env, stream_seq) in missed {
+        if env.seq <= last.seq {
+            continue;
+        }
+        *last = ChatPosition {
+            seq: env.seq,
+            stream_seq,
+        };
+        let _ = ctx.events.send(Arc::new(Live::of(&env, stream_seq)));
+        handed += 1;
+    }
+    metrics::counter!(m::RECONNECT_CHECKS, "outcome" => "behind").increment(1);
+    metrics::counter!(m::RECONNECT_EVENTS).increment(handed);
+    info!(app_id = %ctx.app_id, chat_id = %ctx.chat_id, seq = last.seq, events = handed, "Handed events stored during a NATS outage to the chat's sockets.");
+    Ok(())
 }

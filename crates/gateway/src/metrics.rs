@@ -25,8 +25,40 @@ pub const API_KEYS_CREATED: &str = "mozaiks_api_keys_created_total";
 pub const STORAGE_MOVES: &str = "mozaiks_storage_moves_total";
 pub const STORAGE_MOVE_SECONDS: &str = "mozaiks_storage_move_seconds";
 pub const OPS_READ_SECONDS: &str = "mozaiks_ops_perf_read_seconds";
+pub const DELTAS_IN: &str = "mozaiks_ws_deltas_in_total";
+pub const DELTAS_OUT: &str = "mozaiks_ws_deltas_out_total";
+pub const DELTAS_COALESCED: &str = "mozaiks_ws_deltas_coalesced_total";
+pub const DELTAS_DROPPED: &str = "mozaiks_ws_deltas_dropped_total";
+pub const NATS_RECONNECTS: &str = "mozaiks_gateway_nats_reconnects_total";
+pub const RECONNECT_CHECKS: &str = "mozaiks_ws_reconnect_checks_total";
+pub const RECONNECT_EVENTS: &str = "mozaiks_ws_reconnect_recovered_events_total";
 
 pub fn describe() {
+    metrics::describe_counter!(
+        DELTAS_IN,
+        "Token deltas received from the bus by this replica, by outcome (accepted, invalid)."
+    );
+    metrics::describe_counter!(DELTAS_OUT, "agent.delta frames queued to sockets.");
+    metrics::describe_counter!(
+        DELTAS_COALESCED,
+        "Token deltas merged into another agent.delta frame for a socket that fell behind."
+    );
+    metrics::describe_counter!(
+        DELTAS_DROPPED,
+        "Token deltas not sent to a socket, by reason (stale, superseded, lagged, queue_full)."
+    );
+    metrics::describe_counter!(
+        NATS_RECONNECTS,
+        "NATS reconnects after which the followed chats were checked against the log."
+    );
+    metrics::describe_counter!(
+        RECONNECT_CHECKS,
+        "Chats checked against the log after a NATS reconnect, by outcome (current, behind)."
+    );
+    metrics::describe_counter!(
+        RECONNECT_EVENTS,
+        "Events stored during a NATS outage handed to sockets after the reconnect."
+    );
     metrics::describe_histogram!(
         OPS_READ_SECONDS,
         metrics::Unit::Seconds,

@@ -14,6 +14,12 @@
 //! **Backpressure.** Live frames go through a bounded per-socket queue; a client that lets it fill
 //! is closed with 1013 and resumes with `after`. The replay waits for the socket instead.
 //!
+//! **Token deltas.** Once live (never during the replay), a socket also gets the chat's
+//! `agent.delta` frames (`"seq": null`), before the step's `agent.message`; when its queue is
+//! backed up they are merged, or dropped, never queued past a backlog and never a reason to close
+//! ([`deltas`]). A lagging live feed, or a NATS reconnect ([`crate::hub`]), makes the socket
+//! catch up from the log at once rather than when the chat's next event shows the gap.
+//!
 //! Close codes: 1000 idle (no frame or pong within the idle timeout), 1008 token expired or too
 //! many frames per second, 1009 frame too large, 1012 server restarting (reconnect elsewhere with
 //! `after`), 1013 slow consumer or log unavailable (reconnect with `after`).
@@ -38,8 +44,14 @@ use uuid::Uuid;
 
 use crate::State;
 use crate::error::{ApiError, Query};
-use crate::hub::{Admission, Refused};
+use crate::hub::{Admission, Refused, message_of};
 use crate::metrics as m;
+
+mod deltas;
+use deltas::Deltas;
+
+/// How often a socket holding a merged delta looks for room in its queue.
+const DELTA_RETRY: Duration = Duration::from_millis(20);
 
 pub const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_POLICY: u16 = 1008;
@@ -508,6 +520,7 @@ async fn stream_chat(
             0
         },
     };
+    let mut deltas = Deltas::new(state.hub.tuning().delta_backlog);
     if seek.from_stream_seq != 0 {
         match catch_up(
             state,
@@ -516,6 +529,7 @@ async fn stream_chat(
             head.stream_seq,
             &mut cur,
             tx,
+            &mut deltas,
         )
         .await
         {
@@ -527,12 +541,46 @@ async fn stream_chat(
     }
     metrics::histogram!(m::REPLAY_SECONDS).record(started.elapsed().as_secs_f64());
     debug!(seq = cur.seq, "Replay done; live.");
+    // Deltas that came during the replay are old news: start from the newest.
+    feed.deltas = feed.deltas.resubscribe();
+    let mut deltas_open = true;
     loop {
-        let live = match feed.rx.recv().await {
+        let live = tokio::select! {
+            // Deltas first: the feed hands a step's deltas over before its `agent.message`.
+            biased;
+            d = feed.deltas.recv(), if deltas_open => {
+                match d {
+                    Ok(d) => deltas.on_delta(&d, tx),
+                    Err(RecvError::Lagged(n)) => deltas.lagged(n),
+                    Err(RecvError::Closed) => deltas_open = false,
+                }
+                if tx.is_closed() {
+                    return Stop::Gone;
+                }
+                continue;
+            }
+            live = feed.rx.recv() => live,
+            _ = tokio::time::sleep(DELTA_RETRY), if deltas.holding() => {
+                deltas.flush(tx);
+                continue;
+            }
+        };
+        let live = match live {
             Ok(l) => l,
-            // Missed live events are refetched when the next one shows the gap.
+            // Missed live events: catch up from the log now; the chat's next event may be far.
             Err(RecvError::Lagged(n)) => {
-                debug!(missed = n, "Live feed lagged.");
+                debug!(missed = n, "Live feed lagged; catching up from the log.");
+                metrics::counter!(m::GAP_FETCHES).increment(1);
+                let head = match state.bus.chat_position(app_id, chat_id).await {
+                    Ok(h) => h,
+                    Err(e) => return unavailable(e),
+                };
+                if head.seq > cur.seq
+                    && let Err(stop) =
+                        fill_gap(state, claims, &mut cur, head, tx, &mut deltas).await
+                {
+                    return stop;
+                }
                 continue;
             }
             Err(RecvError::Closed) => {
@@ -544,24 +592,16 @@ async fn stream_chat(
         }
         if live.seq > cur.seq + 1 {
             metrics::counter!(m::GAP_FETCHES).increment(1);
-            let from = if cur.stream_seq > 0 {
-                cur.stream_seq + 1
-            } else {
-                let head = ChatPosition {
-                    seq: live.seq,
-                    stream_seq: live.stream_seq,
-                };
-                match state.bus.seek_chat(app_id, chat_id, cur.seq, head).await {
-                    Ok(s) if s.from_stream_seq > 0 => s.from_stream_seq,
-                    Ok(_) => live.stream_seq,
-                    Err(e) => return unavailable(e),
-                }
+            let head = ChatPosition {
+                seq: live.seq,
+                stream_seq: live.stream_seq,
             };
-            if let Err(stop) = catch_up(state, claims, from, live.stream_seq, &mut cur, tx).await {
+            if let Err(stop) = fill_gap(state, claims, &mut cur, head, tx, &mut deltas).await {
                 return stop;
             }
             continue;
         }
+        deltas.before_event(live.message, tx);
         if tx.try_send(live.json.clone()).is_err() {
             if tx.is_closed() {
                 return Stop::Gone;
@@ -576,6 +616,38 @@ async fn stream_chat(
     }
 }
 
+/// Catches the socket up from its cursor through `head` (an event known to be in the log).
+async fn fill_gap(
+    state: &State,
+    claims: &RuntimeClaims,
+    cur: &mut Cursor,
+    head: ChatPosition,
+    tx: &mpsc::Sender<Utf8Bytes>,
+    deltas: &mut Deltas,
+) -> Result<(), Stop> {
+    let from = if cur.stream_seq > 0 {
+        cur.stream_seq + 1
+    } else {
+        match state
+            .bus
+            .seek_chat(&claims.app_id, &claims.chat_id, cur.seq, head)
+            .await
+        {
+            Ok(s) if s.from_stream_seq > 0 => s.from_stream_seq,
+            Ok(_) => head.stream_seq,
+            Err(e) => {
+                warn!(error = %e, "Cannot read the chat's log.");
+                return Err(Stop::Log(
+                    "event log unavailable; reconnect with after".into(),
+                ));
+            }
+        }
+    };
+    catch_up(state, claims, from, head.stream_seq, cur, tx, deltas)
+        .await
+        .map(|_| ())
+}
+
 /// Replays the chat's events from stream sequence `from` through `until` (inclusive) that come
 /// after the cursor, waiting for the socket (the replay is paced by the client, not queued).
 async fn catch_up(
@@ -585,6 +657,7 @@ async fn catch_up(
     until: u64,
     cur: &mut Cursor,
     tx: &mpsc::Sender<Utf8Bytes>,
+    deltas: &mut Deltas,
 ) -> Result<usize, Stop> {
     if from > until {
         return Ok(0);
@@ -618,6 +691,7 @@ async fn catch_up(
         };
         for (env, stream_seq) in batch {
             if env.seq > cur.seq {
+                deltas.before_event(message_of(&env), tx);
                 let json = Utf8Bytes::from(Frame::from_envelope(&env).to_json());
                 if tx.send(json).await.is_err() {
                     return Err(Stop::Gone);
