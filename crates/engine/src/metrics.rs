@@ -11,6 +11,7 @@ pub const ACTIVE_CHATS: &str = "mozaiks_worker_active_chats";
 pub const TOOL_SECONDS: &str = "mozaiks_tool_seconds";
 pub const CHILDREN: &str = "mozaiks_child_workflows_total";
 pub const REFUSALS_NOTIFIED: &str = "mozaiks_worker_refusals_notified_total";
+pub const DELTAS_PUBLISHED: &str = "mozaiks_worker_deltas_published_total";
 
 pub fn describe() {
     metrics::describe_counter!(COMMANDS, "Commands handled, by type and outcome.");
@@ -35,6 +36,10 @@ pub fn describe() {
     metrics::describe_counter!(
         REFUSALS_NOTIFIED,
         "Refused client commands reported to the user's sockets, by code."
+    );
+    metrics::describe_counter!(
+        DELTAS_PUBLISHED,
+        "Token-delta messages published on core NATS, by outcome (ok, error)."
     );
     metrics::describe_histogram!(
         TOOL_SECONDS,

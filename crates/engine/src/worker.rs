@@ -665,9 +665,30 @@ async fn step(sh: &Shared, owned: &mut Owned, pack: &Pack) -> Result<bool, Error
                 return Ok(true);
             };
             let started = Instant::now();
-            let reply = sh.model.complete(pack, agent_def, &owned.chat, round).await;
+            // Token deltas go out on core NATS while the model streams; they are flushed before
+            // the step's events are appended, so clients see them before the `agent.message`.
+            let (sink, pieces) = crate::model::deltas::Sink::channel();
+            let target = crate::model::deltas::Target {
+                app_id: owned.app_id.clone(),
+                chat_id: owned.chat_id.clone(),
+                run_id,
+                step,
+                round,
+                agent: agent.clone(),
+            };
+            let publisher = tokio::spawn(crate::model::deltas::publish(
+                sh.bus.clone(),
+                target,
+                pieces,
+            ));
+            let reply = sh
+                .model
+                .complete(pack, agent_def, &owned.chat, round, Some(&sink))
+                .await;
             metrics::histogram!(m::MODEL_SECONDS, "model" => sh.model.name())
                 .record(started.elapsed().as_secs_f64());
+            drop(sink);
+            let _ = tokio::time::timeout(Duration::from_secs(1), publisher).await;
             match reply {
                 Ok(reply) => {
                     debug!(step, round, agent = %agent, tool_calls = reply.tool_calls.len(), "Model answered.");

@@ -7,11 +7,15 @@ use mozaiks_packs::{Agent, Pack};
 
 use crate::chat::{Chat, Reply};
 
+pub mod deltas;
 pub mod openai;
 pub mod prompt;
 
 /// The name the offline model reports in `usage.charged`.
 pub const OFFLINE_MODEL: &str = "mozaiks-offline-1";
+
+/// Pieces the offline model splits its text into when asked to stream.
+pub const OFFLINE_CHUNKS: usize = 4;
 
 /// A model provider.
 #[derive(Clone, Debug, Default)]
@@ -36,26 +40,38 @@ pub struct ModelError {
 }
 
 impl Model {
-    /// Produces call `round` of `agent`'s turn in `chat`.
+    /// Produces call `round` of `agent`'s turn in `chat`. The answer's text is also pushed into
+    /// `deltas`, piece by piece as it streams, when given.
     pub async fn complete(
         &self,
         pack: &Pack,
         agent: &Agent,
         chat: &Chat,
         round: u32,
+        deltas: Option<&deltas::Sink>,
     ) -> Result<Reply, ModelError> {
         match self {
-            Model::Offline => Ok(offline_reply(agent, chat, round)),
+            Model::Offline => {
+                let reply = offline_reply(agent, chat, round);
+                if let Some(sink) = deltas {
+                    // The offline model "streams" its text in a few pieces, like a real one.
+                    for piece in deltas::chunks(&reply.text, OFFLINE_CHUNKS) {
+                        sink.text(piece);
+                    }
+                }
+                Ok(reply)
+            }
             Model::OpenAi(client) => {
                 let model = agent
                     .model
                     .clone()
                     .unwrap_or_else(|| client.default_model().to_string());
                 client
-                    .complete(
+                    .complete_streaming(
                         &model,
                         prompt::messages(agent, chat),
                         prompt::tools(pack, agent),
+                        deltas,
                     )
                     .await
             }

@@ -2,7 +2,8 @@
 //!
 //! `POST {base}/chat/completions` with `stream: true` and `stream_options.include_usage`; the
 //! answer is Server-Sent Events: `data: {chunk}` lines, then `data: [DONE]`. Content deltas are
-//! concatenated; tool-call deltas are assembled by `index` (the id and name come in the first
+//! concatenated (and pushed into the call's delta [`Sink`] as they arrive, see
+//! [`super::deltas`]); tool-call deltas are assembled by `index` (the id and name come in the first
 //! delta of a call, the arguments in pieces); usage comes in the last chunk. Works with OpenAI,
 //! Azure OpenAI (`OPENAI_API_KEY_HEADER=api-key`, the deployment URL with `?api-version=` as the
 //! base), vLLM, Ollama (`/v1`) and llama.cpp's server.
@@ -19,6 +20,7 @@ use serde_json::{Value, json};
 use tracing::{debug, warn};
 
 use super::ModelError;
+use super::deltas::Sink;
 use crate::chat::Reply;
 
 /// Client settings.
@@ -112,6 +114,18 @@ impl Client {
         messages: Vec<Value>,
         tools: Vec<Value>,
     ) -> Result<Reply, ModelError> {
+        self.complete_streaming(model, messages, tools, None).await
+    }
+
+    /// [`Client::complete`], pushing each content delta into `deltas` as it arrives (a retried
+    /// attempt first pushes a restart).
+    pub async fn complete_streaming(
+        &self,
+        model: &str,
+        messages: Vec<Value>,
+        tools: Vec<Value>,
+        deltas: Option<&Sink>,
+    ) -> Result<Reply, ModelError> {
         let mut body = json!({
             "model": model,
             "messages": messages,
@@ -125,7 +139,12 @@ impl Client {
         let mut backoff = self.cfg.backoff;
         let mut attempt = 1;
         loop {
-            let (e, retry_after) = match self.attempt(&body).await {
+            if attempt > 1
+                && let Some(sink) = deltas
+            {
+                sink.restart();
+            }
+            let (e, retry_after) = match self.attempt(&body, deltas).await {
                 Ok(mut reply) => {
                     if reply.model.is_empty() {
                         reply.model = model.to_string();
@@ -153,7 +172,11 @@ impl Client {
     }
 
     /// One HTTP exchange. On failure, the error and the server's `Retry-After`.
-    async fn attempt(&self, body: &Value) -> Result<Reply, (ModelError, Option<Duration>)> {
+    async fn attempt(
+        &self,
+        body: &Value,
+        deltas: Option<&Sink>,
+    ) -> Result<Reply, (ModelError, Option<Duration>)> {
         let mut req = self.http.post(&self.url).json(body);
         if let Some(key) = &self.cfg.api_key {
             req = match &self.cfg.api_key_header {
@@ -184,7 +207,10 @@ impl Client {
             };
             return Err((e, retry_after));
         }
-        let mut stream = Sse::default();
+        let mut stream = Sse {
+            deltas: deltas.cloned(),
+            ..Sse::default()
+        };
         loop {
             match resp.chunk().await {
                 Ok(Some(bytes)) => {
@@ -247,6 +273,8 @@ pub(crate) struct Sse {
     usage: Option<(u64, u64)>,
     /// A finish_reason or [DONE] was seen.
     finished: bool,
+    /// Where content deltas go as they arrive.
+    deltas: Option<Sink>,
 }
 
 impl Sse {
@@ -304,6 +332,9 @@ impl Sse {
         let delta = &choice["delta"];
         if let Some(t) = delta["content"].as_str() {
             self.text.push_str(t);
+            if let Some(sink) = &self.deltas {
+                sink.text(t);
+            }
         }
         if let Some(calls) = delta["tool_calls"].as_array() {
             for (n, c) in calls.iter().enumerate() {

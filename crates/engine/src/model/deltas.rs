@@ -1,0 +1,214 @@
+//! Token deltas while a model streams its answer.
+//!
+//! A model call gets an optional [`Sink`]; the provider pushes each piece of content into it in
+//! order (the OpenAI client per SSE content delta, the offline model in a few chunks). The
+//! worker drains the sink with [`publish`]: pieces are batched for a moment (up to
+//! [`FLUSH_EVERY`] or [`FLUSH_BYTES`]) and published on core NATS (`mz.dlt.{app_id}.{chat_id}`),
+//! never in JetStream. They are ephemeral: the step's durable `agent.message` carries the
+//! whole text, and a delta that cannot be published is dropped, never failing the run.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use mozaiks_bus::Bus;
+use mozaiks_events::{AgentDelta, DeltaMessage, ENVELOPE_VERSION, frame_limits::MAX_DELTA_BYTES};
+use tokio::sync::mpsc;
+use tracing::debug;
+use uuid::Uuid;
+
+use crate::metrics as m;
+
+/// Pieces are held at most this long before they are published.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(30);
+/// Pieces are published at once when this many bytes are waiting.
+pub const FLUSH_BYTES: usize = 2048;
+/// One publish may wait this long for the connection (e.g. while NATS reconnects).
+const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What a provider pushes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece {
+    /// The next piece of text.
+    Text(String),
+    /// The call starts over (a retried attempt): later text is at offset 0 again.
+    Restart,
+}
+
+/// Where a model call's streamed text goes. Cheap to clone; pushing never blocks or fails.
+#[derive(Clone, Debug)]
+pub struct Sink(mpsc::UnboundedSender<Piece>);
+
+impl Sink {
+    /// A sink and the receiver [`publish`] drains.
+    pub fn channel() -> (Sink, mpsc::UnboundedReceiver<Piece>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Sink(tx), rx)
+    }
+
+    /// The next piece of the answer's text (empty pieces are ignored).
+    pub fn text(&self, piece: &str) {
+        if !piece.is_empty() {
+            let _ = self.0.send(Piece::Text(piece.to_string()));
+        }
+    }
+
+    /// The call restarts (another attempt after an error).
+    pub fn restart(&self) {
+        let _ = self.0.send(Piece::Restart);
+    }
+}
+
+/// Which message the deltas belong to.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub app_id: String,
+    pub chat_id: String,
+    pub run_id: Uuid,
+    pub step: u32,
+    pub round: u32,
+    pub agent: String,
+}
+
+/// Publishes what arrives on `rx` until every [`Sink`] is dropped, then flushes the rest.
+pub async fn publish(bus: Bus, target: Target, mut rx: mpsc::UnboundedReceiver<Piece>) {
+    let subject = bus.subjects().deltas(&target.app_id, &target.chat_id);
+    let mut offset: u64 = 0;
+    let mut pending = String::new();
+    let mut due = tokio::time::Instant::now();
+    loop {
+        let piece = tokio::select! {
+            p = rx.recv() => p,
+            _ = tokio::time::sleep_until(due), if !pending.is_empty() => {
+                send(&bus, &subject, &target, &mut offset, &mut pending).await;
+                continue;
+            }
+        };
+        match piece {
+            Some(Piece::Text(t)) => {
+                if pending.is_empty() {
+                    due = tokio::time::Instant::now() + FLUSH_EVERY;
+                }
+                pending.push_str(&t);
+                if pending.len() >= FLUSH_BYTES {
+                    send(&bus, &subject, &target, &mut offset, &mut pending).await;
+                }
+            }
+            Some(Piece::Restart) => {
+                send(&bus, &subject, &target, &mut offset, &mut pending).await;
+                offset = 0;
+            }
+            None => {
+                send(&bus, &subject, &target, &mut offset, &mut pending).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Publishes `pending` (split at char boundaries to fit [`MAX_DELTA_BYTES`]) and advances
+/// `offset`. A failure is counted and forgotten.
+async fn send(bus: &Bus, subject: &str, target: &Target, offset: &mut u64, pending: &mut String) {
+    let mut rest = std::mem::take(pending);
+    while !rest.is_empty() {
+        let mut cut = rest.len().min(MAX_DELTA_BYTES);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let tail = rest.split_off(cut);
+        let text = std::mem::replace(&mut rest, tail);
+        let len = text.len() as u64;
+        let msg = DeltaMessage {
+            v: ENVELOPE_VERSION,
+            id: Uuid::now_v7(),
+            app_id: target.app_id.clone(),
+            chat_id: target.chat_id.clone(),
+            ts: Utc::now(),
+            delta: AgentDelta {
+                run_id: Some(target.run_id),
+                step: target.step,
+                round: target.round,
+                agent: target.agent.clone(),
+                offset: *offset,
+                text,
+            },
+        };
+        *offset += len;
+        let outcome = match msg.encode() {
+            Ok(payload) => {
+                let publish = bus.client().publish(subject.to_string(), payload.into());
+                match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
+                    Ok(Ok(())) => "ok",
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "Cannot publish a delta; dropped.");
+                        "error"
+                    }
+                    Err(_) => {
+                        debug!("Publishing a delta timed out; dropped.");
+                        "error"
+                    }
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "Cannot encode a delta; dropped.");
+                "error"
+            }
+        };
+        metrics::counter!(m::DELTAS_PUBLISHED, "outcome" => outcome).increment(1);
+    }
+}
+
+/// Splits `text` into about `parts` pieces at char boundaries (the offline model's "stream").
+pub fn chunks(text: &str, parts: usize) -> Vec<&str> {
+    let size = text.len().div_ceil(parts.max(1)).max(1);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + size).min(text.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        out.push(&text[start..end]);
+        start = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_text_at_char_boundaries() {
+        for text in ["", "a", "hello world, this is a reply", "héllo wörld ✓✓✓"] {
+            for parts in [1, 3, 4, 100] {
+                let c = chunks(text, parts);
+                assert_eq!(c.concat(), text);
+                assert!(c.len() <= parts.max(1));
+                assert!(c.iter().all(|p| !p.is_empty()));
+            }
+        }
+        assert_eq!(chunks("abcdefgh", 4), vec!["ab", "cd", "ef", "gh"]);
+    }
+
+    #[test]
+    fn the_sink_keeps_order_and_ignores_empty_pieces() {
+        let (sink, mut rx) = Sink::channel();
+        sink.text("a");
+        sink.text("");
+        sink.restart();
+        sink.text("b");
+        drop(sink);
+        let mut got = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            got.push(p);
+        }
+        assert_eq!(
+            got,
+            vec![
+                Piece::Text("a".into()),
+                Piece::Restart,
+                Piece::Text("b".into())
+            ]
+        );
+    }
+}
