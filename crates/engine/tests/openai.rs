@@ -339,3 +339,46 @@ fn a_base_url_that_is_not_http_is_refused() {
     .unwrap_err();
     assert_eq!(e.code, "model_config");
 }
+
+#[tokio::test]
+async fn content_deltas_reach_the_sink_in_order_and_a_retry_restarts_them() {
+    use mozaiks_engine::model::deltas::{Piece, Sink};
+    let cut_short = ok(vec![format!(
+        "data: {}\n\n",
+        delta(json!({"content": "Hel"}))
+    )]);
+    let (base, _script) = server(vec![
+        cut_short,
+        ok(sse(&[
+            delta(json!({"role": "assistant", "content": ""})),
+            delta(json!({"content": "Hel"})),
+            delta(json!({"content": "lo, "})),
+            delta(json!({"content": "wörld"})),
+            finish("stop"),
+            usage(12, 3),
+        ])),
+    ])
+    .await;
+    let (sink, mut pieces) = Sink::channel();
+    let r = client(&base, |_| {})
+        .complete_streaming("gpt-test", user("hi"), Vec::new(), Some(&sink))
+        .await
+        .unwrap();
+    drop(sink);
+    assert_eq!(r.text, "Hello, wörld");
+    let mut got = Vec::new();
+    while let Some(p) = pieces.recv().await {
+        got.push(p);
+    }
+    let text = |t: &str| Piece::Text(t.to_string());
+    assert_eq!(
+        got,
+        vec![
+            text("Hel"),
+            Piece::Restart,
+            text("Hel"),
+            text("lo, "),
+            text("wörld")
+        ]
+    );
+}
