@@ -46,6 +46,7 @@ fn cases() -> Vec<(&'static str, Envelope)> {
                     step: 2,
                     agent: "specialist".into(),
                     text: REPLY.into(),
+                    structured: None,
                 }),
             ),
         ),

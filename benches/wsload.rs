@@ -129,6 +129,7 @@ fn envelope(chat: &str, seq: u64, text: &str) -> Envelope {
             step: 0,
             agent: "load".into(),
             text: text.into(),
+            structured: None,
         }),
     }
 }

@@ -50,6 +50,7 @@ async fn append_n(bus: &Bus, ticket: &Value, user: &str, n: usize, text_bytes: u
                 step: done as u32,
                 agent: "load".into(),
                 text: text.clone(),
+                structured: None,
             }),
         };
         match bus.append(&env, pos.stream_seq).await {

@@ -20,6 +20,8 @@ use mozaiks_events::{
 use mozaiks_packs::Pack;
 use uuid::Uuid;
 
+#[cfg(test)]
+mod auto_tests;
 mod children;
 #[cfg(test)]
 mod children_tests;
@@ -28,7 +30,7 @@ pub mod run;
 mod tests;
 
 pub use children::{CHILDREN_SOURCE, PendingChild};
-pub use run::Next;
+pub use run::{INVALID_STRUCTURED_OUTPUT, Next, OUTPUT_SOURCE, Purpose, SELECT_SPEAKER_ROUND};
 
 /// How many transcript entries the aggregate keeps for model context.
 const TRANSCRIPT_WINDOW: usize = 64;
@@ -89,6 +91,18 @@ pub struct Round {
     pub calls: Vec<Call>,
 }
 
+/// The speaker-selection call of the current step (`model.replied` round 0, `pattern: auto`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Selection {
+    /// The selector's answer.
+    pub text: String,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Its `usage.charged` is durable.
+    pub charged: bool,
+}
+
 /// An `input.requested` not yet answered.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Waiting {
@@ -137,6 +151,10 @@ pub struct Run {
     pub children: Vec<ChildRun>,
     /// The current step's children's results are in the context.
     pub children_merged: bool,
+    /// The current step's speaker-selection call, once recorded.
+    pub selection: Option<Selection>,
+    /// The current step's structured output is in its `output_into` variable.
+    pub output_stored: bool,
 }
 
 /// One transcript entry.
@@ -268,6 +286,8 @@ impl Chat {
                     last_output: String::new(),
                     children: Vec::new(),
                     children_merged: false,
+                    selection: None,
+                    output_stored: false,
                 });
             }
             Event::StepStarted(s) => {
@@ -283,6 +303,19 @@ impl Chat {
                     run.selected = None;
                     run.completed_next = None;
                     run.children_merged = false;
+                    run.selection = None;
+                    run.output_stored = false;
+                }
+            }
+            Event::ModelReplied(r) if r.round == SELECT_SPEAKER_ROUND => {
+                if let Some(run) = self.run.as_mut() {
+                    run.selection = Some(Selection {
+                        text: r.text.clone(),
+                        model: r.model.clone(),
+                        prompt_tokens: r.prompt_tokens,
+                        completion_tokens: r.completion_tokens,
+                        charged: false,
+                    });
                 }
             }
             Event::ModelReplied(r) => {
@@ -322,7 +355,14 @@ impl Chat {
                 self.remember(&m.agent, &m.text);
             }
             Event::UsageCharged(_) => {
-                if let Some(round) = self.run.as_mut().and_then(|r| r.rounds.last_mut()) {
+                if let Some(sel) = self
+                    .run
+                    .as_mut()
+                    .and_then(|r| r.selection.as_mut())
+                    .filter(|s| !s.charged)
+                {
+                    sel.charged = true;
+                } else if let Some(round) = self.run.as_mut().and_then(|r| r.rounds.last_mut()) {
                     round.charged = true;
                     // A model reply without text has no agent.message.
                     round.message_done = true;
@@ -347,6 +387,12 @@ impl Chat {
             }
             Event::ContextUpdated(u) => {
                 self.context.insert(u.key.clone(), u.value.clone());
+                if u.call_id.is_none()
+                    && u.source == OUTPUT_SOURCE
+                    && let Some(run) = self.run.as_mut()
+                {
+                    run.output_stored = true;
+                }
                 if u.call_id.is_none()
                     && u.source == CHILDREN_SOURCE
                     && let Some(run) = self.run.as_mut()

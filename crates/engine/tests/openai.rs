@@ -340,6 +340,163 @@ fn a_base_url_that_is_not_http_is_refused() {
     assert_eq!(e.code, "model_config");
 }
 
+/// Drives a chat of `pack` on "hi" with the OpenAI-compatible model until it is idle.
+async fn drive_with(
+    model: &mozaiks_engine::model::Model,
+    pack: &mozaiks_packs::Pack,
+) -> Vec<mozaiks_events::Event> {
+    use mozaiks_engine::chat::{Chat, Next};
+    use mozaiks_events::{Event, MessageUser, SessionStarted};
+    let mut chat = Chat::from_events([
+        (&Event::SessionStarted(SessionStarted::default()), None),
+        (
+            &Event::MessageUser(MessageUser {
+                text: "hi".into(),
+                client_msg_id: None,
+            }),
+            None,
+        ),
+    ]);
+    let mut all = Vec::new();
+    for _ in 0..100 {
+        let events = match chat.next(pack, uuid::Uuid::now_v7()) {
+            Next::Emit(ev) => ev,
+            Next::CallModel { agent, round, .. } => {
+                let agent = pack.agent(&agent).unwrap();
+                let reply = model
+                    .complete(pack, agent, &chat, round, None)
+                    .await
+                    .unwrap();
+                chat.on_reply(round, &reply)
+            }
+            _ => return all,
+        };
+        for e in &events {
+            chat.apply(e, None);
+        }
+        all.extend(events);
+    }
+    panic!("the run did not end");
+}
+
+const CONCIERGE: &str = "name: p\nstart_agent: intake\npattern: auto\nselector_model: gpt-select\nmax_turns: 3\nterminate_when: [{keyword: DONE}]\nagents:\n  - name: intake\n    description: Classifies the request\n    model: gpt-intake\n    output_schema: {type: object, properties: {topic: {type: string, enum: [dining, transport]}}, required: [topic]}\n    output_into: request\n  - name: dining\n    description: Books tables\n  - name: transport\n    description: Books taxis\n    handoff: {after_work: dining}\n";
+
+fn text_answer(text: &str) -> Answer {
+    ok(sse(&[
+        delta(json!({"role": "assistant", "content": text})),
+        finish("stop"),
+        usage(20, 2),
+    ]))
+}
+
+#[tokio::test]
+async fn structured_output_and_speaker_selection_go_over_the_wire() {
+    let pack = mozaiks_packs::Pack::parse(std::path::Path::new("p/workflow.yaml"), "p", CONCIERGE)
+        .unwrap();
+    let (base, script) = server(vec![
+        text_answer(r#"{"topic": "transport"}"#),
+        text_answer("transport"),
+        text_answer("A taxi is booked."),
+        // names no agent: the fallback is transport's after_work
+        text_answer("Let me think about that."),
+        text_answer("Table for two. DONE"),
+    ])
+    .await;
+    let model = mozaiks_engine::model::Model::OpenAi(client(&base, |_| {}));
+    let events = drive_with(&model, &pack).await;
+    let seen: Vec<Value> = script
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, b)| b.clone())
+        .collect();
+    assert_eq!(seen.len(), 5);
+    // the structured agent asks for a strict JSON schema, closed objects included
+    let format = &seen[0]["response_format"];
+    assert_eq!(format["type"], "json_schema");
+    assert_eq!(format["json_schema"]["name"], "intake");
+    assert_eq!(format["json_schema"]["strict"], true);
+    assert_eq!(
+        format["json_schema"]["schema"]["additionalProperties"],
+        false
+    );
+    assert_eq!(
+        format["json_schema"]["schema"]["properties"]["topic"]["enum"],
+        json!(["dining", "transport"])
+    );
+    assert_eq!(seen[0]["model"], "gpt-intake");
+    // the selector: no tools, no response_format, the selector model, AG2's prompt
+    let select = &seen[1];
+    assert_eq!(select["model"], "gpt-select");
+    assert!(select.get("tools").is_none() && select.get("response_format").is_none());
+    let system = select["messages"][0]["content"].as_str().unwrap();
+    assert!(
+        system.contains("intake: Classifies the request")
+            && system.contains("transport: Books taxis")
+            && system.contains("[intake, dining, transport]"),
+        "{system}"
+    );
+    let msgs = select["messages"].as_array().unwrap();
+    assert_eq!(msgs[msgs.len() - 2]["name"], "intake");
+    assert!(
+        msgs.last().unwrap()["content"]
+            .as_str()
+            .unwrap()
+            .contains("Only return the role")
+    );
+    // agents without a schema send no response_format
+    assert!(seen[2].get("response_format").is_none());
+    let selections: Vec<(Option<String>, String)> = events
+        .iter()
+        .filter_map(|e| match e {
+            mozaiks_events::Event::SpeakerSelected(s) => Some((s.next.clone(), s.reason.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        selections,
+        [
+            (Some("transport".into()), "auto".into()),
+            (Some("dining".into()), "auto_fallback".into()),
+            (None, "terminate_when".into()),
+        ]
+    );
+    let structured = events.iter().find_map(|e| match e {
+        mozaiks_events::Event::AgentMessage(m) => m.structured.clone(),
+        _ => None,
+    });
+    assert_eq!(structured, Some(json!({"topic": "transport"})));
+    let charged = events
+        .iter()
+        .filter(|e| e.type_name() == "usage.charged")
+        .count();
+    assert_eq!(charged, 5, "every call, selector calls included, once");
+}
+
+#[tokio::test]
+async fn a_structured_reply_that_fails_twice_fails_the_run_after_one_retry() {
+    let pack = mozaiks_packs::Pack::parse(std::path::Path::new("p/workflow.yaml"), "p", CONCIERGE)
+        .unwrap();
+    let (base, script) = server(vec![
+        text_answer(r#"{"topic": "boat"}"#),
+        text_answer("not even JSON"),
+    ])
+    .await;
+    let model = mozaiks_engine::model::Model::OpenAi(client(&base, |_| {}));
+    let events = drive_with(&model, &pack).await;
+    let seen = script.seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    let retry = seen[1].1["messages"].as_array().unwrap();
+    let last = retry.last().unwrap()["content"].as_str().unwrap();
+    assert!(last.contains("$.topic"), "{last}");
+    assert_eq!(retry[retry.len() - 2]["role"], "assistant");
+    let Some(mozaiks_events::Event::RunFailed(f)) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(f.code, "invalid_structured_output");
+}
+
 #[tokio::test]
 async fn content_deltas_reach_the_sink_in_order_and_a_retry_restarts_them() {
     use mozaiks_engine::model::deltas::{Piece, Sink};

@@ -73,6 +73,7 @@ mod tests {
                 step: 1,
                 agent: "assistant".into(),
                 text: "hello".into(),
+                structured: None,
             }),
             Event::UsageCharged(UsageCharged {
                 run_id,
@@ -159,6 +160,7 @@ mod tests {
             step: 1,
             agent: "a".into(),
             text: "t".into(),
+            structured: None,
         }));
         let v: serde_json::Value =
             serde_json::from_str(&crate::Frame::from_envelope(&env).to_json()).unwrap();

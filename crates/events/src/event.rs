@@ -186,6 +186,10 @@ pub struct AgentMessage {
     pub step: u32,
     pub agent: String,
     pub text: String,
+    /// For an agent with an `output_schema`: its reply parsed as JSON, checked against the
+    /// schema (`text` is the same JSON as written by the model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structured: Option<serde_json::Value>,
 }
 
 /// An agent called a tool.
@@ -309,7 +313,9 @@ pub struct RunCancelled {
 pub struct ModelReplied {
     pub run_id: Uuid,
     pub step: u32,
-    /// Model call within the step, from 1 (a turn with tool calls takes several).
+    /// Model call within the step, from 1 (a turn with tool calls takes several). Round 0 is
+    /// the speaker-selection call of `pattern: auto` after the step's agent spoke: its `text` is
+    /// the selector's answer, its charge follows, then `speaker.selected` with `by: "model"`.
     pub round: u32,
     pub agent: String,
     pub model: String,
@@ -330,7 +336,9 @@ pub struct RequestedToolCall {
 }
 
 /// Who speaks next, and why: `condition` (a handoff condition held), `after_work`,
-/// `round_robin`, `terminate_when` (a terminate condition held), `max_turns`.
+/// `round_robin`, `terminate_when` (a terminate condition held), `max_turns`, and for
+/// `pattern: auto`: `auto` (the selector named the agent) or `auto_fallback` (its answer named
+/// no agent: the agent's `after_work`, else declaration order; `detail` says why).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SpeakerSelected {
     pub run_id: Uuid,
@@ -341,6 +349,12 @@ pub struct SpeakerSelected {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
     pub reason: String,
+    /// `model` when a speaker-selection call decided (`pattern: auto`); absent for rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// For `auto_fallback`: the selector's answer and why it was not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// A context variable of the chat changed.

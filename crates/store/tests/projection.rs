@@ -61,6 +61,7 @@ fn chat_events(app: &str, chat: &str) -> Vec<Envelope> {
                 step: 1,
                 agent: "a".into(),
                 text: "hello".into(),
+                structured: None,
             }),
         ),
         env(

@@ -1,16 +1,36 @@
 //! What a run needs next, and the events of a model's reply or a tool's result. Pure.
 
 use mozaiks_events::{
-    AgentMessage, ContextUpdated, Event, InputRequested, ModelReplied, RunCompleted, RunStarted,
-    SpeakerSelected, StepCompleted, StepStarted, ToolCall, ToolResult, UsageCharged,
+    AgentMessage, ContextUpdated, Event, InputRequested, ModelReplied, RunCompleted, RunFailed,
+    RunStarted, SpeakerSelected, StepCompleted, StepStarted, ToolCall, ToolResult, UsageCharged,
 };
-use mozaiks_packs::{ASK_USER, Pack, Pattern, SET_CONTEXT, TERMINATE};
+use mozaiks_packs::{ASK_USER, Agent, Pack, Pattern, SET_CONTEXT, TERMINATE};
 use uuid::Uuid;
 
 use super::{Call, Chat, Reply, Round, Run};
 
 /// Model calls per agent turn at most (each answers the previous call's tool results).
 pub const MAX_ROUNDS: u32 = 8;
+
+/// The `round` of a speaker-selection call (`pattern: auto`); an agent's calls count from 1.
+pub const SELECT_SPEAKER_ROUND: u32 = 0;
+
+/// `source` of the `context.updated` that stores a structured output in `output_into` (not a
+/// valid tool name).
+pub const OUTPUT_SOURCE: &str = "agent.output";
+
+/// `run.failed` code when an agent's reply did not match its `output_schema`, twice.
+pub const INVALID_STRUCTURED_OUTPUT: &str = "invalid_structured_output";
+
+/// What a model call is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A round of the agent's turn: its reply is the agent's speech or tool calls.
+    Turn,
+    /// `pattern: auto`'s speaker selection after `agent`'s turn (round
+    /// [`SELECT_SPEAKER_ROUND`]): the reply names the next agent; it is not the agent's speech.
+    SelectSpeaker,
+}
 
 /// What the run needs next.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,6 +45,8 @@ pub enum Next {
         step: u32,
         agent: String,
         round: u32,
+        /// [`Purpose::SelectSpeaker`] for round [`SELECT_SPEAKER_ROUND`].
+        purpose: Purpose,
     },
     /// The run waits for these child chats to end (their `child.finished` commands). Like
     /// `Idle` for the worker, which checks the children's logs once when it takes the chat over.
@@ -100,7 +122,7 @@ impl Chat {
             return Next::Idle;
         };
         if run.spoke {
-            return Next::Emit(self.select(pack, run));
+            return self.end_turn(pack, run);
         }
         if agent.human_input {
             return match &run.human_answer {
@@ -118,6 +140,7 @@ impl Chat {
                     step: run.step,
                     agent: agent.name.clone(),
                     text: text.clone(),
+                    structured: None,
                 })]),
             };
         }
@@ -130,7 +153,8 @@ impl Chat {
         let Some(round) = run.rounds.last() else {
             return self.call_model(run, 1);
         };
-        let derived = derived_events(run, round);
+        let output = structured_output(agent, round);
+        let derived = derived_events(run, round, output.as_ref());
         if !derived.is_empty() {
             return Next::Emit(derived);
         }
@@ -139,8 +163,43 @@ impl Chat {
                 return next;
             }
         }
+        match output {
+            Some(Ok(value)) => {
+                if let Some(key) = &agent.output_into
+                    && !run.output_stored
+                {
+                    return Next::Emit(vec![Event::ContextUpdated(ContextUpdated {
+                        run_id: run.run_id,
+                        key: key.clone(),
+                        value,
+                        source: OUTPUT_SOURCE.into(),
+                        call_id: None,
+                    })]);
+                }
+            }
+            Some(Err(error)) => {
+                let failures = run
+                    .rounds
+                    .iter()
+                    .filter(|r| matches!(structured_output(agent, r), Some(Err(_))))
+                    .count();
+                if failures < 2 {
+                    // One retry, with the error in the prompt (see `model::prompt`).
+                    return self.call_model(run, round.round + 1);
+                }
+                return Next::Emit(vec![Event::RunFailed(RunFailed {
+                    run_id: run.run_id,
+                    code: INVALID_STRUCTURED_OUTPUT.into(),
+                    reason: format!(
+                        "agent {:?} answered twice without output matching its output_schema: {error}",
+                        agent.name
+                    ),
+                })]);
+            }
+            None => {}
+        }
         if round.calls.is_empty() || round.round >= MAX_ROUNDS {
-            return Next::Emit(self.select(pack, run));
+            return self.end_turn(pack, run);
         }
         self.call_model(run, round.round + 1)
     }
@@ -151,6 +210,7 @@ impl Chat {
             step: run.step,
             agent: run.agent.clone(),
             round,
+            purpose: Purpose::Turn,
         }
     }
 
@@ -240,54 +300,93 @@ impl Chat {
         }
     }
 
-    /// The events that end the current turn: who speaks next, and why.
-    fn select(&self, pack: &Pack, run: &Run) -> Vec<Event> {
+    /// The end of the current turn: who speaks next, and why. Rules first (terminate
+    /// conditions, handoff conditions, the pattern); with `pattern: auto` and no rule, a
+    /// speaker-selection call, its charge, then its choice.
+    fn end_turn(&self, pack: &Pack, run: &Run) -> Next {
+        let Some((next, reason)) = self.by_rule(pack, run) else {
+            return self.auto_select(pack, run);
+        };
+        Next::Emit(selected(run, next, reason, None, None))
+    }
+
+    /// The next speaker by the pack's rules, or `None` when the model chooses.
+    fn by_rule(&self, pack: &Pack, run: &Run) -> Option<(Option<String>, &'static str)> {
         let message = &run.last_output;
-        let (next, reason) = if pack
+        if pack
             .terminate_when
             .iter()
             .any(|c| c.holds(&self.context, message))
         {
-            (None, "terminate_when")
-        } else {
-            let agent = pack.agent(&run.agent);
-            let by_condition = agent.and_then(|a| {
-                a.handoff
-                    .conditions
-                    .iter()
-                    .find(|h| h.when.holds(&self.context, message))
-            });
-            let (target, reason) = match (by_condition, pack.pattern) {
-                (Some(h), _) => (Some(h.target.clone()), "condition"),
-                (None, Pattern::RoundRobin | Pattern::Auto) => {
-                    let i = pack
-                        .agents
-                        .iter()
-                        .position(|a| a.name == run.agent)
-                        .unwrap_or(0);
-                    let next = &pack.agents[(i + 1) % pack.agents.len()];
-                    (Some(next.name.clone()), "round_robin")
-                }
-                (None, Pattern::Sequential) => (
-                    agent.and_then(|a| a.handoff.after_work.clone()),
-                    "after_work",
-                ),
-            };
-            match target.filter(|t| t != TERMINATE) {
-                Some(_) if run.step >= pack.max_turns => (None, "max_turns"),
-                t => (t, reason),
-            }
+            return Some((None, "terminate_when"));
+        }
+        let agent = pack.agent(&run.agent);
+        let by_condition = agent.and_then(|a| {
+            a.handoff
+                .conditions
+                .iter()
+                .find(|h| h.when.holds(&self.context, message))
+        });
+        let (target, reason) = match (by_condition, pack.pattern) {
+            (Some(h), _) => (Some(h.target.clone()), "condition"),
+            (None, Pattern::RoundRobin) => (Some(next_in_order(pack, &run.agent)), "round_robin"),
+            (None, Pattern::Sequential) => (
+                agent.and_then(|a| a.handoff.after_work.clone()),
+                "after_work",
+            ),
+            (None, Pattern::Auto) if run.step >= pack.max_turns => (None, "max_turns"),
+            (None, Pattern::Auto) => return None,
         };
-        vec![
-            Event::SpeakerSelected(SpeakerSelected {
+        Some(match target.filter(|t| t != TERMINATE) {
+            Some(_) if run.step >= pack.max_turns => (None, "max_turns"),
+            t => (t, reason),
+        })
+    }
+
+    /// `pattern: auto`: ask the selector once (its reply is recorded, so a new owner does not
+    /// ask again), charge it, then take its choice or fall back.
+    fn auto_select(&self, pack: &Pack, run: &Run) -> Next {
+        let Some(sel) = &run.selection else {
+            return Next::CallModel {
                 run_id: run.run_id,
                 step: run.step,
-                from: run.agent.clone(),
-                next: next.clone(),
-                reason: reason.into(),
-            }),
-            step_completed(run, next),
-        ]
+                agent: run.agent.clone(),
+                round: SELECT_SPEAKER_ROUND,
+                purpose: Purpose::SelectSpeaker,
+            };
+        };
+        if !sel.charged {
+            return Next::Emit(vec![Event::UsageCharged(UsageCharged {
+                run_id: run.run_id,
+                step: run.step,
+                agent: run.agent.clone(),
+                model: sel.model.clone(),
+                prompt_tokens: sel.prompt_tokens,
+                completion_tokens: sel.completion_tokens,
+                total_tokens: sel.prompt_tokens + sel.completion_tokens,
+            })]);
+        }
+        if let Some(name) = named_agent(pack, &sel.text) {
+            return Next::Emit(selected(run, Some(name), "auto", Some("model"), None));
+        }
+        let after_work = pack
+            .agent(&run.agent)
+            .and_then(|a| a.handoff.after_work.clone());
+        let (next, via) = match after_work {
+            Some(t) => ((t != TERMINATE).then_some(t), "after_work"),
+            None => (Some(next_in_order(pack, &run.agent)), "declaration order"),
+        };
+        let answer: String = sel.text.chars().take(200).collect();
+        let detail = format!(
+            "the selector answered {answer:?}, which names no agent or several; falling back to {via}"
+        );
+        Next::Emit(selected(
+            run,
+            next,
+            "auto_fallback",
+            Some("model"),
+            Some(detail),
+        ))
     }
 
     /// The record of a model's reply for the current step (`round` from [`Next::CallModel`]).
@@ -342,16 +441,36 @@ impl Chat {
     }
 }
 
+/// The agent's structured output in a round: `None` when the agent has no `output_schema` or
+/// the round called tools (it is not the final answer); else the checked value or the error.
+pub fn structured_output(
+    agent: &Agent,
+    round: &Round,
+) -> Option<Result<serde_json::Value, String>> {
+    let schema = agent.output_schema.as_ref()?;
+    if !round.calls.is_empty() {
+        return None;
+    }
+    Some(mozaiks_packs::output::parse_reply(schema, &round.text))
+}
+
 /// `agent.message`, `usage.charged` and `tool.call` events of a recorded reply not yet durable.
-fn derived_events(run: &Run, round: &Round) -> Vec<Event> {
+/// A reply that fails its agent's output schema is charged but not spoken.
+fn derived_events(
+    run: &Run,
+    round: &Round,
+    output: Option<&Result<serde_json::Value, String>>,
+) -> Vec<Event> {
     let mut events = Vec::new();
     if !round.charged {
-        if !round.message_done && !round.text.is_empty() {
+        let speaks = !matches!(output, Some(Err(_)));
+        if speaks && !round.message_done && !round.text.is_empty() {
             events.push(Event::AgentMessage(AgentMessage {
                 run_id: run.run_id,
                 step: run.step,
                 agent: run.agent.clone(),
                 text: round.text.clone(),
+                structured: output.and_then(|o| o.as_ref().ok()).cloned(),
             }));
         }
         events.push(Event::UsageCharged(UsageCharged {
@@ -374,6 +493,60 @@ fn derived_events(run: &Run, round: &Round) -> Vec<Event> {
         }));
     }
     events
+}
+
+/// The agent after `name` in declaration order (wrapping).
+fn next_in_order(pack: &Pack, name: &str) -> String {
+    let i = pack.agents.iter().position(|a| a.name == name).unwrap_or(0);
+    pack.agents[(i + 1) % pack.agents.len()].name.clone()
+}
+
+/// The agent a selector's answer names: the whole answer (quotes and punctuation aside), else
+/// the only agent it mentions as a word (AG2's rule; several mentioned is no answer).
+fn named_agent(pack: &Pack, answer: &str) -> Option<String> {
+    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    let bare = answer.trim().trim_matches(|c: char| !is_word(c));
+    if let Some(a) = pack.agent(bare) {
+        return Some(a.name.clone());
+    }
+    let mentioned: Vec<&str> = pack
+        .agents
+        .iter()
+        .map(|a| a.name.as_str())
+        .filter(|name| {
+            answer.match_indices(name).any(|(i, _)| {
+                let before = answer[..i].chars().next_back();
+                let after = answer[i + name.len()..].chars().next();
+                !before.is_some_and(is_word) && !after.is_some_and(is_word)
+            })
+        })
+        .collect();
+    match mentioned.as_slice() {
+        [one] => Some(one.to_string()),
+        _ => None,
+    }
+}
+
+/// `speaker.selected` and `step.completed`.
+fn selected(
+    run: &Run,
+    next: Option<String>,
+    reason: &str,
+    by: Option<&str>,
+    detail: Option<String>,
+) -> Vec<Event> {
+    vec![
+        Event::SpeakerSelected(SpeakerSelected {
+            run_id: run.run_id,
+            step: run.step,
+            from: run.agent.clone(),
+            next: next.clone(),
+            reason: reason.into(),
+            by: by.map(String::from),
+            detail,
+        }),
+        step_completed(run, next),
+    ]
 }
 
 fn step_completed(run: &Run, next: Option<String>) -> Event {

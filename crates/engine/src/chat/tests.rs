@@ -479,6 +479,7 @@ fn a_log_from_before_model_replied_still_completes() {
             step: 1,
             agent: "a".into(),
             text: "x".into(),
+            structured: None,
         }),
         Event::UsageCharged(UsageCharged {
             run_id,

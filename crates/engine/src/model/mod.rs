@@ -50,6 +50,20 @@ impl Model {
         round: u32,
         deltas: Option<&deltas::Sink>,
     ) -> Result<Reply, ModelError> {
+        if round == crate::chat::SELECT_SPEAKER_ROUND {
+            // Not the agent's speech: nothing streams.
+            return self.select_speaker(pack, agent, chat).await;
+        }
+        if let (Model::OpenAi(client), Some(format)) = (self, prompt::response_format(agent)) {
+            let model = agent
+                .model
+                .clone()
+                .unwrap_or_else(|| client.default_model().to_string());
+            let (messages, tools) = (prompt::messages(agent, chat), prompt::tools(pack, agent));
+            return client
+                .complete_structured(&model, messages, tools, format, deltas)
+                .await;
+        }
         match self {
             Model::Offline => {
                 let reply = offline_reply(agent, chat, round);
@@ -73,6 +87,30 @@ impl Model {
                         prompt::tools(pack, agent),
                         deltas,
                     )
+                    .await
+            }
+        }
+    }
+
+    /// `pattern: auto`'s speaker selection after `agent`'s turn: the offline model answers its
+    /// script's `next_speaker` (else the next agent in declaration order); an OpenAI-compatible
+    /// model gets AG2's selection prompt ([`prompt::selection`]) without tools, on the pack's
+    /// `selector_model`.
+    pub async fn select_speaker(
+        &self,
+        pack: &Pack,
+        agent: &Agent,
+        chat: &Chat,
+    ) -> Result<Reply, ModelError> {
+        match self {
+            Model::Offline => Ok(offline_selection(pack, agent, chat)),
+            Model::OpenAi(client) => {
+                let model = pack
+                    .selector_model
+                    .clone()
+                    .unwrap_or_else(|| client.default_model().to_string());
+                client
+                    .complete(&model, prompt::selection(pack, chat), Vec::new())
                     .await
             }
         }
@@ -106,6 +144,22 @@ pub fn fill(template: &str, agent: &Agent, chat: &Chat) -> String {
     };
     for (k, v) in &chat.context {
         text = text.replace(&format!("{{context.{k}}}"), &show(v));
+    }
+    // Dotted paths into object variables: `{context.request.topic}`.
+    let mut from = 0;
+    while let Some(i) = text[from..].find("{context.").map(|i| i + from) {
+        let Some(len) = text[i..].find('}') else {
+            break;
+        };
+        let path = &text[i + "{context.".len()..i + len];
+        match mozaiks_packs::context_path(&chat.context, path) {
+            Some(v) => {
+                let value = show(v);
+                text.replace_range(i..=i + len, &value);
+                from = i + value.len();
+            }
+            None => from = i + len,
+        }
     }
     if let Some(run) = &chat.run {
         for call in run.rounds.iter().flat_map(|r| &r.calls) {
@@ -150,6 +204,13 @@ pub fn offline_reply(agent: &Agent, chat: &Chat, round: u32) -> Reply {
             })
             .collect();
         (String::new(), calls)
+    } else if let Some(schema) = &agent.output_schema {
+        // JSON whose strings are templates, or the smallest value matching the schema.
+        let value = match agent.offline.reply.as_deref().map(serde_json::from_str) {
+            Some(Ok(v)) => fill_value(&v, agent, chat),
+            _ => mozaiks_packs::output::sample(schema),
+        };
+        (value.to_string(), Vec::new())
     } else {
         let template = agent
             .offline
@@ -170,6 +231,39 @@ pub fn offline_reply(agent: &Agent, chat: &Chat, round: u32) -> Reply {
         text,
         model: OFFLINE_MODEL.to_string(),
         tool_calls,
+    }
+}
+
+/// The offline speaker selector's answer after `agent`'s turn: its script's `next_speaker`,
+/// filled in, else the next agent in declaration order.
+pub fn offline_selection(pack: &Pack, agent: &Agent, chat: &Chat) -> Reply {
+    let text = match &agent.offline.next_speaker {
+        Some(template) => fill(template, agent, chat),
+        None => {
+            let i = pack
+                .agents
+                .iter()
+                .position(|a| a.name == agent.name)
+                .unwrap_or(0);
+            pack.agents[(i + 1) % pack.agents.len()].name.clone()
+        }
+    };
+    let prompt: usize = pack
+        .agents
+        .iter()
+        .map(|a| a.name.len() + a.description.len())
+        .chain(
+            chat.transcript
+                .iter()
+                .map(|t| t.text.len() + t.speaker.len()),
+        )
+        .sum();
+    Reply {
+        prompt_tokens: (prompt as u64).div_ceil(4).max(1),
+        completion_tokens: tokens(&text),
+        text,
+        model: OFFLINE_MODEL.to_string(),
+        tool_calls: Vec::new(),
     }
 }
 
@@ -220,5 +314,35 @@ mod tests {
         let second = offline_reply(&agent, &chat, 2);
         assert_eq!(second.text, "done");
         assert!(second.tool_calls.is_empty());
+    }
+
+    #[test]
+    fn offline_selection_and_structured_replies_follow_the_pack() {
+        let pack = Pack::parse(
+            std::path::Path::new("p/workflow.yaml"),
+            "p",
+            "name: p\nstart_agent: a\npattern: auto\nagents:\n  - name: a\n    output_schema: {type: object, properties: {topic: {type: string}, said: {type: string}}, required: [topic, said]}\n    output_into: req\n    offline:\n      reply: '{\"topic\": \"b\", \"said\": \"{input}\"}'\n      next_speaker: '{context.req.topic}'\n  - name: b\n    output_schema: {type: object, properties: {n: {type: integer}, ok: {type: boolean}}, required: [n, ok]}\n",
+        )
+        .unwrap();
+        let mut ctx = serde_json::Map::new();
+        ctx.insert("req".into(), serde_json::json!({"topic": "b"}));
+        let started = Event::SessionStarted(SessionStarted { context: ctx });
+        let msg = Event::MessageUser(MessageUser {
+            text: "say \"hi\"".into(),
+            client_msg_id: None,
+        });
+        let chat = Chat::from_events([(&started, None), (&msg, None)]);
+        // templates inside JSON strings are filled and stay valid JSON
+        let a = offline_reply(&pack.agents[0], &chat, 1);
+        let v: serde_json::Value = serde_json::from_str(&a.text).unwrap();
+        assert_eq!(v, serde_json::json!({"topic": "b", "said": "say \"hi\""}));
+        // without a scripted reply: the smallest value matching the schema
+        let b = offline_reply(&pack.agents[1], &chat, 1);
+        assert_eq!(b.text, r#"{"n":0,"ok":false}"#);
+        // the selector fills a dotted context path; without a script, declaration order
+        let sel = offline_selection(&pack, &pack.agents[0], &chat);
+        assert_eq!(sel.text, "b");
+        assert!(sel.prompt_tokens > 0 && sel.completion_tokens > 0);
+        assert_eq!(offline_selection(&pack, &pack.agents[1], &chat).text, "a");
     }
 }

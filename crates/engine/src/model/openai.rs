@@ -69,6 +69,8 @@ pub struct Client {
     cfg: Config,
     http: reqwest::Client,
     url: String,
+    /// `response_format` of the request (structured outputs), see [`Client::complete_structured`].
+    response_format: Option<Box<Value>>,
 }
 
 fn err(code: &'static str, message: impl Into<String>, retryable: bool) -> ModelError {
@@ -100,7 +102,12 @@ impl Client {
                 false,
             ));
         }
-        Ok(Client { cfg, http, url })
+        Ok(Client {
+            cfg,
+            http,
+            url,
+            response_format: None,
+        })
     }
 
     pub fn default_model(&self) -> &str {
@@ -134,6 +141,9 @@ impl Client {
         });
         if !tools.is_empty() {
             body["tools"] = Value::Array(tools);
+        }
+        if let Some(format) = &self.response_format {
+            body["response_format"] = (**format).clone();
         }
         let attempts = self.cfg.max_attempts.max(1);
         let mut backoff = self.cfg.backoff;
@@ -169,6 +179,25 @@ impl Client {
             backoff = (backoff * 2).min(self.cfg.max_backoff);
             attempt += 1;
         }
+    }
+
+    /// [`Client::complete_streaming`] with `response_format` in the request, e.g.
+    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict": true}}`.
+    pub async fn complete_structured(
+        &self,
+        model: &str,
+        messages: Vec<Value>,
+        tools: Vec<Value>,
+        response_format: Value,
+        deltas: Option<&Sink>,
+    ) -> Result<Reply, ModelError> {
+        let client = Client {
+            response_format: Some(Box::new(response_format)),
+            ..self.clone()
+        };
+        client
+            .complete_streaming(model, messages, tools, deltas)
+            .await
     }
 
     /// One HTTP exchange. On failure, the error and the server's `Retry-After`.

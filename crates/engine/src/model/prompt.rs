@@ -3,7 +3,12 @@
 //! The system message (with `{context.KEY}` filled in) comes first, then the transcript before
 //! the current turn: the user's messages as `user`, the agent's own as `assistant`, other
 //! agents' as `user` with their `name` (AG2's group-chat view). The current turn's model calls
-//! follow in full: `assistant` messages with `tool_calls`, each answered by a `tool` message.
+//! follow in full: `assistant` messages with `tool_calls`, each answered by a `tool` message;
+//! a reply that failed the agent's `output_schema` is followed by a `user` message with the
+//! error (the one retry).
+//!
+//! [`selection`] is `pattern: auto`'s speaker-selection prompt (AG2's GroupChat `auto`), and
+//! [`response_format`] an agent's structured-output request.
 
 use mozaiks_packs::{ASK_USER, Agent, Pack, SET_CONTEXT};
 use serde_json::{Value, json};
@@ -43,6 +48,11 @@ pub fn messages(agent: &Agent, chat: &Chat) -> Vec<Value> {
                     .collect();
             }
             out.push(m);
+            if let Some(Err(error)) = crate::chat::run::structured_output(agent, round) {
+                out.push(json!({"role": "user", "content": format!(
+                    "Your reply does not match the required JSON schema: {error}. Answer again with only a JSON value that matches it."
+                )}));
+            }
             for c in &round.calls {
                 let content = match &c.result {
                     Some(Ok(Value::String(s))) => s.clone(),
@@ -54,6 +64,54 @@ pub fn messages(agent: &Agent, chat: &Chat) -> Vec<Value> {
             }
         }
     }
+    out
+}
+
+/// `response_format` for an agent with an `output_schema`: a strict JSON schema named after
+/// the agent.
+pub fn response_format(agent: &Agent) -> Option<Value> {
+    let schema = agent.output_schema.as_ref()?;
+    Some(json!({
+        "type": "json_schema",
+        "json_schema": {
+            "name": agent.name,
+            "schema": mozaiks_packs::output::wire_schema(schema),
+            "strict": true,
+        },
+    }))
+}
+
+/// AG2's speaker-selection prompt: a system message with the roles (name: description), the
+/// conversation so far (every speaker by name), then the request to name the next role.
+pub fn selection(pack: &Pack, chat: &Chat) -> Vec<Value> {
+    let roles: Vec<String> = pack
+        .agents
+        .iter()
+        .map(|a| {
+            let about = if a.description.is_empty() {
+                a.system_message.lines().next().unwrap_or("").to_string()
+            } else {
+                a.description.clone()
+            };
+            format!("{}: {}", a.name, about)
+        })
+        .collect();
+    let names: Vec<&str> = pack.agents.iter().map(|a| a.name.as_str()).collect();
+    let list = format!("[{}]", names.join(", "));
+    let mut out = vec![json!({"role": "system", "content": format!(
+        "You are in a role play game. The following roles are available:\n{}.\nRead the following conversation.\nThen select the next role from {list} to play. Only return the role.",
+        roles.join("\n")
+    )})];
+    for turn in &chat.transcript {
+        out.push(if turn.speaker == "user" {
+            json!({"role": "user", "content": turn.text})
+        } else {
+            json!({"role": "user", "name": turn.speaker, "content": turn.text})
+        });
+    }
+    out.push(json!({"role": "system", "content": format!(
+        "Read the above conversation. Then select the next role from {list} to play. Only return the role."
+    )}));
     out
 }
 
@@ -176,6 +234,7 @@ mod tests {
             step: 1,
             agent: "triage".into(),
             text: "routing".into(),
+            structured: None,
         });
         let chat = Chat::from_events([(&msg, None), (&said, None)]);
         let agent: Agent = serde_yaml::from_str("name: expert").unwrap();
