@@ -315,7 +315,7 @@ async fn apps_lifecycle_bad_input_and_live_limits_on_every_replica() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_an_app_refuses_sessions_everywhere_and_removes_its_read_models() {
+async fn deleting_an_app_refuses_sessions_everywhere_archives_then_removes_its_read_models() {
     let fleet = Fleet::start(2).await;
     create_app(
         &fleet,
@@ -357,8 +357,11 @@ async fn deleting_an_app_refuses_sessions_everywhere_and_removes_its_read_models
         .call(0, "DELETE", "/api/apps/gone", &root(), None)
         .await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(v["sessions_removed"], 1);
-    assert!(v["messages_removed"].as_u64().unwrap() >= 2, "{v}");
+    assert_eq!(
+        (v["status"].as_str(), v["read_models"].as_str()),
+        (Some("deleted"), Some("archive_pending")),
+        "{v}"
+    );
 
     // Every replica refuses the app's sessions; the app is gone from the API.
     for gw in 0..2 {
@@ -376,30 +379,90 @@ async fn deleting_an_app_refuses_sessions_everywhere_and_removes_its_read_models
         .await;
     assert_eq!((s, code(&v)), (404, "chat_not_found"));
 
-    // Its read models are gone from Mongo; the other app's are intact.
+    // The projector holding the retention lease archives the app's sessions with their
+    // transcripts (JSON lines, one file per day of last activity), then removes them from Mongo;
+    // the other app's documents are intact.
     let client = mongodb::Client::with_uri_str(&fleet.servers.mongo_uri)
         .await
         .unwrap();
     let db = client.database(&fleet.servers.mongo_db);
-    for coll in ["chat_sessions", "chat_messages"] {
+    let count = |coll: &'static str, app: &'static str| {
         let c = db.collection::<mongodb::bson::Document>(coll);
-        let gone = c
-            .count_documents(mongodb::bson::doc! {"app_id": "gone"})
-            .await
-            .unwrap();
-        let kept = c
-            .count_documents(mongodb::bson::doc! {"app_id": "kept"})
-            .await
-            .unwrap();
-        assert_eq!(gone, 0, "{coll} of the deleted app");
-        assert!(kept > 0, "{coll} of the other app");
-    }
+        async move {
+            c.count_documents(mongodb::bson::doc! {"app_id": app})
+                .await
+                .unwrap()
+        }
+    };
+    let kept_before = (
+        count("chat_sessions", "kept").await,
+        count("chat_messages", "kept").await,
+    );
+    fleet
+        .eventually("the deleted app's read models to be removed", || async {
+            (count("chat_sessions", "gone").await == 0 && count("chat_messages", "gone").await == 0)
+                .then_some(())
+        })
+        .await;
+    let kept_after = (
+        count("chat_sessions", "kept").await,
+        count("chat_messages", "kept").await,
+    );
+    assert_eq!(kept_after, kept_before, "the other app's documents");
+    assert!(kept_after.0 == 1 && kept_after.1 >= 2, "{kept_after:?}");
 
-    // Deleting again repeats the clean-up; the id is not reusable (its history is on the log).
+    let folder = fleet.archive_dir().join("gone");
+    let files: Vec<_> = std::fs::read_dir(&folder)
+        .unwrap_or_else(|e| panic!("{}: {e}", folder.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_str().unwrap().to_string();
+    assert!(
+        name.ends_with(".jsonl")
+            && chrono::NaiveDate::parse_from_str(&name[..10], "%Y-%m-%d").is_ok(),
+        "{name}"
+    );
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Readers keep the last line per chat_id; here every line is the one chat.
+    assert!(!lines.is_empty(), "{text}");
+    for line in &lines {
+        assert_eq!(line["reason"], "app_deleted", "{line}");
+        assert_eq!(line["session"]["chat_id"], chats[0].as_str(), "{line}");
+        assert_eq!(line["session"]["app_id"], "gone", "{line}");
+    }
+    let last = lines.last().unwrap();
+    assert_eq!(last["session"]["status"], "completed", "{last}");
+    let messages = last["messages"].as_array().unwrap();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m["type"] == "message.user" && m["text"] == "hi"),
+        "{last}"
+    );
+    assert!(
+        messages.iter().any(|m| m["type"] == "agent.message"),
+        "{last}"
+    );
+    let seqs: Vec<i64> = messages
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "ordered: {seqs:?}");
+    assert!(
+        !fleet.archive_dir().join("kept").exists(),
+        "nothing of the live app is archived"
+    );
+
+    // Deleting again is harmless; the id is not reusable (its history is on the log).
     let (s, v, _) = fleet
         .call(1, "DELETE", "/api/apps/gone", &root(), None)
         .await;
-    assert_eq!((s, v["sessions_removed"].as_u64()), (200, Some(0)), "{v}");
+    assert_eq!((s, v["runs_cancelled"].as_u64()), (200, Some(0)), "{v}");
     let (s, v, _) = fleet
         .call(
             0,
@@ -543,6 +606,12 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
             "/api/apps/tenant-b/storage".into(),
             "/api/apps/no-such-app/storage".into(),
             Some(json!({"db_name": "stolen"})),
+        ),
+        (
+            "GET",
+            "/api/apps/tenant-b/storage".into(),
+            "/api/apps/no-such-app/storage".into(),
+            None,
         ),
         (
             "GET",

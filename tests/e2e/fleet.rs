@@ -96,6 +96,7 @@ impl Fleet {
     pub fn spawn_with(&mut self, role: &str, port: Option<u16>, env: &[(&str, &str)]) -> usize {
         let log = self.dir.join(format!("{role}-{}.log", self.procs.len()));
         let mut cmd = command(&self.servers, role, &log);
+        cmd.env("MOZAIKS_ARCHIVE_DIR", self.archive_dir());
         cmd.envs(env.iter().copied());
         if let Some(p) = port {
             cmd.env("MOZAIKS_LISTEN", format!("127.0.0.1:{p}"));
@@ -107,6 +108,11 @@ impl Fleet {
             log,
         });
         self.procs.len() - 1
+    }
+
+    /// Where this fleet's projectors archive (`MOZAIKS_ARCHIVE_DIR`).
+    pub fn archive_dir(&self) -> std::path::PathBuf {
+        self.dir.join("archive")
     }
 
     pub async fn wait_ready(&self, base: &str) {

@@ -257,6 +257,7 @@ async fn api_keys_act_for_their_app_only_and_are_revocable_everywhere() {
             "/api/apps/kapp/storage",
             Some(json!({"db_name": "x"})),
         ),
+        ("GET", "/api/apps/kapp/storage", None),
         ("POST", "/api/notify", Some(json!({"data": {}}))),
     ] {
         let (s, v, _) = fleet

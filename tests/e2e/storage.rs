@@ -386,3 +386,144 @@ async fn the_projector_skips_events_of_a_deleted_app() {
         "no read model re-created for the deleted app"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_move_of_an_app_at_a_time_across_every_replica() {
+    let fleet = Fleet::start(2).await;
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps",
+            &root(),
+            Some(json!({"app_id": "solo", "name": "Solo", "tier": "business"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let first_db = format!("{}_solo", fleet.servers.mongo_db);
+    let user = Fleet::token("sol", "solo", &["user"]);
+    let chat = start_chat(&fleet, 0, &user, "solo", "hi").await;
+    fleet
+        .eventually("the session completed", || async {
+            let (s, v) = fleet.get(1, &format!("/api/sessions/{chat}"), &user).await;
+            (s == 200 && v["status"] == "completed").then_some(())
+        })
+        .await;
+    let path = "/api/apps/solo/storage";
+
+    // GET /api/apps/{id}/storage: the operator's; another app's tokens are refused before any
+    // lookup, with the same answer whether the app exists or not.
+    let (s, v) = fleet.get(1, path, &root()).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["db_name"].as_str(), v["shared"].as_bool(), &v["move"]),
+        (Some(first_db.as_str()), Some(false), &Value::Null),
+        "{v}"
+    );
+    for (token, want) in [
+        (
+            Fleet::token("ann", "solo", &["admin"]),
+            "superadmin_required",
+        ),
+        (Fleet::token("eve", "default", &["admin"]), "app_mismatch"),
+        (Fleet::token("eve", "default", &["user"]), "app_mismatch"),
+    ] {
+        let (s, v) = fleet.get(0, path, &token).await;
+        assert_eq!((s, code(&v)), (403, want), "{v}");
+        let (s, v) = fleet.get(0, "/api/apps/nosuch/storage", &token).await;
+        if want == "app_mismatch" {
+            assert_eq!((s, code(&v)), (403, want), "no leak: {v}");
+        }
+    }
+    let (s, v) = fleet.get(0, "/api/apps/nosuch/storage", &root()).await;
+    assert_eq!((s, code(&v)), (404, "app_not_found"));
+    let (s, v) = fleet.get(0, "/api/apps/bad.id/storage", &root()).await;
+    assert_eq!((s, code(&v)), (422, "invalid_id"), "{v}");
+    let (s, _) = fleet.get(0, path, "not-a-token").await;
+    assert_eq!(s, 401);
+
+    // A move runs on replica 0; while it does, every replica refuses another move of the app.
+    let second_db = format!("{}_solo2", fleet.servers.mongo_db);
+    let mover = {
+        let http = fleet.http.clone();
+        let url = format!("{}{path}", fleet.gateways[0]);
+        let body = json!({"db_name": second_db});
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .bearer_auth(root())
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        })
+    };
+    let running = fleet
+        .eventually("the move to show on the other replica", || async {
+            let (s, v) = fleet.get(1, path, &root()).await;
+            (s == 200 && v["move"]["state"] == "running").then_some(v)
+        })
+        .await;
+    assert_eq!(running["move"]["target"], second_db.as_str(), "{running}");
+    assert!(running["move"]["replica"].is_string(), "{running}");
+    for gw in [1, 0] {
+        let (s, v, _) = fleet
+            .call(
+                gw,
+                "POST",
+                path,
+                &root(),
+                Some(json!({"db_name": first_db})),
+            )
+            .await;
+        assert_eq!(
+            (s, code(&v)),
+            (409, "move_in_progress"),
+            "replica {gw}: {v}"
+        );
+    }
+    // Reads are served throughout.
+    let (s, v) = fleet.get(1, &format!("/api/sessions/{chat}"), &user).await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("completed")), "{v}");
+
+    let (s, v) = mover.await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["db_name"], second_db.as_str());
+    // Done: the lease is released, the placement shows, and the next move is accepted at once.
+    let (s, v) = fleet.get(1, path, &root()).await;
+    assert_eq!(
+        (s, v["db_name"].as_str(), &v["move"]),
+        (200, Some(second_db.as_str()), &Value::Null),
+        "{v}"
+    );
+
+    // A replica that died in the middle of a move holds the lease until it ages out: simulated
+    // by holding it from here.
+    let bus = mozaiks_bus::Bus::connect(&fleet.servers.nats_url, &fleet.servers.namespace, "test")
+        .await
+        .unwrap();
+    let leases = mozaiks_control::lease::Leases::open(&bus, "a-dead-replica")
+        .await
+        .unwrap();
+    let held = leases
+        .try_acquire("storage-move-solo", Some("elsewhere"))
+        .await
+        .unwrap()
+        .expect("the lease is free after a move");
+    let (s, v, _) = fleet
+        .call(1, "POST", path, &root(), Some(json!({"db_name": first_db})))
+        .await;
+    assert_eq!((s, code(&v)), (409, "move_in_progress"), "{v}");
+    held.release().await;
+    let (s, v, _) = fleet
+        .call(1, "POST", path, &root(), Some(json!({"db_name": first_db})))
+        .await;
+    assert_eq!(
+        (s, v["db_name"].as_str()),
+        (200, Some(first_db.as_str())),
+        "{v}"
+    );
+    let (s, v) = fleet.get(0, &format!("/api/sessions/{chat}"), &user).await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("completed")), "{v}");
+}

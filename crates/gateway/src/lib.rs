@@ -232,7 +232,10 @@ pub fn router(state: State) -> Router {
             "/api/apps/{app_id}",
             get(apps::get_app).patch(apps::patch).delete(apps::delete),
         )
-        .route("/api/apps/{app_id}/storage", post(storage::move_storage))
+        .route(
+            "/api/apps/{app_id}/storage",
+            post(storage::move_storage).get(storage::get_storage),
+        )
         .route(
             "/api/apps/{app_id}/keys",
             post(keys::create).get(keys::list),

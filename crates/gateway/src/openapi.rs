@@ -266,12 +266,21 @@ pub const OPERATIONS: &[Op] = &[
             "post",
             "/api/apps/{app_id}/storage",
             "apps",
-            "Move an app's read models to another database (superadmin): rebuilds them there from the log (MZ_EVT, and the ledger from MZ_USAGE), switches (app.storage_changed), then catches up the events appended meanwhile. Reads are served throughout; the old database is left intact. 422 invalid_storage (bad name, credentials in the URI, or a tier with the shared database), 409 move_in_progress.",
+            "Move an app's read models to another database (superadmin): rebuilds them there from the log (MZ_EVT, and the ledger from MZ_USAGE), switches (app.storage_changed), then catches up the events appended meanwhile. Reads are served throughout; the old database is left intact. One move per app at a time across every replica (the lease storage-move-{app_id} in MZ_LEASES). 422 invalid_storage (bad name, credentials in the URI, or a tier with the shared database), 409 move_in_progress (a move of this app runs on some replica), 503 move_interrupted (the move lost its lease; repeat it).",
             Auth::User,
             200,
             &[400, 401, 403, 404, 409, 422, 503],
         )
     },
+    op(
+        "get",
+        "/api/apps/{app_id}/storage",
+        "apps",
+        "Where the app's read models live (superadmin): {app_id, storage, db_name, shared, move}; move is null, or the move in progress on any replica {state: running, replica, started_at, renewed_at, target}.",
+        Auth::User,
+        200,
+        &[401, 403, 404, 422, 503],
+    ),
     Op {
         query: OPS_SCOPE,
         ..op(

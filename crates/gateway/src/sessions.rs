@@ -251,6 +251,12 @@ fn session_json(s: &mozaiks_store::SessionDoc) -> Value {
     })
 }
 
+/// Whether the app is deleted (its read models are being archived and removed: reads show
+/// nothing of it meanwhile).
+fn is_deleted(state: &State, app_id: &str) -> bool {
+    state.registry.get(app_id).is_some_and(|a| a.is_deleted())
+}
+
 /// Loads a session the caller may see: same app, and its owner (or an admin of the app).
 async fn visible_session(
     state: &State,
@@ -258,6 +264,9 @@ async fn visible_session(
     chat_id: &str,
 ) -> Result<mozaiks_store::SessionDoc, ApiError> {
     check_id("chat_id", chat_id)?;
+    if is_deleted(state, &user.app_id) {
+        return Err(ApiError::not_found("chat_not_found", "no such chat"));
+    }
     let session = state
         .store
         .session(&user.app_id, chat_id)
@@ -308,10 +317,14 @@ pub async fn list_sessions(
         ));
     }
     let limit = q.limit.unwrap_or(50).clamp(1, 200);
-    let sessions = state
-        .store
-        .sessions_of_user(&q.app_id, &user_id, limit)
-        .await?;
+    let sessions = if is_deleted(&state, &q.app_id) {
+        Vec::new()
+    } else {
+        state
+            .store
+            .sessions_of_user(&q.app_id, &user_id, limit)
+            .await?
+    };
     Ok(Json(
         json!({ "sessions": sessions.iter().map(session_json).collect::<Vec<_>>() }),
     ))

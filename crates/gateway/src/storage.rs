@@ -18,6 +18,14 @@
 //!    events appended while replicas still wrote to the old database are replayed from the log.
 //!    Replaying what the projector already wrote changes nothing.
 //!
+//! **One move of an app at a time, fleet-wide**: a move holds the lease `storage-move-{app_id}` in
+//! `MZ_LEASES` ([`mozaiks_control::lease`]) for its whole duration, renewing it every quarter of
+//! the bucket's TTL. A move of the same app on any replica while it runs is refused with 409
+//! `move_in_progress`; `GET /api/apps/{app_id}/storage` shows the app's placement and the move in
+//! progress, if any (which replica, since when). A move whose replica dies leaves the lease to age
+//! out (10 s); a move that cannot renew its lease in time stops (503 `move_interrupted`): every
+//! step is idempotent, so repeating it completes it.
+//!
 //! Reads are served from the old database until the switch, then from the target, which may lag
 //! by the last catch-up's events for its duration. The old database is **left intact** (the
 //! operator drops it when satisfied; moving back replays the log over it, so stale leftovers are
@@ -25,19 +33,19 @@
 //! write a late event to the old database only; repeating the move (same target) replays the
 //! whole log again and repairs that.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{Path, State as St};
 use axum::http::StatusCode;
 use mongodb::Database;
+use mozaiks_control::lease::Leases;
 use mozaiks_control::{App, AppCommand, AppStorage, Registry};
 use mozaiks_store::{Placement, Resolver, Route};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::State;
 use crate::auth::User;
@@ -91,21 +99,54 @@ pub struct MoveStorage {
     pub mongo_uri: Option<String>,
 }
 
-/// Apps being moved by this replica (a second move of the same app waits for the first).
-fn moving() -> &'static Mutex<HashSet<String>> {
-    static MOVING: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    MOVING.get_or_init(Mutex::default)
+/// The lease a move of `app_id` holds.
+pub fn move_lease(app_id: &str) -> String {
+    format!("storage-move-{app_id}")
 }
 
-struct MoveGuard(String);
+async fn leases(state: &State) -> Result<Leases, ApiError> {
+    Leases::open(&state.bus, mozaiks_control::lease::holder_id())
+        .await
+        .map_err(ApiError::from)
+}
 
-impl Drop for MoveGuard {
-    fn drop(&mut self) {
-        moving()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.0);
-    }
+/// `GET /api/apps/{app_id}/storage` (superadmin): where the app's read models live and the move
+/// in progress, if any.
+pub async fn get_storage(
+    St(state): St<State>,
+    User(user): User,
+    Path(app_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    crate::apps::check_app_id(&app_id)?;
+    crate::apps::operator_for(&user, &app_id, "reading an app's storage")?;
+    let app = state
+        .registry
+        .read_through(&app_id)
+        .await?
+        .filter(|a| !a.is_deleted())
+        .ok_or_else(|| ApiError::not_found("app_not_found", "no such app"))?;
+    let moving = leases(&state)
+        .await?
+        .holder_of(&move_lease(&app_id))
+        .await?;
+    let db_name = app
+        .storage
+        .as_ref()
+        .map(|s| s.db_name.clone())
+        .unwrap_or_else(|| state.store.shared().name().to_string());
+    Ok(Json(json!({
+        "app_id": app_id,
+        "storage": app.storage,
+        "db_name": db_name,
+        "shared": app.storage.is_none(),
+        "move": moving.map(|m| json!({
+            "state": "running",
+            "replica": m.holder,
+            "started_at": m.acquired_at,
+            "renewed_at": m.renewed_at,
+            "target": m.purpose,
+        })),
+    })))
 }
 
 fn invalid(msg: impl Into<String>) -> ApiError {
@@ -150,20 +191,48 @@ pub async fn move_storage(
             app.tier
         )));
     }
-    if !moving()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(app_id.clone())
-    {
+    let leases = leases(&state).await?;
+    let purpose = target
+        .as_ref()
+        .map(|t| t.db_name.clone())
+        .unwrap_or_else(|| shared.clone());
+    let Some(mut lease) = leases
+        .try_acquire(&move_lease(&app_id), Some(&purpose))
+        .await?
+    else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "move_in_progress",
             "this app is being moved; retry when the move has finished",
         ));
-    }
-    let _guard = MoveGuard(app_id.clone());
+    };
     let started = Instant::now();
-    let out = run_move(&state, &app, target, &user.sub).await;
+    let out = {
+        let work = run_move(&state, &app, target, &user.sub);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => break out,
+                _ = tokio::time::sleep(leases.renew_every()) => {
+                    let kept = match lease.renew().await {
+                        Ok(kept) => kept,
+                        Err(e) => {
+                            warn!(app_id = %app_id, error = %e, "Could not renew the move's lease.");
+                            lease.is_valid()
+                        }
+                    };
+                    if !kept {
+                        break Err(ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "move_interrupted",
+                            "the move lost its lease; repeat it to complete it",
+                        ));
+                    }
+                }
+            }
+        }
+    };
+    lease.release().await;
     let outcome = if out.is_ok() { "ok" } else { "error" };
     metrics::counter!(m::STORAGE_MOVES, "app_id" => app_id.clone(), "outcome" => outcome)
         .increment(1);
