@@ -10,5 +10,6 @@ mod expiry;
 mod fleet;
 mod gateway;
 mod keys;
+mod leases;
 mod slice;
 mod storage;
