@@ -88,6 +88,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         "kv/MZ_LEASES.json",
         include_str!("../../../streams/kv/MZ_LEASES.json"),
     ),
+    (
+        "kv/MZ_OWNERS.json",
+        include_str!("../../../streams/kv/MZ_OWNERS.json"),
+    ),
 ];
 
 impl Definitions {
@@ -310,7 +314,7 @@ mod tests {
         let d = Definitions::embedded().unwrap();
         assert_eq!(d.streams.len(), 5);
         assert_eq!(d.consumers.len(), 3);
-        assert_eq!(d.buckets.len(), 4);
+        assert_eq!(d.buckets.len(), 5);
         let evt = d.streams.iter().find(|s| s.name == "MZ_EVT").unwrap();
         assert_eq!(evt.duplicate_window, std::time::Duration::from_secs(120));
     }
@@ -325,7 +329,7 @@ mod tests {
             "a new file in streams/ must be embedded too"
         );
         assert_eq!(from_dir.consumers.len(), 3);
-        assert_eq!(from_dir.buckets.len(), 4);
+        assert_eq!(from_dir.buckets.len(), 5);
     }
 
     #[test]

@@ -27,6 +27,8 @@ mod children;
 mod children_tests;
 pub mod run;
 #[cfg(test)]
+mod cancel_tests;
+#[cfg(test)]
 mod tests;
 
 pub use children::{CHILDREN_SOURCE, PendingChild};
@@ -524,7 +526,26 @@ impl Chat {
                         reason.clone()
                     },
                 })]),
-                None => Ok(Vec::new()),
+                // A run about to start (its message is queued: the run waits for a slot, or a
+                // child chat's cancel overtook its start) is cancelled before it does anything;
+                // the cancel's id is the run's id.
+                None => match self.pending.front() {
+                    Some((trigger_seq, _)) if self.started => Ok(vec![
+                        Event::RunStarted(mozaiks_events::RunStarted {
+                            run_id: command_id,
+                            trigger_seq: *trigger_seq,
+                        }),
+                        Event::RunCancelled(RunCancelled {
+                            run_id: command_id,
+                            reason: if reason.is_empty() {
+                                "cancelled by the user".into()
+                            } else {
+                                reason.clone()
+                            },
+                        }),
+                    ]),
+                    _ => Ok(Vec::new()),
+                },
             },
             Command::InputResponse { request_id, text } => {
                 let Some((run, waiting)) = self

@@ -11,6 +11,11 @@ pub const ACTIVE_CHATS: &str = "mozaiks_worker_active_chats";
 pub const TOOL_SECONDS: &str = "mozaiks_tool_seconds";
 pub const CHILDREN: &str = "mozaiks_child_workflows_total";
 pub const REFUSALS_NOTIFIED: &str = "mozaiks_worker_refusals_notified_total";
+pub const LEASES: &str = "mozaiks_worker_chat_leases_total";
+pub const LEASES_HELD: &str = "mozaiks_worker_chat_leases_held";
+pub const FORWARDED: &str = "mozaiks_worker_commands_forwarded_total";
+pub const FORWARDS_RECEIVED: &str = "mozaiks_worker_forwarded_commands_received_total";
+pub const RUN_TIMEOUTS: &str = "mozaiks_worker_run_timeouts_total";
 pub const DELTAS_PUBLISHED: &str = "mozaiks_worker_deltas_published_total";
 
 pub fn describe() {
@@ -41,6 +46,20 @@ pub fn describe() {
         DELTAS_PUBLISHED,
         "Token-delta messages published on core NATS, by outcome (ok, error)."
     );
+    metrics::describe_counter!(
+        LEASES,
+        "Chat ownership leases, by event (acquired, taken_over, released, lost)."
+    );
+    metrics::describe_gauge!(LEASES_HELD, "Chat ownership leases this worker holds.");
+    metrics::describe_counter!(
+        FORWARDED,
+        "Commands pulled for a chat another worker owns and forwarded to it, by outcome (accepted, not_owner, no_answer)."
+    );
+    metrics::describe_counter!(
+        FORWARDS_RECEIVED,
+        "Commands other workers forwarded to this one, by outcome (accepted, not_owner, invalid)."
+    );
+    metrics::describe_counter!(RUN_TIMEOUTS, "Runs failed with code timeout, by app_id.");
     metrics::describe_histogram!(
         TOOL_SECONDS,
         metrics::Unit::Seconds,

@@ -54,6 +54,24 @@ pub struct Counters {
     pub turn_ms_max: f64,
 }
 
+/// How this worker shared chats with the others since it started (see `worker::lease` and
+/// `worker::forward`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ownership {
+    /// Chat leases claimed (the chat was free).
+    pub leases_acquired: u64,
+    /// Chat leases claimed after the owner stopped renewing (a dead worker's chats).
+    pub leases_taken_over: u64,
+    /// Chat leases lost (not renewed in time).
+    pub leases_lost: u64,
+    /// Commands this worker pulled for a chat another worker owned, and forwarded to it.
+    pub forwarded: u64,
+    /// Commands other workers forwarded to this one.
+    pub forwards_received: u64,
+    /// Appends refused because another writer appended to the chat first.
+    pub conflicts: u64,
+}
+
 /// What a worker publishes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -64,12 +82,15 @@ pub struct Snapshot {
     pub active_runs: Vec<ActiveRun>,
     /// By app_id.
     pub apps: BTreeMap<String, Counters>,
+    #[serde(default)]
+    pub ownership: Ownership,
 }
 
 #[derive(Default)]
 struct State {
     runs: HashMap<(String, String), ActiveRun>,
     apps: BTreeMap<String, Counters>,
+    ownership: Ownership,
 }
 
 /// The worker's live numbers. Cheap to clone.
@@ -186,8 +207,19 @@ impl Perf {
                 active_run_count: s.runs.len(),
                 active_runs: runs,
                 apps: s.apps.clone(),
+                ownership: s.ownership.clone(),
             }
         })
+    }
+
+    /// Counts an ownership event.
+    pub fn ownership(&self, f: impl FnOnce(&mut Ownership)) {
+        self.with(|s| f(&mut s.ownership));
+    }
+
+    /// This worker's id.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
     }
 
     /// The bucket key of this worker.

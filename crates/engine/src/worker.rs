@@ -1,6 +1,9 @@
 //! The worker service.
 
+mod actor;
 mod effects;
+pub mod forward;
+pub mod lease;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -8,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use mozaiks_bus::Bus;
 use mozaiks_control::Registry;
@@ -22,6 +25,8 @@ use crate::chat::{Chat, Next};
 use crate::model::Model;
 use crate::perf::{ActiveRun, Perf};
 use crate::{Error, metrics as m};
+use forward::Acker;
+use lease::Owners;
 
 /// Worker settings.
 #[derive(Clone, Debug)]
@@ -44,10 +49,21 @@ impl Default for Options {
     }
 }
 
-/// A command with the bus message to acknowledge once its events are durable.
+/// A command with the bus message to acknowledge once its events are durable (pulled by this
+/// worker, or forwarded by another: see [`forward`]).
 struct Job {
     cmd: CommandEnvelope,
-    msg: jetstream::Message,
+    /// The command as encoded on the bus (to forward it).
+    payload: bytes::Bytes,
+    ack: Acker,
+}
+
+/// A chat's actor, as the worker's loop knows it.
+struct Entry {
+    tx: mpsc::UnboundedSender<Job>,
+    id: u64,
+    /// Commands sent to it so far.
+    sent: u64,
 }
 
 /// Shared by every chat actor of a worker.
@@ -62,11 +78,17 @@ struct Shared {
     opts: Options,
     /// Live numbers for `MZ_PERF`.
     perf: Perf,
+    /// The chats this worker owns.
+    owners: Owners,
 }
 
 /// The worker service. See the crate docs.
 pub struct Worker {
-    shared: Arc<Shared>,
+    bus: Bus,
+    registry: Registry,
+    catalog: Catalog,
+    model: Model,
+    opts: Options,
 }
 
 impl Worker {
@@ -79,22 +101,29 @@ impl Worker {
     ) -> Worker {
         m::describe();
         Worker {
-            shared: Arc::new(Shared {
-                bus,
-                registry,
-                catalog,
-                model,
-                http: reqwest::Client::new(),
-                runs: Semaphore::new(opts.max_concurrent_runs.max(1)),
-                opts,
-                perf: Perf::default(),
-            }),
+            bus,
+            registry,
+            catalog,
+            model,
+            opts,
         }
     }
 
     /// Pulls commands until `shutdown` resolves, then lets chat actors finish what they hold.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let sh = self.shared.clone();
+        let perf = Perf::default();
+        let owners = Owners::open(&self.bus, perf.worker_id()).await?;
+        let sh = Arc::new(Shared {
+            runs: Semaphore::new(self.opts.max_concurrent_runs.max(1)),
+            bus: self.bus,
+            registry: self.registry,
+            catalog: self.catalog,
+            model: self.model,
+            http: reqwest::Client::new(),
+            opts: self.opts,
+            perf,
+            owners,
+        });
         let stream = sh.bus.stream("MZ_CMD").await?;
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
             .get_consumer(&sh.bus.subjects().name("workers"))
@@ -108,20 +137,54 @@ impl Worker {
             .messages()
             .await
             .map_err(|e| Error::Consumer(e.to_string()))?;
+        // Commands other workers pulled for chats this worker owns.
+        let mut forwarded = sh
+            .bus
+            .client()
+            .subscribe(forward::inbox(&sh.bus, sh.owners.me()))
+            .await
+            .map_err(|e| Error::Consumer(e.to_string()))?;
         let stop_perf = Arc::new(tokio::sync::Notify::new());
         let perf_task = tokio::spawn(sh.perf.clone().publish(sh.bus.clone(), stop_perf.clone()));
+        let stop_leases = Arc::new(tokio::sync::Notify::new());
+        let lease_task = {
+            let (sh, stop) = (sh.clone(), stop_leases.clone());
+            tokio::spawn(async move { sh.owners.keep_renewing(&stop).await })
+        };
         info!(
             max_concurrent_runs = sh.opts.max_concurrent_runs,
             worker = %sh.perf.key(),
+            lease_ttl_ms = sh.owners.ttl().as_millis() as u64,
             "Worker started."
         );
-        let mut actors: HashMap<(String, String), mpsc::UnboundedSender<Job>> = HashMap::new();
+        let mut actors: HashMap<(String, String), Entry> = HashMap::new();
+        let mut next_actor = 0u64;
+        let (idle_tx, mut idle_rx) = mpsc::unbounded_channel::<actor::Idle>();
         let mut tasks = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
         loop {
             let msg = tokio::select! {
                 _ = &mut shutdown => break,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+                Some(idle) = idle_rx.recv() => {
+                    if actors.get(&idle.key).is_some_and(|e| e.id == idle.actor && e.sent == idle.received) {
+                        // Dropping its sender lets the actor stop once it has taken what it has.
+                        actors.remove(&idle.key);
+                        metrics::gauge!(m::ACTIVE_CHATS).set(actors.len() as f64);
+                    }
+                    continue;
+                }
+                Some(req) = forwarded.next() => {
+                    let answer = accept_forwarded(&sh, &mut actors, &req);
+                    metrics::counter!(m::FORWARDS_RECEIVED, "outcome" => answer).increment(1);
+                    if answer == forward::ACCEPTED {
+                        sh.perf.ownership(|o| o.forwards_received += 1);
+                    }
+                    if let Some(reply) = req.reply {
+                        let _ = sh.bus.client().publish(reply, answer.into()).await;
+                    }
+                    continue;
+                }
                 msg = messages.next() => msg,
             };
             let msg = match msg {
@@ -141,26 +204,45 @@ impl Worker {
                 }
             };
             let key = (cmd.app_id.clone(), cmd.chat_id.clone());
-            let mut job = Job { cmd, msg };
+            let mut job = Job {
+                cmd,
+                payload: msg.payload.clone(),
+                ack: Acker::of(sh.bus.client(), &msg),
+            };
             loop {
-                let tx = actors.entry(key.clone()).or_insert_with(|| {
+                let entry = actors.entry(key.clone()).or_insert_with(|| {
                     let (tx, rx) = mpsc::unbounded_channel();
-                    let sh = sh.clone();
-                    let (app_id, chat_id) = key.clone();
-                    let span = info_span!("chat", app_id = %app_id, chat_id = %chat_id);
-                    tasks.spawn(actor(sh, app_id, chat_id, rx, progress).instrument(span));
-                    tx
+                    next_actor += 1;
+                    let span = info_span!("chat", app_id = %key.0, chat_id = %key.1);
+                    tasks.spawn(
+                        actor::actor(
+                            sh.clone(),
+                            key.clone(),
+                            next_actor,
+                            actor::Inbox::new(rx),
+                            progress,
+                            idle_tx.clone(),
+                        )
+                        .instrument(span),
+                    );
+                    Entry {
+                        tx,
+                        id: next_actor,
+                        sent: 0,
+                    }
                 });
-                match tx.send(job) {
-                    Ok(()) => break,
-                    // The actor went idle and stopped: start a fresh one.
+                match entry.tx.send(job) {
+                    Ok(()) => {
+                        entry.sent += 1;
+                        break;
+                    }
+                    // The actor stopped: start a fresh one.
                     Err(mpsc::error::SendError(back)) => {
                         actors.remove(&key);
                         job = back;
                     }
                 }
             }
-            actors.retain(|_, tx| !tx.is_closed());
             metrics::gauge!(m::ACTIVE_CHATS).set(actors.len() as f64);
         }
         info!(
@@ -179,10 +261,54 @@ impl Worker {
                 }
             }
         }
+        stop_leases.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(2), lease_task).await;
         stop_perf.notify_one();
         let _ = tokio::time::timeout(Duration::from_secs(2), perf_task).await;
         Ok(())
     }
+}
+
+/// Takes a command another worker forwarded (see [`forward`]) if this worker owns its chat;
+/// returns the answer.
+fn accept_forwarded(
+    sh: &Shared,
+    actors: &mut HashMap<(String, String), Entry>,
+    req: &async_nats::Message,
+) -> &'static str {
+    let ack = req
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(forward::ACK_HEADER))
+        .map(|v| v.as_str().to_string());
+    let (Some(ack), Ok(cmd)) = (ack, codec::decode_command(&req.payload)) else {
+        return "invalid";
+    };
+    if !sh.owners.holds(&Owners::key(&cmd.app_id, &cmd.chat_id)) {
+        return forward::NOT_OWNER;
+    }
+    let key = (cmd.app_id.clone(), cmd.chat_id.clone());
+    let Some(entry) = actors.get_mut(&key) else {
+        return forward::NOT_OWNER;
+    };
+    let job = Job {
+        cmd,
+        payload: req.payload.clone(),
+        ack: Acker::remote(sh.bus.client(), &ack),
+    };
+    match entry.tx.send(job) {
+        Ok(()) => {
+            entry.sent += 1;
+            forward::ACCEPTED
+        }
+        Err(_) => forward::NOT_OWNER,
+    }
+}
+
+/// The moment `ts` (another machine's clock, maybe) on this machine's monotonic clock.
+fn since(ts: DateTime<Utc>) -> Instant {
+    let age = (Utc::now() - ts).to_std().unwrap_or_default();
+    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
 }
 
 /// The state an actor keeps for its chat.
@@ -196,6 +322,9 @@ struct Owned {
     /// Stream sequence of the chat's last event (0: none).
     stream_seq: u64,
     run_started: Option<Instant>,
+    /// When the run in progress started, from its `run.started`'s time (so a run taken over
+    /// keeps its deadline): the run's timeout counts from here.
+    run_since: Option<Instant>,
     /// Child chats this actor started or whose log it checked (see `reconcile_children`).
     known_children: HashSet<String>,
     step_started: Option<Instant>,
@@ -206,6 +335,26 @@ impl Owned {
     fn replace_with(&mut self, events: &[(Envelope, u64)]) {
         self.chat = Chat::from_events(events.iter().map(|(e, _)| (&e.event, e.causation_id)));
         self.stream_seq = events.last().map(|(_, s)| *s).unwrap_or(0);
+        self.run_since = None;
+        for (env, _) in events {
+            self.track_run(env);
+        }
+    }
+
+    /// Follows the run's start and end in events read from the log.
+    fn track_run(&mut self, env: &Envelope) {
+        match &env.event {
+            Event::RunStarted(_) => self.run_since = Some(since(env.ts)),
+            e if e.ends_run() => self.run_since = None,
+            _ => {}
+        }
+    }
+
+    /// When the run in progress times out.
+    fn deadline(&self, sh: &Shared) -> Option<tokio::time::Instant> {
+        self.chat.run.as_ref()?;
+        let since = self.run_since?;
+        Some(tokio::time::Instant::from_std(since + sh.opts.run_timeout))
     }
 
     async fn load(
@@ -224,6 +373,7 @@ impl Owned {
             chat: Chat::default(),
             stream_seq: 0,
             run_started: None,
+            run_since: None,
             known_children: HashSet::new(),
             step_started: None,
         };
@@ -309,6 +459,7 @@ impl Owned {
         match event {
             Event::RunStarted(r) => {
                 self.run_started = Some(Instant::now());
+                self.run_since = Some(Instant::now());
                 perf.run_started(
                     ActiveRun {
                         app_id: app.clone(),
@@ -328,6 +479,7 @@ impl Owned {
                 metrics::gauge!(m::ACTIVE_RUNS, "app_id" => app).increment(1.0);
             }
             Event::RunCompleted(_) | Event::RunFailed(_) | Event::RunCancelled(_) => {
+                self.run_since = None;
                 let outcome = match event {
                     Event::RunCompleted(_) => "completed",
                     Event::RunFailed(_) => "failed",
@@ -363,282 +515,8 @@ impl Owned {
     }
 }
 
-const MAX_CONFLICT_RETRIES: usize = 5;
-
-/// One chat's actor: handles its commands in order and drives its runs.
-async fn actor(
-    sh: Arc<Shared>,
-    app_id: String,
-    chat_id: String,
-    mut rx: mpsc::UnboundedReceiver<Job>,
-    progress: Duration,
-) {
-    let Some(first) = rx.recv().await else { return };
-    let mut held = Held {
-        interval: progress,
-        msgs: Vec::new(),
-    };
-    let mut owned = match Owned::load(&sh, &app_id, &chat_id, &first.cmd).await {
-        Ok(o) => o,
-        Err(e) => {
-            warn!(error = %e, "Cannot load the chat; the command will be redelivered.");
-            let _ = first
-                .msg
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-            return;
-        }
-    };
-    let mut next_job = Some(first);
-    loop {
-        if let Some(job) = next_job.take() {
-            handle(&sh, &mut owned, job, &mut held).await;
-        }
-        // Drive the run, taking commands in between steps so that cancel and new messages are
-        // handled mid-run.
-        if drive(&sh, &mut owned, &mut rx, &mut held).await {
-            held.release(None).await;
-        } else {
-            // Redelivered later, to this worker or another, which retries the run from the log.
-            held.release(Some(AckKind::Nak(Some(Duration::from_secs(5)))))
-                .await;
-        }
-        next_job = match tokio::time::timeout(sh.opts.idle_evict, rx.recv()).await {
-            Ok(Some(job)) => Some(job),
-            Ok(None) | Err(_) => break,
-        };
-    }
-    sh.perf.forget(&app_id, &chat_id);
-    debug!("Chat actor idle; stopping.");
-}
-
-/// Commands held unacknowledged while their run is driven, each with a task sending progress
-/// acks so that JetStream does not redeliver them while this worker is alive.
-struct Held {
-    interval: Duration,
-    msgs: Vec<(Arc<jetstream::Message>, tokio::task::JoinHandle<()>)>,
-}
-
-impl Held {
-    fn keep(&mut self, msg: jetstream::Message) {
-        let msg = Arc::new(msg);
-        let m = msg.clone();
-        let interval = self.interval;
-        let ticker = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                if m.ack_with(AckKind::Progress).await.is_err() {
-                    break;
-                }
-            }
-        });
-        self.msgs.push((msg, ticker));
-    }
-
-    /// Acknowledges (`None`) or answers `kind` to every held command.
-    async fn release(&mut self, kind: Option<AckKind>) {
-        for (msg, ticker) in self.msgs.drain(..) {
-            ticker.abort();
-            let _ = match kind {
-                None => msg.ack().await,
-                Some(k) => msg.ack_with(k).await,
-            };
-        }
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        for (_, ticker) in &self.msgs {
-            ticker.abort();
-        }
-    }
-}
-
-async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut Held) {
-    let Job { cmd, msg } = job;
-    let kind = cmd.command.type_name();
-    let Some(pack) = sh.catalog.get(&owned.workflow) else {
-        warn!(workflow = %owned.workflow, "Command for a workflow this worker does not have; dropped.");
-        metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "unknown_workflow")
-            .increment(1);
-        let _ = msg.ack_with(AckKind::Term).await;
-        return;
-    };
-    let app_ctx = sh
-        .registry
-        .get(&owned.app_id)
-        .map(|a| a.context.clone())
-        .unwrap_or_default();
-    for attempt in 0..=MAX_CONFLICT_RETRIES {
-        let outcome = match owned
-            .chat
-            .handle(cmd.command_id, &cmd.command, &pack, &app_ctx)
-        {
-            Err(refusal) => {
-                info!(code = refusal.code(), command = kind, "Command refused.");
-                metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => refusal.code())
-                    .increment(1);
-                // Workers' own commands (child.finished) have no user waiting for an answer.
-                if !matches!(cmd.command, mozaiks_events::Command::ChildFinished { .. }) {
-                    effects::notify_refusal(sh, &cmd, &refusal).await;
-                    metrics::counter!(m::REFUSALS_NOTIFIED, "code" => refusal.code()).increment(1);
-                }
-                let _ = msg.ack().await;
-                return;
-            }
-            Ok(events) => owned.append(sh, events, Some(cmd.command_id)).await,
-        };
-        match outcome {
-            Ok(()) => {
-                metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "ok").increment(1);
-                if owned.chat.next(&pack, Uuid::nil()).is_idle() {
-                    let _ = msg.ack().await;
-                } else {
-                    held.keep(msg);
-                }
-                return;
-            }
-            Err(Error::Bus(mozaiks_bus::Error::Conflict { .. }))
-                if attempt < MAX_CONFLICT_RETRIES =>
-            {
-                warn!(attempt, "Chat written concurrently; reloading it.");
-                if let Err(e) = reload(sh, owned).await {
-                    warn!(error = %e, "Reload failed.");
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, command = kind, "Command failed; it will be redelivered.");
-                metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "error").increment(1);
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-                return;
-            }
-        }
-    }
-}
-
-/// Catches the chat up with what another writer appended: the aggregate already holds every event
-/// up to `stream_seq`, so only the later ones are read and applied.
-async fn reload(sh: &Shared, owned: &mut Owned) -> Result<(), Error> {
-    let events = sh
-        .bus
-        .read_chat_since(&owned.app_id, &owned.chat_id, owned.stream_seq)
-        .await?;
-    for (env, stream_seq) in &events {
-        if env.seq != owned.chat.seq + 1 {
-            // Not the continuation of what we hold (e.g. the log was purged): read it all again.
-            let all = sh.bus.read_chat(&owned.app_id, &owned.chat_id, 0).await?;
-            owned.replace_with(&all);
-            return Ok(());
-        }
-        owned.chat.apply(&env.event, env.causation_id);
-        owned.stream_seq = *stream_seq;
-    }
-    Ok(())
-}
-
-/// Drives the run until it is idle (`true`), or gives up for now (`false`).
-async fn drive(
-    sh: &Shared,
-    owned: &mut Owned,
-    rx: &mut mpsc::UnboundedReceiver<Job>,
-    held: &mut Held,
-) -> bool {
-    let Some(pack) = sh.catalog.get(&owned.workflow) else {
-        return true;
-    };
-    owned.chat.max_parallel_children = sh
-        .registry
-        .get(&owned.app_id)
-        .map(|a| sh.registry.effective_limits(&a).max_parallel_children as usize)
-        .unwrap_or(0);
-    if owned.chat.next(&pack, Uuid::nil()) == Next::Idle {
-        return true;
-    }
-    let Ok(_permit) = sh.runs.acquire().await else {
-        return false;
-    };
-    let mut conflicts = 0;
-    let mut early = Vec::new();
-    let mut open = true;
-    loop {
-        // Commands that arrived meanwhile (cancel, more messages) go first.
-        for job in early.drain(..) {
-            handle(sh, owned, job, held).await;
-        }
-        while let Ok(job) = rx.try_recv() {
-            handle(sh, owned, job, held).await;
-        }
-        // A step (a model or tool call) is interrupted by a `cancel` or by the run's timeout:
-        // the step's future is dropped, and what it may have appended is found by the next
-        // append's concurrency check. Other commands wait for the step to end.
-        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-        let deadline = owned
-            .run_started
-            .map(|t| tokio::time::Instant::from_std(t + sh.opts.run_timeout))
-            .unwrap_or(far);
-        let result = {
-            let fut = step(sh, owned, &pack);
-            tokio::pin!(fut);
-            loop {
-                tokio::select! {
-                    r = &mut fut => break Some(r),
-                    job = rx.recv(), if open => match job {
-                        Some(job) => {
-                            let cancel = matches!(job.cmd.command, mozaiks_events::Command::Cancel { .. });
-                            early.push(job);
-                            if cancel {
-                                info!("Cancel arrived mid-step; interrupting the step.");
-                                break None;
-                            }
-                        }
-                        None => open = false,
-                    },
-                    _ = tokio::time::sleep_until(deadline) => {
-                        info!("The run's time is up mid-step; interrupting the step.");
-                        break None;
-                    }
-                }
-            }
-        };
-        let Some(result) = result else { continue };
-        match result {
-            Ok(true) => conflicts = 0,
-            Ok(false) => return true,
-            Err(Error::Bus(mozaiks_bus::Error::Conflict { .. }))
-                if conflicts < MAX_CONFLICT_RETRIES =>
-            {
-                conflicts += 1;
-                let _ = reload(sh, owned).await;
-            }
-            Err(e) => {
-                warn!(error = %e, "Run step failed; retrying shortly.");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                conflicts += 1;
-                if conflicts > MAX_CONFLICT_RETRIES {
-                    warn!("Giving up on the run for now; its command is redelivered to resume it.");
-                    return false;
-                }
-            }
-        }
-    }
-}
-
 /// Takes one step of the run. `Ok(false)` when there is nothing left to do.
 async fn step(sh: &Shared, owned: &mut Owned, pack: &Pack) -> Result<bool, Error> {
-    if let (Some(run), Some(started)) = (&owned.chat.run, owned.run_started)
-        && started.elapsed() > sh.opts.run_timeout
-    {
-        let ev = Event::RunFailed(RunFailed {
-            run_id: run.run_id,
-            code: "timeout".into(),
-            reason: format!("the run exceeded {} s", sh.opts.run_timeout.as_secs()),
-        });
-        owned.append(sh, vec![ev], None).await?;
-        return Ok(true);
-    }
     match owned.chat.next(pack, Uuid::now_v7()) {
         Next::Idle => Ok(false),
         Next::AwaitChildren { pending, .. } => owned.reconcile_children(sh, pack, pending).await,

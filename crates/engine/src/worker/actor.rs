@@ -1,0 +1,607 @@
+//! One chat's actor on one worker: claims the chat's ownership lease, handles its commands in
+//! order and drives its run; or, while another worker owns the chat, forwards the commands to
+//! that worker (see [`super::forward`]).
+//!
+//! - The lease is held while the chat has work: commands to handle, a run in progress (also one
+//!   waiting for input or for children), a `cancel` waiting for the session to start. When the
+//!   chat settles (no run), the lease is released; the actor keeps the chat's state in memory for
+//!   `idle_evict` and catches it up from the log if it claims the chat again later.
+//! - A run in progress has a timer: when `run_timeout` passes, the run fails with `timeout` even
+//!   if nothing else happens (a run waiting for input, or for children).
+//! - A command that starts or continues a run stays unacknowledged (progress acks) until the run
+//!   settles, so a worker that dies mid-run leaves its commands to be redelivered and taken over.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::AckKind;
+use mozaiks_events::{Command, Event, RunFailed};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::forward::{self, Acker, Forwarded};
+use super::lease::{Claim, Owners};
+use super::{Job, Owned, Shared, effects, step};
+use crate::chat::Next;
+use crate::{Error, metrics as m};
+
+pub(super) const MAX_CONFLICT_RETRIES: usize = 5;
+
+/// An actor's queue, counting what it took (for the eviction handshake).
+pub(super) struct Inbox {
+    rx: mpsc::UnboundedReceiver<Job>,
+    received: u64,
+    open: bool,
+}
+
+impl Inbox {
+    pub(super) fn new(rx: mpsc::UnboundedReceiver<Job>) -> Inbox {
+        Inbox {
+            rx,
+            received: 0,
+            open: true,
+        }
+    }
+
+    async fn recv(&mut self) -> Option<Job> {
+        let job = self.rx.recv().await;
+        match &job {
+            Some(_) => self.received += 1,
+            None => self.open = false,
+        }
+        job
+    }
+
+    fn try_recv(&mut self) -> Option<Job> {
+        let job = self.rx.try_recv().ok()?;
+        self.received += 1;
+        Some(job)
+    }
+}
+
+/// An actor with nothing to do asks the worker's loop to drop it; the loop does so only if it
+/// has sent the actor no command the actor has not taken (`received`).
+pub(super) struct Idle {
+    pub key: (String, String),
+    pub actor: u64,
+    pub received: u64,
+}
+
+/// What driving a run left.
+#[derive(Debug, PartialEq, Eq)]
+enum Drive {
+    /// No run in progress.
+    Settled,
+    /// A run in progress waits (for input, children, or its timer).
+    Waiting,
+    /// The run could not go on here now; its commands are handed back for redelivery.
+    GaveUp,
+}
+
+/// Sends progress acks for `ack` every `interval` until aborted.
+fn ticker(ack: Acker, interval: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            ack.send(AckKind::Progress).await;
+        }
+    })
+}
+
+/// Commands held unacknowledged while their run is driven (or, for `deferred`, until the
+/// session starts), each with a task sending progress acks so that JetStream does not redeliver
+/// them while this worker is alive.
+pub(super) struct Held {
+    interval: Duration,
+    acks: Vec<(Acker, tokio::task::JoinHandle<()>)>,
+    /// `cancel`s that reached the chat before its session started.
+    deferred: Vec<(Job, tokio::task::JoinHandle<()>)>,
+    deferred_since: Option<Instant>,
+}
+
+impl Held {
+    fn new(interval: Duration) -> Held {
+        Held {
+            interval,
+            acks: Vec::new(),
+            deferred: Vec::new(),
+            deferred_since: None,
+        }
+    }
+
+    pub(super) fn keep(&mut self, ack: Acker) {
+        let t = ticker(ack.clone(), self.interval);
+        self.acks.push((ack, t));
+    }
+
+    fn defer(&mut self, job: Job) {
+        let t = ticker(job.ack.clone(), self.interval);
+        self.deferred.push((job, t));
+        self.deferred_since.get_or_insert_with(Instant::now);
+    }
+
+    fn take_deferred(&mut self) -> Vec<Job> {
+        self.deferred_since = None;
+        self.deferred
+            .drain(..)
+            .map(|(job, t)| {
+                t.abort();
+                job
+            })
+            .collect()
+    }
+
+    /// Acknowledges (`None`) or answers `kind` to every held command.
+    async fn release(&mut self, kind: Option<AckKind>) {
+        for (ack, ticker) in self.acks.drain(..) {
+            ticker.abort();
+            ack.send(kind.unwrap_or(AckKind::Ack)).await;
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for (_, t) in &self.acks {
+            t.abort();
+        }
+        for (_, t) in &self.deferred {
+            t.abort();
+        }
+    }
+}
+
+/// Answers `kind` to every queued command.
+async fn hand_back(queue: &mut VecDeque<Job>, kind: AckKind) {
+    for job in queue.drain(..) {
+        job.ack.send(kind).await;
+    }
+}
+
+/// One chat's actor: see the module docs.
+pub(super) async fn actor(
+    sh: Arc<Shared>,
+    (app_id, chat_id): (String, String),
+    id: u64,
+    mut inbox: Inbox,
+    progress: Duration,
+    idle: mpsc::UnboundedSender<Idle>,
+) {
+    let key = Owners::key(&app_id, &chat_id);
+    let mut queue: VecDeque<Job> = VecDeque::new();
+    let mut held = Held::new(progress);
+    let mut owned: Option<Owned> = None;
+    let mut leased = false;
+    let mut takeover = false;
+    loop {
+        if queue.is_empty() {
+            let deadline = owned
+                .as_ref()
+                .filter(|_| leased)
+                .and_then(|o| o.deadline(&sh));
+            tokio::select! {
+                job = inbox.recv() => match job {
+                    Some(job) => queue.push_back(job),
+                    None => break,
+                },
+                // The run's time is up: drive it (it fails with `timeout`).
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(far)), if deadline.is_some() => {}
+                _ = tokio::time::sleep(sh.opts.idle_evict) => {
+                    if leased {
+                        // A cancel whose session never started: give up on it.
+                        let waiting_run = owned.as_ref().is_some_and(|o| o.chat.run.is_some());
+                        if !waiting_run && held.deferred_since.is_some_and(|t| t.elapsed() >= sh.opts.idle_evict) {
+                            for job in held.take_deferred() {
+                                job.ack.ack().await;
+                            }
+                            sh.owners.release(&key).await;
+                            leased = false;
+                        }
+                        continue;
+                    }
+                    let _ = idle.send(Idle { key: (app_id.clone(), chat_id.clone()), actor: id, received: inbox.received });
+                    continue;
+                }
+            }
+        }
+        if !leased {
+            match sh.owners.claim(&key, takeover).await {
+                Ok(Claim::Mine) => {
+                    if takeover {
+                        info!("Took the chat over from a worker that stopped renewing its lease.");
+                        sh.perf.ownership(|o| o.leases_taken_over += 1);
+                    } else {
+                        sh.perf.ownership(|o| o.leases_acquired += 1);
+                    }
+                    takeover = false;
+                    leased = true;
+                    let ready = match owned.as_mut() {
+                        // Another worker may have owned the chat meanwhile.
+                        Some(o) => reload(&sh, o).await,
+                        None => match queue.front() {
+                            Some(first) => Owned::load(&sh, &app_id, &chat_id, &first.cmd)
+                                .await
+                                .map(|o| owned = Some(o)),
+                            None => Ok(()),
+                        },
+                    };
+                    if let Err(e) = ready {
+                        warn!(error = %e, "Cannot load the chat; its commands will be redelivered.");
+                        hand_back(&mut queue, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        sh.owners.release(&key).await;
+                        leased = false;
+                        continue;
+                    }
+                }
+                Ok(Claim::Theirs(owner)) => {
+                    takeover = relay(&sh, &key, &owner, &mut queue, &mut inbox, progress).await;
+                    continue;
+                }
+                Err(e) => {
+                    warn!(error = %e, "Cannot claim the chat; its commands will be redelivered.");
+                    hand_back(&mut queue, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    continue;
+                }
+            }
+        }
+        let Some(o) = owned.as_mut() else {
+            sh.owners.release(&key).await;
+            leased = false;
+            continue;
+        };
+        while let Some(job) = queue.pop_front() {
+            take(&sh, o, job, &mut held).await;
+        }
+        // Drive the run, taking commands in between steps so that cancel and new messages are
+        // handled mid-run.
+        match drive(&sh, o, &mut inbox, &mut held).await {
+            Drive::Settled => {
+                held.release(None).await;
+                while let Some(job) = inbox.try_recv() {
+                    queue.push_back(job);
+                }
+                if queue.is_empty() && held.deferred.is_empty() {
+                    sh.owners.release(&key).await;
+                    leased = false;
+                }
+            }
+            Drive::Waiting => {}
+            Drive::GaveUp => {
+                // Redelivered later, to this worker or another, which retries the run from the log.
+                held.release(Some(AckKind::Nak(Some(Duration::from_secs(5)))))
+                    .await;
+                sh.owners.release(&key).await;
+                leased = false;
+            }
+        }
+        if leased && !sh.owners.holds(&key) {
+            warn!("Lost the chat's lease; handing its commands back.");
+            sh.perf.ownership(|o| o.leases_lost += 1);
+            held.release(Some(AckKind::Nak(None))).await;
+            leased = false;
+        }
+    }
+    // The worker is stopping (or dropped this idle actor): whatever is held goes back now.
+    held.release(Some(AckKind::Nak(None))).await;
+    for job in held.take_deferred() {
+        job.ack.send(AckKind::Nak(None)).await;
+    }
+    sh.owners.release(&key).await;
+    sh.perf.forget(&app_id, &chat_id);
+    debug!("Chat actor stopping.");
+}
+
+fn far() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// Forwards the queued commands, in order, to `owner`, with the ones that arrive meanwhile.
+/// Returns whether the owner turned out to be gone and its lease expired (the caller then takes
+/// the chat over).
+async fn relay(
+    sh: &Shared,
+    key: &str,
+    owner: &str,
+    queue: &mut VecDeque<Job>,
+    inbox: &mut Inbox,
+    progress: Duration,
+) -> bool {
+    loop {
+        while let Some(job) = inbox.try_recv() {
+            queue.push_back(job);
+        }
+        let Some(job) = queue.front() else {
+            return false;
+        };
+        match forward::forward(&sh.bus, owner, &job.payload, &job.ack).await {
+            Forwarded::Accepted => {
+                debug!(
+                    owner,
+                    command = job.cmd.command.type_name(),
+                    "Command forwarded to the chat's owner."
+                );
+                sh.perf.ownership(|o| o.forwarded += 1);
+                queue.pop_front();
+            }
+            Forwarded::NotOwner => {
+                // It let the chat go a moment ago; claim it again.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                return false;
+            }
+            Forwarded::NoAnswer => {
+                info!(
+                    owner,
+                    "The chat's owner does not answer; waiting for its lease to expire."
+                );
+                return wait_out(sh, key, owner, queue, inbox, progress).await;
+            }
+        }
+    }
+}
+
+/// Waits until `owner`'s lease of `key` is gone (`true`), or changed hands, or outlived twice
+/// its TTL (the owner lives after all: forward again), keeping the queued commands alive.
+async fn wait_out(
+    sh: &Shared,
+    key: &str,
+    owner: &str,
+    queue: &mut VecDeque<Job>,
+    inbox: &mut Inbox,
+    progress: Duration,
+) -> bool {
+    let until = Instant::now() + sh.owners.ttl() * 2 + Duration::from_secs(1);
+    let mut acked = Instant::now();
+    loop {
+        match sh.owners.owner(key).await {
+            Ok(None) => return true,
+            Ok(Some(o)) if o != owner => return false,
+            Ok(Some(_)) => {}
+            Err(e) => debug!(error = %e, "Cannot read the chat's lease."),
+        }
+        if Instant::now() > until {
+            return false;
+        }
+        while let Some(job) = inbox.try_recv() {
+            queue.push_back(job);
+        }
+        if acked.elapsed() >= progress {
+            for job in queue.iter() {
+                job.ack.send(AckKind::Progress).await;
+            }
+            acked = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Handles one command, except a `cancel` that reaches a chat whose session has not started:
+/// that one waits for the session (a child chat's cancel may overtake its start).
+async fn take(sh: &Shared, owned: &mut Owned, job: Job, held: &mut Held) {
+    if matches!(job.cmd.command, Command::Cancel { .. }) && !owned.chat.started {
+        info!("Cancel before the session started; it waits for the session.");
+        held.defer(job);
+        return;
+    }
+    handle(sh, owned, job, held).await;
+    if owned.chat.started && !held.deferred.is_empty() {
+        for job in held.take_deferred() {
+            handle(sh, owned, job, held).await;
+        }
+    }
+}
+
+pub(super) async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut Held) {
+    let Job { cmd, ack, .. } = job;
+    let kind = cmd.command.type_name();
+    let Some(pack) = sh.catalog.get(&owned.workflow) else {
+        warn!(workflow = %owned.workflow, "Command for a workflow this worker does not have; dropped.");
+        metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "unknown_workflow")
+            .increment(1);
+        ack.send(AckKind::Term).await;
+        return;
+    };
+    let app_ctx = sh
+        .registry
+        .get(&owned.app_id)
+        .map(|a| a.context.clone())
+        .unwrap_or_default();
+    for attempt in 0..=MAX_CONFLICT_RETRIES {
+        let outcome = match owned
+            .chat
+            .handle(cmd.command_id, &cmd.command, &pack, &app_ctx)
+        {
+            Err(refusal) => {
+                info!(code = refusal.code(), command = kind, "Command refused.");
+                metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => refusal.code())
+                    .increment(1);
+                // Workers' own commands (child.finished) have no user waiting for an answer.
+                if !matches!(cmd.command, Command::ChildFinished { .. }) {
+                    effects::notify_refusal(sh, &cmd, &refusal).await;
+                    metrics::counter!(m::REFUSALS_NOTIFIED, "code" => refusal.code()).increment(1);
+                }
+                ack.ack().await;
+                return;
+            }
+            Ok(events) => owned.append(sh, events, Some(cmd.command_id)).await,
+        };
+        match outcome {
+            Ok(()) => {
+                metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "ok").increment(1);
+                if owned.chat.next(&pack, Uuid::nil()).is_idle() && owned.chat.run.is_none() {
+                    ack.ack().await;
+                } else {
+                    held.keep(ack);
+                }
+                return;
+            }
+            Err(Error::Bus(mozaiks_bus::Error::Conflict { .. }))
+                if attempt < MAX_CONFLICT_RETRIES =>
+            {
+                warn!(attempt, "Chat written concurrently; reloading it.");
+                sh.perf.ownership(|o| o.conflicts += 1);
+                if let Err(e) = reload(sh, owned).await {
+                    warn!(error = %e, "Reload failed.");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, command = kind, "Command failed; it will be redelivered.");
+                metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "error").increment(1);
+                ack.send(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Catches the chat up with what another writer appended: the aggregate already holds every event
+/// up to `stream_seq`, so only the later ones are read and applied.
+pub(super) async fn reload(sh: &Shared, owned: &mut Owned) -> Result<(), Error> {
+    let events = sh
+        .bus
+        .read_chat_since(&owned.app_id, &owned.chat_id, owned.stream_seq)
+        .await?;
+    for (env, stream_seq) in &events {
+        if env.seq != owned.chat.seq + 1 {
+            // Not the continuation of what we hold (e.g. the log was purged): read it all again.
+            let all = sh.bus.read_chat(&owned.app_id, &owned.chat_id, 0).await?;
+            owned.replace_with(&all);
+            return Ok(());
+        }
+        owned.chat.apply(&env.event, env.causation_id);
+        owned.stream_seq = *stream_seq;
+        owned.track_run(env);
+    }
+    Ok(())
+}
+
+/// Fails the run in progress with `timeout` if its time is up. Returns whether it did.
+async fn fail_if_late(sh: &Shared, owned: &mut Owned) -> Result<bool, Error> {
+    let (Some(run), Some(since)) = (&owned.chat.run, owned.run_since) else {
+        return Ok(false);
+    };
+    if since.elapsed() < sh.opts.run_timeout {
+        return Ok(false);
+    }
+    warn!(run_id = %run.run_id, timeout_s = sh.opts.run_timeout.as_secs(), "The run's time is up; it fails with timeout.");
+    metrics::counter!(m::RUN_TIMEOUTS, "app_id" => owned.app_id.clone()).increment(1);
+    let ev = Event::RunFailed(RunFailed {
+        run_id: run.run_id,
+        code: "timeout".into(),
+        reason: format!("the run exceeded {} s", sh.opts.run_timeout.as_secs()),
+    });
+    owned.append(sh, vec![ev], None).await?;
+    Ok(true)
+}
+
+fn settled_or_waiting(owned: &Owned) -> Drive {
+    if owned.chat.run.is_some() {
+        Drive::Waiting
+    } else {
+        Drive::Settled
+    }
+}
+
+/// Drives the run until it settles or waits, or gives up for now.
+async fn drive(sh: &Shared, owned: &mut Owned, inbox: &mut Inbox, held: &mut Held) -> Drive {
+    let Some(pack) = sh.catalog.get(&owned.workflow) else {
+        return Drive::Settled;
+    };
+    owned.chat.max_parallel_children = sh
+        .registry
+        .get(&owned.app_id)
+        .map(|a| sh.registry.effective_limits(&a).max_parallel_children as usize)
+        .unwrap_or(0);
+    if let Err(e) = fail_if_late(sh, owned).await {
+        warn!(error = %e, "Cannot fail the late run now.");
+        return Drive::GaveUp;
+    }
+    if owned.chat.next(&pack, Uuid::nil()) == Next::Idle {
+        return settled_or_waiting(owned);
+    }
+    // A run waits for a slot (MAX_CONCURRENT_WORKFLOWS); a cancel meanwhile is handled at once.
+    let _permit = loop {
+        tokio::select! {
+            permit = sh.runs.acquire() => match permit {
+                Ok(p) => break p,
+                Err(_) => return Drive::GaveUp,
+            },
+            job = inbox.recv(), if inbox.open => {
+                if let Some(job) = job {
+                    take(sh, owned, job, held).await;
+                    if owned.chat.next(&pack, Uuid::nil()) == Next::Idle {
+                        return settled_or_waiting(owned);
+                    }
+                }
+            }
+        }
+    };
+    let mut conflicts = 0;
+    let mut early = Vec::new();
+    loop {
+        // Commands that arrived meanwhile (cancel, more messages) go first.
+        for job in early.drain(..) {
+            take(sh, owned, job, held).await;
+        }
+        while let Some(job) = inbox.try_recv() {
+            take(sh, owned, job, held).await;
+        }
+        match fail_if_late(sh, owned).await {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "Cannot fail the late run now.");
+                return Drive::GaveUp;
+            }
+        }
+        // A step (a model or tool call) is interrupted by a `cancel` or by the run's timeout:
+        // the step's future is dropped, and what it may have appended is found by the next
+        // append's concurrency check. Other commands wait for the step to end.
+        let deadline = owned.deadline(sh).unwrap_or_else(far);
+        let result = {
+            let fut = step(sh, owned, &pack);
+            tokio::pin!(fut);
+            loop {
+                tokio::select! {
+                    r = &mut fut => break Some(r),
+                    job = inbox.recv(), if inbox.open => {
+                        if let Some(job) = job {
+                            let cancel = matches!(job.cmd.command, Command::Cancel { .. });
+                            early.push(job);
+                            if cancel {
+                                info!("Cancel arrived mid-step; interrupting the step.");
+                                break None;
+                            }
+                        }
+                    },
+                    _ = tokio::time::sleep_until(deadline) => {
+                        info!("The run's time is up mid-step; interrupting the step.");
+                        break None;
+                    }
+                }
+            }
+        };
+        let Some(result) = result else { continue };
+        match result {
+            Ok(true) => conflicts = 0,
+            Ok(false) => return settled_or_waiting(owned),
+            Err(Error::Bus(mozaiks_bus::Error::Conflict { .. }))
+                if conflicts < MAX_CONFLICT_RETRIES =>
+            {
+                conflicts += 1;
+                sh.perf.ownership(|o| o.conflicts += 1);
+                let _ = reload(sh, owned).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "Run step failed; retrying shortly.");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                conflicts += 1;
+                if conflicts > MAX_CONFLICT_RETRIES {
+                    warn!("Giving up on the run for now; its command is redelivered to resume it.");
+                    return Drive::GaveUp;
+                }
+            }
+        }
+    }
+}
