@@ -83,3 +83,34 @@ fn a_short_secret_is_refused_outside_development_mode() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("secret"), "{err}");
 }
+
+#[test]
+fn auto_and_structured_output_mistakes_are_refused_with_their_path() {
+    let dir = std::env::temp_dir().join(format!("mz-badauto-{}", std::process::id()));
+    let cases = [
+        (
+            "name: p\nstart_agent: a\npattern: auto\nagents:\n  - name: a\n",
+            "pattern",
+        ),
+        (
+            "name: p\nstart_agent: a\npattern: auto\nagents:\n  - {name: a, offline: {next_speaker: zed}}\n  - {name: b}\n",
+            "agents[0].offline.next_speaker",
+        ),
+        (
+            "name: p\nstart_agent: a\nagents:\n  - name: a\n    output_schema: {type: object, properties: {x: {type: string}}}\n",
+            "agents[0].output_schema.required",
+        ),
+    ];
+    for (yaml, path) in cases {
+        std::fs::create_dir_all(dir.join("p")).unwrap();
+        std::fs::write(dir.join("p/workflow.yaml"), yaml).unwrap();
+        let out = mozaiks(&["workflows", "check", dir.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{yaml}");
+        assert!(
+            err.contains("p/workflow.yaml") && err.contains(&format!(": {path}: ")),
+            "{err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

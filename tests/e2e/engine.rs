@@ -103,6 +103,7 @@ async fn every_shipped_pack_runs_through_the_fleet() {
         ("support_triage", "I was charged twice on my invoice"),
         ("research_topic", "event sourcing - history"),
         ("research", "event sourcing"),
+        ("concierge", "Please book a table for dinner at 8"),
     ];
     let covered: HashSet<&str> = cases.iter().map(|(w, _)| *w).collect();
     for name in shipped.names() {
@@ -497,4 +498,101 @@ agents:
         .unwrap();
     assert_eq!(fetched["data"]["text"], r#"fetched {"status":"fetched"}"#);
     assert_eq!(frames.last().unwrap()["data"]["output"], "writer done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concierge_selects_the_speaker_by_model_from_a_structured_output() {
+    let fleet = Fleet::start(1).await;
+
+    // Dining: intake's JSON lands in `request`, the selector (a recorded, charged model call)
+    // names `dining`, whose `handled` ends the run.
+    let message = "A table for \"two\" at the restaurant, please";
+    let (_, _, frames) = run(&fleet, "concierge", message, "run.completed").await;
+    assert_exactly_once(&frames);
+    let intake = frames
+        .iter()
+        .find(|f| f["type"] == "agent.message" && f["data"]["agent"] == "intake")
+        .unwrap();
+    let request = json!({"topic": "dining", "summary": message});
+    assert_eq!(intake["data"]["structured"], request);
+    assert_eq!(
+        serde_json::from_str::<Value>(intake["data"]["text"].as_str().unwrap()).unwrap(),
+        request
+    );
+    let stored = frames
+        .iter()
+        .find(|f| f["type"] == "context.updated" && f["data"]["key"] == "request")
+        .unwrap();
+    assert_eq!(stored["data"]["value"], request);
+    assert_eq!(stored["data"]["source"], "agent.output");
+    assert_eq!(
+        selections(&frames),
+        [
+            ("intake".to_string(), json!("dining"), "auto".to_string()),
+            (
+                "dining".to_string(),
+                Value::Null,
+                "terminate_when".to_string()
+            ),
+        ]
+    );
+    let selected = frames
+        .iter()
+        .find(|f| f["type"] == "speaker.selected")
+        .unwrap();
+    assert_eq!(selected["data"]["by"], "model");
+    let selector = frames
+        .iter()
+        .find(|f| f["type"] == "model.replied" && f["data"]["round"] == 0)
+        .expect("the selector's call is recorded");
+    assert_eq!(selector["data"]["text"], "dining");
+    // the selector's charge follows its record, before the choice
+    let at = |pred: &dyn Fn(&Value) -> bool| frames.iter().position(pred).unwrap();
+    let replied = at(&|f| f["type"] == "model.replied" && f["data"]["round"] == 0);
+    assert_eq!(frames[replied + 1]["type"], "usage.charged");
+    assert_eq!(frames[replied + 2]["type"], "speaker.selected");
+    let done = frames.last().unwrap();
+    assert!(
+        done["data"]["output"]
+            .as_str()
+            .unwrap()
+            .starts_with("Dining: I booked a table"),
+        "{done}"
+    );
+
+    // Transport: the same path, another agent.
+    let (_, _, frames) = run(
+        &fleet,
+        "concierge",
+        "I need a taxi to the airport",
+        "run.completed",
+    )
+    .await;
+    assert_exactly_once(&frames);
+    assert_eq!(selections(&frames)[0].1, json!("transport"));
+
+    // Neither: the selector names no agent ("other"), the run falls back to intake's
+    // after_work (terminate) and says why.
+    let (_, _, frames) = run(&fleet, "concierge", "Where is the spa?", "run.completed").await;
+    assert_exactly_once(&frames);
+    assert_eq!(
+        selections(&frames),
+        [(
+            "intake".to_string(),
+            Value::Null,
+            "auto_fallback".to_string()
+        )]
+    );
+    let fallback = frames
+        .iter()
+        .find(|f| f["type"] == "speaker.selected")
+        .unwrap();
+    assert!(
+        fallback["data"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("\"other\""),
+        "{fallback}"
+    );
+    assert_eq!(frames.last().unwrap()["data"]["steps"], 1);
 }
