@@ -65,6 +65,15 @@ pub struct Global {
         global = true
     )]
     pub jwt_jwks_issuer: String,
+    /// Least seconds between two fetches of the JWKS for a token naming an unknown `kid` (key
+    /// rotation without restart; bounds how often made-up `kid`s make us call the issuer).
+    #[arg(
+        long,
+        env = "JWT_JWKS_MIN_REFRESH_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub jwt_jwks_min_refresh_seconds: u64,
     /// Development mode: a built-in JWT secret when JWT_SECRET is unset, short secrets allowed.
     #[arg(
         long,
@@ -217,6 +226,7 @@ impl Global {
         cfg.user_algorithms = algorithms;
         cfg.jwks_url = url.map(String::from);
         cfg.jwks_issuer = self.jwt_jwks_issuer.clone();
+        cfg.jwks_min_refresh = std::time::Duration::from_secs(self.jwt_jwks_min_refresh_seconds);
         Ok(cfg)
     }
 
