@@ -295,10 +295,16 @@ impl Procs {
     }
 
     pub fn spawn(&mut self, role: &str, port: Option<u16>) -> usize {
+        self.spawn_env(role, port, &[])
+    }
+
+    /// Like [`Procs::spawn`], with more environment.
+    pub fn spawn_env(&mut self, role: &str, port: Option<u16>, env: &[(&str, &str)]) -> usize {
         let log = self.dir.join(format!("{role}-{}.log", self.children.len()));
         let mut cmd = command(&self.servers, role, &log);
         cmd.env("MOZAIKS_WORKFLOWS_DIR", self.dir.join("workflows"))
-            .env("MOZAIKS_STREAMS_DIR", self.dir.join("streams"));
+            .env("MOZAIKS_STREAMS_DIR", self.dir.join("streams"))
+            .envs(env.iter().copied());
         if let Some(p) = port {
             cmd.env("MOZAIKS_LISTEN", format!("127.0.0.1:{p}"));
         }
@@ -595,4 +601,244 @@ async fn concierge_selects_the_speaker_by_model_from_a_structured_output() {
         "{fallback}"
     );
     assert_eq!(frames.last().unwrap()["data"]["steps"], 1);
+}
+
+// ---- run timeouts ------------------------------------------------------------------------
+
+/// Starts `workflow` with `message` on the gateway at `port`; returns its ticket and socket.
+pub(crate) async fn start_at(port: u16, workflow: &str, message: &str) -> (Value, Ws) {
+    let token = Fleet::token("kim", "default", &["user"]);
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/api/sessions"))
+        .bearer_auth(&token)
+        .json(&json!({"app_id": "default", "workflow_name": workflow, "message": message}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let ticket: Value = r.json().await.unwrap();
+    let path = ticket["ws_url"].as_str().unwrap();
+    let url = format!(
+        "ws://127.0.0.1:{port}{}?token={}&after=0",
+        &path[path.find("/ws/").unwrap()..],
+        ticket["runtime_token"].as_str().unwrap()
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    (ticket, ws)
+}
+
+/// A tool server that never answers; returns its base URL and the number of calls.
+async fn silent_tool_server() -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/silent",
+        axum::routing::get(move || {
+            let h = h.clone();
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                axum::Json(json!("too late"))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_past_its_timeout_fails_with_timeout_mid_step_and_while_waiting_for_input() {
+    let (tool_base, hits) = silent_tool_server().await;
+    let packs = [
+        (
+            "stuck_tool",
+            format!(
+                "name: stuck_tool
+start_agent: fetcher
+max_turns: 2
+tools:
+  - name: fetch
+    parameters: {{type: object, properties: {{q: {{type: string}}}}}}
+    http: {{method: GET, url: '{tool_base}/silent', timeout_ms: 300000}}
+agents:
+  - name: fetcher
+    tools: [fetch]
+    offline:
+      tool_calls: [{{tool: fetch, arguments: {{q: '{{input}}'}}}}]
+      reply: 'fetched {{tool.fetch}}'
+"
+            ),
+        ),
+        (
+            "asks",
+            "name: asks
+start_agent: human
+max_turns: 2
+agents:
+  - name: human
+    human_input: true
+    system_message: Approve?
+"
+            .to_string(),
+        ),
+    ];
+    let mut procs = Procs::new(&packs).await;
+    let port = procs.gateway().await;
+    procs.spawn_env("worker", None, &[("WORKFLOW_TIMEOUT_SECONDS", "2")]);
+
+    // A step that never ends (the HTTP tool does not answer within its own 300 s timeout): the
+    // run's 2 s timeout interrupts it.
+    let (_, mut ws) = start_at(port, "stuck_tool", "report").await;
+    let frames = events_until(&mut ws, "run.failed").await;
+    assert_gapless(&frames, 1);
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "the tool was called once");
+    let kinds = types(&frames);
+    assert!(kinds.contains(&"tool.call".to_string()), "{kinds:?}");
+    assert!(!kinds.contains(&"tool.result".to_string()), "{kinds:?}");
+    let failed = frames.last().unwrap();
+    assert_eq!(failed["data"]["code"], "timeout", "{failed}");
+    assert_eq!(failed["data"]["reason"], "the run exceeded 2 s");
+    // The model call before the tool was charged once; the tool call never got a result.
+    let count = |kind: &str| frames.iter().filter(|f| f["type"] == kind).count();
+    assert_eq!((count("model.replied"), count("usage.charged")), (1, 1));
+
+    // A run waiting for input with nothing driving it: its timer fails it all the same.
+    let (_, mut ws) = start_at(port, "asks", "may I?").await;
+    let frames = events_until(&mut ws, "run.failed").await;
+    assert_gapless(&frames, 1);
+    assert_eq!(
+        types(&frames),
+        [
+            "session.started",
+            "message.user",
+            "run.started",
+            "step.started",
+            "input.requested",
+            "run.failed"
+        ]
+    );
+    assert_eq!(frames.last().unwrap()["data"]["code"], "timeout");
+    // Nothing waits any more: an answer now is refused.
+    send_json(&mut ws, json!({"type": "input.response", "text": "yes"})).await;
+    let err = loop {
+        let f = next_frame(&mut ws).await;
+        if f["type"] == "error" {
+            break f;
+        }
+    };
+    assert_eq!(err["data"]["code"], "not_waiting_for_input");
+}
+
+// ---- two workers, one owner per chat -------------------------------------------------------
+
+/// Every live worker's snapshot in `MZ_PERF`.
+async fn snapshots(bus: &mozaiks_bus::Bus) -> Vec<mozaiks_engine::perf::Snapshot> {
+    use futures::StreamExt;
+    let kv = bus
+        .jetstream()
+        .get_key_value(bus.subjects().name("MZ_PERF"))
+        .await
+        .unwrap();
+    let keys: Vec<String> = kv
+        .keys()
+        .await
+        .unwrap()
+        .filter_map(|k| async move { k.ok() })
+        .collect()
+        .await;
+    let mut out = Vec::new();
+    for k in keys {
+        if let Ok(Some(body)) = kv.get(&k).await
+            && let Ok(s) = serde_json::from_slice(&body)
+        {
+            out.push(s);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_the_chats_with_one_owner_each_and_no_write_conflicts() {
+    let mut fleet = Fleet::start(1).await;
+    fleet.spawn("worker", None);
+    let bus = mozaiks_bus::Bus::connect(
+        &fleet.servers.nats_url,
+        &fleet.servers.namespace,
+        "e2e-owners",
+    )
+    .await
+    .unwrap();
+    fleet
+        .eventually("both workers publishing", || async {
+            (snapshots(&bus).await.len() == 2).then_some(())
+        })
+        .await;
+
+    // Research runs in parallel: each parent's three child.finished commands (and the children's
+    // starts) land on whichever worker pulls them.
+    const RUNS: usize = 12;
+    let token = Fleet::token("eve", "default", &["user"]);
+    let mut sockets = Vec::new();
+    for i in 0..RUNS {
+        let ticket = fleet
+            .session(0, &token, "research", Some(&format!("topic {i}")))
+            .await;
+        let ws = fleet.connect(0, &ticket, 0).await;
+        sockets.push(ws);
+    }
+    let mut chats = Vec::new();
+    for ws in &mut sockets {
+        let frames = events_until(ws, "run.completed").await;
+        assert_gapless(&frames, 1);
+        assert_exactly_once(&frames);
+        let completed: Vec<_> = frames
+            .iter()
+            .filter(|f| f["type"] == "child.completed")
+            .collect();
+        assert_eq!(completed.len(), 3);
+        assert!(completed.iter().all(|f| f["data"]["status"] == "completed"));
+        for f in completed {
+            chats.push(f["data"]["child_chat_id"].as_str().unwrap().to_string());
+        }
+    }
+    for id in &chats {
+        let log = bus.read_chat("default", id, 0).await.unwrap();
+        let seqs: Vec<u64> = log.iter().map(|(e, _)| e.seq).collect();
+        assert_eq!(seqs, (1..=log.len() as u64).collect::<Vec<_>>(), "{id}");
+        assert_eq!(log.last().unwrap().0.event.type_name(), "run.completed");
+    }
+
+    // Both workers worked, commands reached owners by forwarding, and no append was ever refused
+    // for a concurrent writer: one owner per chat at a time.
+    let snaps = fleet
+        .eventually("every run counted", || async {
+            let snaps = snapshots(&bus).await;
+            let done: u64 = snaps
+                .iter()
+                .filter_map(|s| s.apps.get("default"))
+                .map(|c| c.runs_completed)
+                .sum();
+            (snaps.len() == 2 && done == (RUNS * 4) as u64).then_some(snaps)
+        })
+        .await;
+    let total = |f: fn(&mozaiks_engine::perf::Ownership) -> u64| -> u64 {
+        snaps.iter().map(|s| f(&s.ownership)).sum()
+    };
+    assert_eq!(total(|o| o.conflicts), 0, "{snaps:#?}");
+    assert_eq!(total(|o| o.leases_lost), 0, "{snaps:#?}");
+    assert!(total(|o| o.forwarded) > 0, "{snaps:#?}");
+    assert_eq!(total(|o| o.forwarded), total(|o| o.forwards_received));
+    assert!(total(|o| o.leases_acquired) >= (RUNS * 4) as u64);
+    assert!(
+        snaps
+            .iter()
+            .all(|s| s.apps.get("default").is_some_and(|c| c.runs_started > 0)),
+        "both workers ran chats: {snaps:#?}"
+    );
+    assert!(fleet.procs.iter().all(|p| p.role != "worker" || {
+        let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+        !log.contains("written concurrently")
+    }));
 }
