@@ -5,6 +5,7 @@ mod bad_input;
 mod children;
 mod cli;
 mod control;
+mod deltas;
 mod engine;
 mod expiry;
 mod fleet;

@@ -18,6 +18,10 @@ use uuid::Uuid;
 use crate::hub::Delta;
 use crate::metrics as m;
 
+/// A merged delta grows at most this large; past it, the next delta supersedes it (the socket's
+/// memory stays bounded however long the message).
+const MAX_HELD_BYTES: usize = 1024 * 1024;
+
 /// A merged delta waiting for room in the queue.
 struct Held {
     id: Uuid,
@@ -106,7 +110,11 @@ impl Deltas {
         };
         let h = &held.delta;
         let end = h.offset + h.text.len() as u64;
-        if same_message(h, &d.delta) && h.offset <= d.delta.offset && d.delta.offset <= end {
+        if same_message(h, &d.delta)
+            && h.offset <= d.delta.offset
+            && d.delta.offset <= end
+            && h.text.len() < MAX_HELD_BYTES
+        {
             // Contiguous (or overlapping: a retried call rewrites the tail): one frame says both.
             let cut = (d.delta.offset - h.offset) as usize;
             if held.delta.text.is_char_boundary(cut) {
