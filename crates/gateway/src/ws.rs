@@ -526,7 +526,7 @@ async fn stream_chat(
             state,
             claims,
             seek.from_stream_seq,
-            head.stream_seq,
+            head,
             &mut cur,
             tx,
             &mut deltas,
@@ -643,65 +643,57 @@ async fn fill_gap(
             }
         }
     };
-    catch_up(state, claims, from, head.stream_seq, cur, tx, deltas)
+    catch_up(state, claims, from, head, cur, tx, deltas)
         .await
         .map(|_| ())
 }
 
-/// Replays the chat's events from stream sequence `from` through `until` (inclusive) that come
+/// Replays the chat's events from stream sequence `from` through `head` (inclusive) that come
 /// after the cursor, waiting for the socket (the replay is paced by the client, not queued).
 async fn catch_up(
     state: &State,
     claims: &RuntimeClaims,
     from: u64,
-    until: u64,
+    head: ChatPosition,
     cur: &mut Cursor,
     tx: &mpsc::Sender<Utf8Bytes>,
     deltas: &mut Deltas,
 ) -> Result<usize, Stop> {
-    if from > until {
+    if from > head.stream_seq {
         return Ok(0);
     }
     let log = |e: mozaiks_bus::Error| {
         warn!(error = %e, "Replay failed.");
         Stop::Log("event log unavailable; reconnect with after".into())
     };
-    // Batched direct gets: one request per batch, no consumer on the server, so a reconnect
-    // storm does not create one JetStream consumer per client. Each batch is written before the
-    // next is read: the socket paces the replay.
-    let mut next = from;
-    let mut sent = 0;
-    while next <= until {
-        let batch = tokio::time::timeout(
-            CATCH_UP_STALL,
-            state.bus.read_chat_range(
-                &claims.app_id,
-                &claims.chat_id,
-                next,
-                until,
-                mozaiks_bus::BATCH,
-            ),
-        )
+    // Short catch-ups (the usual reconnect) read with batched direct gets, so a reconnect storm
+    // creates no consumer per client; long ones stream through an ordered consumer. Either way
+    // the socket paces the replay: the next event is read only once the last one is queued.
+    let (until, missed) = (head.stream_seq, head.seq.saturating_sub(cur.seq));
+    let mut events = state
+        .bus
+        .replay_chat(&claims.app_id, &claims.chat_id, from, until, missed)
         .await
-        .map_err(|_| Stop::Log("replay stalled; reconnect with after".into()))?
         .map_err(log)?;
-        let Some(&(_, last)) = batch.last() else {
+    let mut sent = 0;
+    loop {
+        let item = match tokio::time::timeout(CATCH_UP_STALL, events.next()).await {
+            Ok(Some(item)) => item,
             // Nothing left up to `until` (purged meanwhile): the live feed takes over from here.
-            break;
+            Ok(None) => break,
+            Err(_) => return Err(Stop::Log("replay stalled; reconnect with after".into())),
         };
-        for (env, stream_seq) in batch {
-            if env.seq > cur.seq {
-                deltas.before_event(message_of(&env), tx);
-                let json = Utf8Bytes::from(Frame::from_envelope(&env).to_json());
-                if tx.send(json).await.is_err() {
-                    return Err(Stop::Gone);
-                }
-                sent += 1;
-                cur.seq = env.seq;
+        let (env, stream_seq) = item.map_err(log)?;
+        if env.seq > cur.seq {
+            deltas.before_event(message_of(&env), tx);
+            let json = Utf8Bytes::from(Frame::from_envelope(&env).to_json());
+            if tx.send(json).await.is_err() {
+                return Err(Stop::Gone);
             }
-            cur.stream_seq = cur.stream_seq.max(stream_seq);
+            sent += 1;
+            cur.seq = env.seq;
         }
-        next = last + 1;
+        cur.stream_seq = cur.stream_seq.max(stream_seq);
     }
     cur.stream_seq = cur.stream_seq.max(until);
     Ok(sent)
