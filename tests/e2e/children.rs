@@ -515,3 +515,103 @@ async fn ops_endpoints_answer_from_every_live_worker_per_tenant() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_cancelled_before_it_started_ends_cancelled_and_the_parent_sees_it() {
+    let (tool_base, hits, gate) = gated_tool_server().await;
+    let mut procs = Procs::new(&fan_packs(&tool_base)).await;
+    let port = procs.gateway().await;
+    procs.spawn("worker", None);
+    // One child at a time: the second child is spawned only when the first has ended.
+    let root = Fleet::token("root", "default", &["superadmin"]);
+    let r = reqwest::Client::new()
+        .patch(format!("http://127.0.0.1:{port}/api/apps/default"))
+        .bearer_auth(&root)
+        .json(&json!({"limits": {"max_parallel_children": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["effective_limits"]["max_parallel_children"], 1);
+    // The worker's registry follows the app bucket; give it a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (_ticket, mut ws) = start_fan(port).await;
+    let mut frames = Vec::new();
+    while of_type(&frames, "child.spawned").is_empty() {
+        frames.extend(events_n(&mut ws, 1).await);
+    }
+    wait_hits(&hits, 1, &procs).await;
+    assert_eq!(of_type(&frames, "child.spawned").len(), 1);
+    // The second child's id is known before it exists (run id, step, index).
+    let run_id = of_type(&frames, "run.started")[0]["data"]["run_id"]
+        .as_str()
+        .unwrap()
+        .replace('-', "");
+    let second = format!("{run_id}-1-1");
+
+    // Its cancel arrives before its session starts.
+    let bus = Bus::connect(&procs.servers.nats_url, &procs.servers.namespace, "e2e")
+        .await
+        .unwrap();
+    let cancel = mozaiks_events::CommandEnvelope {
+        v: 1,
+        command_id: uuid::Uuid::now_v7(),
+        app_id: "default".into(),
+        chat_id: second.clone(),
+        user_id: "kim".into(),
+        workflow: "slow_topic".into(),
+        ts: chrono::Utc::now(),
+        command: mozaiks_events::Command::Cancel {
+            reason: "not needed".into(),
+        },
+    };
+    bus.send_command(&cancel, None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        bus.read_chat("default", &second, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The first child ends; the second starts and ends cancelled before any step; the third runs.
+    let _ = gate.send(true);
+    frames.extend(events_until(&mut ws, "run.completed").await);
+    assert_gapless(&frames, 1);
+    let completed = of_type(&frames, "child.completed");
+    let statuses: Vec<(&str, &str)> = completed
+        .iter()
+        .map(|f| {
+            (
+                f["data"]["child_chat_id"].as_str().unwrap(),
+                f["data"]["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(statuses.len(), 3, "{frames:#?}");
+    assert_eq!(
+        statuses.iter().find(|(id, _)| *id == second).map(|s| s.1),
+        Some("cancelled"),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|(_, s)| *s == "completed").count(),
+        2
+    );
+    let (log, _) = child_log(&bus, &second).await;
+    assert_gapless(&log, 1);
+    assert_eq!(
+        types(&log),
+        [
+            "session.started",
+            "message.user",
+            "run.started",
+            "run.cancelled"
+        ]
+    );
+    assert_eq!(log[3]["data"]["reason"], "not needed");
+    // Only the two children that ran called the tool.
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}

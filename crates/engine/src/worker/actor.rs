@@ -395,6 +395,15 @@ async fn take(sh: &Shared, owned: &mut Owned, job: Job, held: &mut Held) {
 pub(super) async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut Held) {
     let Job { cmd, ack, .. } = job;
     let kind = cmd.command.type_name();
+    // The session's start says whose chat it is, even if another command reached the chat first
+    // (and was loaded as its first).
+    if !owned.chat.started
+        && let Command::StartSession { parent_chat_id, .. } = &cmd.command
+    {
+        owned.parent_chat_id = parent_chat_id.clone();
+        owned.user_id = cmd.user_id.clone();
+        owned.workflow = cmd.workflow.clone();
+    }
     let Some(pack) = sh.catalog.get(&owned.workflow) else {
         warn!(workflow = %owned.workflow, "Command for a workflow this worker does not have; dropped.");
         metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "unknown_workflow")
