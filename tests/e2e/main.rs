@@ -13,5 +13,6 @@ mod gateway;
 mod jwks;
 mod keys;
 mod leases;
+mod limits;
 mod slice;
 mod storage;

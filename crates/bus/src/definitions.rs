@@ -92,6 +92,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         "kv/MZ_OWNERS.json",
         include_str!("../../../streams/kv/MZ_OWNERS.json"),
     ),
+    (
+        "kv/MZ_PRESENCE.json",
+        include_str!("../../../streams/kv/MZ_PRESENCE.json"),
+    ),
 ];
 
 impl Definitions {
@@ -314,7 +318,7 @@ mod tests {
         let d = Definitions::embedded().unwrap();
         assert_eq!(d.streams.len(), 5);
         assert_eq!(d.consumers.len(), 3);
-        assert_eq!(d.buckets.len(), 5);
+        assert_eq!(d.buckets.len(), 6);
         let evt = d.streams.iter().find(|s| s.name == "MZ_EVT").unwrap();
         assert_eq!(evt.duplicate_window, std::time::Duration::from_secs(120));
     }
@@ -329,7 +333,7 @@ mod tests {
             "a new file in streams/ must be embedded too"
         );
         assert_eq!(from_dir.consumers.len(), 3);
-        assert_eq!(from_dir.buckets.len(), 5);
+        assert_eq!(from_dir.buckets.len(), 6);
     }
 
     #[test]

@@ -223,6 +223,21 @@ impl Registry {
         out
     }
 
+    /// Like [`Registry::check_rate`] when `replicas` gateway replicas share the app's traffic:
+    /// this replica allows its share, `requests_per_minute / replicas` rounded up (at least 1),
+    /// so the fleet together allows about the app's limit.
+    pub fn check_rate_among(&self, app: &App, replicas: u32) -> Result<(), Duration> {
+        let rpm = self.effective_limits(app).requests_per_minute;
+        let share = rpm.div_ceil(replicas.max(1)).max(1);
+        let out = self
+            .limiter
+            .check(&app.app_id, share, std::time::Instant::now());
+        if out.is_err() {
+            ::metrics::counter!(metrics::RATE_LIMITED, "app_id" => app.app_id.clone()).increment(1);
+        }
+        out
+    }
+
     /// Creates the app if it does not exist, through the aggregate (idempotent; safe from many
     /// replicas at once). Every shipped workflow is allowed, and the tiers file's
     /// `default_app_limits` are its overrides.

@@ -55,7 +55,13 @@ impl From<mozaiks_control::Error> for ApiError {
 #[derive(Debug)]
 pub enum BrokerError {
     Api(ApiError),
-    RateLimited { retry_after_secs: u64 },
+    RateLimited {
+        retry_after_secs: u64,
+    },
+    /// The app's runs in progress across every worker reached `max_concurrent_runs`.
+    TooManyRuns {
+        limit: u32,
+    },
 }
 
 impl From<ApiError> for BrokerError {
@@ -91,6 +97,19 @@ impl IntoResponse for BrokerError {
                 .into_response();
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+                resp
+            }
+            BrokerError::TooManyRuns { limit } => {
+                let mut resp = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_runs",
+                    format!(
+                        "the app has {limit} runs in progress across the fleet, its max_concurrent_runs; retry when one ends"
+                    ),
+                )
+                .into_response();
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(2u64));
                 resp
             }
         }

@@ -37,6 +37,11 @@ pub async fn ready(St(state): St<State>) -> Response {
             "nats": word(nats),
             "mongo": word(mongo),
             "draining": draining,
+            // What this replica knows of the fleet (MZ_PRESENCE, MZ_PERF), for fleet-wide limits.
+            "fleet": {
+                "gateways": state.presence.live_gateways(),
+                "workers": state.presence.live_workers(),
+            },
         })),
     )
         .into_response()

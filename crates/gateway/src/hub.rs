@@ -275,6 +275,12 @@ impl Hub {
         conns.values().map(|a| u64::from(a.total)).sum()
     }
 
+    /// Open sockets per app on this replica (published fleet-wide by [`crate::presence`]).
+    pub fn per_app(&self) -> Vec<(String, u32)> {
+        let conns = self.0.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.iter().map(|(a, c)| (a.clone(), c.total)).collect()
+    }
+
     /// Chats with a live subscription on this replica.
     pub fn feeds(&self) -> usize {
         let feeds = self.0.feeds.lock().unwrap_or_else(|p| p.into_inner());

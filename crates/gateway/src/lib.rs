@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod notify;
 pub mod openapi;
 pub mod ops;
+pub mod presence;
 pub mod sessions;
 pub mod storage;
 pub mod ws;
@@ -80,6 +81,8 @@ pub struct Inner {
     pub hub: hub::Hub,
     /// API keys of app back-ends (a watched copy of `MZ_KEYS`).
     pub keys: mozaiks_control::keys::ApiKeys,
+    /// The other replicas' sockets and the workers' runs, for fleet-wide limits.
+    pub presence: presence::Presence,
 }
 
 impl std::ops::Deref for State {
@@ -133,6 +136,7 @@ impl Gateway {
         let keys = mozaiks_control::keys::ApiKeys::open(&parts.bus)
             .await
             .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
+        let presence = presence::Presence::start(&parts.bus, hub.clone(), shutdown.clone()).await?;
         let state = State(Arc::new(Inner {
             bus: parts.bus,
             store: parts.store,
@@ -145,6 +149,7 @@ impl Gateway {
             shutdown,
             hub,
             keys,
+            presence,
         }));
         Ok(Gateway { state, shutdown_tx })
     }

@@ -6,6 +6,7 @@ pub const FRAMES_OUT: &str = "mozaiks_ws_frames_out_total";
 pub const WS_CLOSED: &str = "mozaiks_ws_closed_total";
 pub const REPLAYED: &str = "mozaiks_ws_replayed_events";
 pub const SESSIONS_STARTED: &str = "mozaiks_sessions_started_total";
+pub const SESSIONS_REFUSED_RUNS: &str = "mozaiks_sessions_refused_concurrent_runs_total";
 pub const SESSION_START_SECONDS: &str = "mozaiks_session_start_seconds";
 pub const HTTP_REQUESTS: &str = "mozaiks_http_requests_total";
 pub const RESUMES: &str = "mozaiks_ws_resumes_total";
@@ -86,6 +87,10 @@ pub fn describe() {
     metrics::describe_counter!(
         SESSIONS_STARTED,
         "Sessions started or resumed, by app_id and kind."
+    );
+    metrics::describe_counter!(
+        SESSIONS_REFUSED_RUNS,
+        "Session starts refused because the app's runs across every worker reached max_concurrent_runs, by app_id."
     );
     metrics::describe_histogram!(
         SESSION_START_SECONDS,

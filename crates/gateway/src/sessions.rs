@@ -147,8 +147,11 @@ pub async fn start(
         )
         .into());
     }
-    // The app's requests per minute, per replica (see mozaiks_control::ratelimit).
-    if let Err(wait) = state.registry.check_rate(&app) {
+    // The app's requests per minute, shared among the live gateway replicas (crate::presence).
+    if let Err(wait) = state
+        .registry
+        .check_rate_among(&app, state.presence.live_gateways())
+    {
         info!(app_id = %req.app_id, "Session start refused: requests_per_minute reached.");
         return Err(crate::apps::BrokerError::RateLimited {
             retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
@@ -177,6 +180,14 @@ pub async fn start(
         None => (ids::new_chat_id(), false, 0),
     };
     if !resumed {
+        // max_concurrent_runs across every worker (their MZ_PERF snapshots, crate::presence).
+        let limit = state.registry.effective_limits(&app).max_concurrent_runs;
+        if state.presence.active_runs(&req.app_id) >= limit {
+            info!(app_id = %req.app_id, limit, "Session start refused: max_concurrent_runs reached.");
+            metrics::counter!(m::SESSIONS_REFUSED_RUNS, "app_id" => req.app_id.clone())
+                .increment(1);
+            return Err(crate::apps::BrokerError::TooManyRuns { limit });
+        }
         let cmd = CommandEnvelope {
             v: 1,
             command_id: Uuid::now_v7(),

@@ -121,14 +121,17 @@ pub async fn upgrade(
         }
     }
     let (tx, rx) = mpsc::channel::<Utf8Bytes>(tuning.queue_frames);
+    // max_websockets is fleet-wide: the other replicas' last snapshots count (crate::presence).
+    let max_app = limits
+        .max_websockets
+        .unwrap_or(tuning.max_websockets_per_app);
+    let elsewhere = state.presence.other_sockets(&app_id);
     let admission = state
         .hub
         .admit(
             &app_id,
             &user_id,
-            limits
-                .max_websockets
-                .unwrap_or(tuning.max_websockets_per_app),
+            max_app.saturating_sub(elsewhere),
             limits
                 .max_websockets_per_user
                 .unwrap_or(tuning.max_websockets_per_user),
@@ -136,9 +139,11 @@ pub async fn upgrade(
         )
         .map_err(|r| {
             let (reason, message) = match r {
-                Refused::App(n) => (
+                Refused::App(_) => (
                     "app_limit",
-                    format!("the app has {n} WebSockets open on this replica, its limit"),
+                    format!(
+                        "the app has {max_app} WebSockets open across the fleet ({elsewhere} on other replicas), its limit"
+                    ),
                 ),
                 Refused::User(n) => (
                     "user_limit",
