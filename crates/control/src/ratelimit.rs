@@ -1,9 +1,11 @@
 //! Requests per minute per app: a token bucket per app, per replica.
 //!
-//! Each gateway replica keeps its own buckets, so with N replicas behind a load balancer an app
-//! may get up to N × its limit in the worst case. That is the accepted trade-off for a check that
-//! costs no network round trip; a fleet-wide limit would need a shared counter (e.g. a KV bucket
-//! with per-minute keys) on the hot path.
+//! Each gateway replica keeps its own buckets, with no network round trip on the hot path. To
+//! make the limit fleet-wide, the gateway gives each bucket the replica's share of the app's
+//! budget, `requests_per_minute / N` rounded up with N the live gateway replicas it sees in
+//! `MZ_PRESENCE` ([`crate::Registry::check_rate_among`]): with a load balancer that spreads
+//! requests evenly the fleet admits about the app's limit (at most N − 1 over, from rounding). A
+//! balancer that sends an app's traffic unevenly gives it less than its limit, never more.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -103,7 +103,7 @@ pub const OPERATIONS: &[Op] = &[
             "post",
             "/api/sessions",
             "sessions",
-            "Start or resume a session (the session broker): checks the app is active, the workflow allowlisted and the app's requests per minute; answers {chat_id, ws_url, runtime_token, expires_at, ...}. 201 new, 200 resumed (owner only).",
+            "Start or resume a session (the session broker): checks the app is active, the workflow allowlisted, the app's requests per minute shared among the live gateway replicas (429 rate_limited) and its runs in progress across every worker (429 too_many_runs, new sessions only); answers {chat_id, ws_url, runtime_token, expires_at, ...}. 201 new, 200 resumed (owner only).",
             Auth::UserOrKey,
             201,
             &[400, 401, 403, 404, 409, 422, 429, 503],
