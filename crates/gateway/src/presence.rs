@@ -75,14 +75,6 @@ pub struct Presence {
 }
 
 impl Presence {
-    /// A view that knows nothing of other replicas (for handler tests without a bus).
-    pub fn alone() -> Presence {
-        Presence {
-            me: "alone".into(),
-            seen: Arc::default(),
-        }
-    }
-
     /// Opens `MZ_PRESENCE` and `MZ_PERF`, publishes `hub`'s counts until `draining` turns true
     /// (then deletes the snapshot), and follows both buckets.
     pub async fn start(
