@@ -34,7 +34,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use mozaiks_bus::{Bus, ChatPosition};
 use mozaiks_events::{AgentDelta, DeltaMessage, Envelope, Event, Frame, codec};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -55,6 +55,9 @@ const RECOVER_MAX: u64 = 32;
 
 /// How often the hub looks at the NATS connection's connect counter.
 const RECONNECT_POLL: Duration = Duration::from_millis(100);
+
+/// Chats checked against the log at once after a reconnect (a replica may follow thousands).
+const RECOVER_CONCURRENCY: usize = 32;
 
 /// WebSocket settings of a replica. Per-app limits come from the app's [`mozaiks_control::Limits`];
 /// these are the defaults for limits an app leaves unset.
@@ -167,6 +170,8 @@ struct Inner {
     /// Bumped after each NATS reconnect, once the subscriptions are back on the server.
     reconnects: watch::Sender<u64>,
     watcher: JoinHandle<()>,
+    /// Bounds the log reads of the checks after a reconnect.
+    recovering: Arc<Semaphore>,
 }
 
 impl Drop for Inner {
@@ -262,6 +267,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             reconnects,
             watcher,
+            recovering: Arc::new(Semaphore::new(RECOVER_CONCURRENCY)),
         }))
     }
 
@@ -377,6 +383,7 @@ impl Hub {
                 chat_id: chat_id.to_string(),
                 events: tx.clone(),
                 deltas: deltas.clone(),
+                recovering: self.0.recovering.clone(),
             },
             sub,
             delta_sub,
@@ -414,9 +421,16 @@ async fn watch_reconnects(bus: Bus, reconnects: watch::Sender<u64>) {
         }
         // The client re-sends its subscriptions right after it reconnects; a flush is a round
         // trip behind them, so events stored after it reach the live subscriptions.
-        if let Err(e) = bus.client().flush().await {
-            debug!(error = %e, "Flush after a reconnect failed; trying again.");
-            continue;
+        match tokio::time::timeout(Duration::from_secs(5), bus.client().flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(error = %e, "Flush after a reconnect failed; trying again.");
+                continue;
+            }
+            Err(_) => {
+                debug!("Flush after a reconnect timed out; trying again.");
+                continue;
+            }
         }
         seen = now;
         metrics::counter!(m::NATS_RECONNECTS).increment(1);
@@ -435,6 +449,7 @@ struct FeedCtx {
     chat_id: String,
     events: broadcast::Sender<Arc<Live>>,
     deltas: broadcast::Sender<Arc<Delta>>,
+    recovering: Arc<Semaphore>,
 }
 
 async fn run_feed(
@@ -535,6 +550,7 @@ fn on_delta(ctx: &FeedCtx, msg: &async_nats::Message) {
 
 /// After a reconnect: hands the sockets what the chat's log got while the subscription was down.
 async fn recover(ctx: &FeedCtx, last: &mut ChatPosition) -> Result<(), mozaiks_bus::Error> {
+    let _permit = ctx.recovering.acquire().await;
     let Some((head, head_ss)) = ctx.bus.last_event(&ctx.app_id, &ctx.chat_id).await? else {
         metrics::counter!(m::RECONNECT_CHECKS, "outcome" => "current").increment(1);
         return Ok(());
