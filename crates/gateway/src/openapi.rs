@@ -344,7 +344,7 @@ pub const OPERATIONS: &[Op] = &[
             "get",
             "/ws/{workflow}/{app_id}/{chat_id}/{user_id}",
             "websocket",
-            "WebSocket upgrade: replays the chat's events after `after`, then streams live events. Frames server→client {id, seq, type, ts, data}; client→server user.message, input.response, cancel, ping. Close codes 1008 token expired, 1009 frame too large, 1012 draining, 1013 slow consumer.",
+            "WebSocket upgrade: replays the chat's events after `after`, then streams live events. Frames server→client {id, seq, type, ts, data}; ephemeral ones (error, pong, ack, resync, notification, and agent.delta token deltas while a model streams, merged for a slow client) carry seq null; client→server user.message, input.response, cancel, ping. Close codes 1008 token expired, 1009 frame too large, 1012 draining, 1013 slow consumer.",
             Auth::Runtime,
             101,
             &[401, 403],
