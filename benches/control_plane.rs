@@ -175,13 +175,15 @@ async fn main() -> anyhow::Result<()> {
     let auth = mozaiks_auth::Auth::new(mozaiks_auth::Config::hs256(SECRET, false))?;
     let root = auth.mint_user("root", "default", &["superadmin"], 3600)?;
 
-    // An app for the load, with a limit far above the rate.
+    // An app for the load, with limits far above the rate (runs pile up at 500 sessions/s, and
+    // max_concurrent_runs counts every worker's).
     let r = http
         .post(format!("{}/api/apps", gateways[0]))
         .bearer_auth(&root)
         .json(
             &json!({"app_id": "bench", "name": "Bench", "tier": "starter",
-                      "limits": {"requests_per_minute": 10_000_000}}),
+                      "limits": {"requests_per_minute": 10_000_000,
+                                 "max_concurrent_runs": 10_000_000}}),
         )
         .send()
         .await?;
@@ -248,7 +250,8 @@ async fn main() -> anyhow::Result<()> {
         async move {
             http.patch(format!("{gw}/api/apps/bench"))
                 .bearer_auth(&root)
-                .json(&json!({"limits": {"requests_per_minute": rpm}}))
+                .json(&json!({"limits": {"requests_per_minute": rpm,
+                                          "max_concurrent_runs": 10_000_000}}))
                 .send()
                 .await
         }
