@@ -368,8 +368,41 @@ async fn fleet() -> anyhow::Result<()> {
             pct(&l, 0.99),
             pct(&l, 1.0)
         );
+        ownership(&bus, label).await;
     }
     Ok(())
+}
+
+/// Prints how the workers shared chats so far (their `MZ_PERF` snapshots' `ownership`; zeros
+/// from a binary without ownership leases).
+async fn ownership(bus: &Bus, label: &str) {
+    let Ok(kv) = bus
+        .jetstream()
+        .get_key_value(bus.subjects().name("MZ_PERF"))
+        .await
+    else {
+        return;
+    };
+    let Ok(keys) = kv.keys().await else { return };
+    let keys: Vec<String> = keys.filter_map(|k| async move { k.ok() }).collect().await;
+    let mut total = mozaiks_engine::perf::Ownership::default();
+    for k in keys {
+        let Ok(Some(body)) = kv.get(&k).await else {
+            continue;
+        };
+        let Ok(snap) = serde_json::from_slice::<mozaiks_engine::perf::Snapshot>(&body) else {
+            continue;
+        };
+        let o = snap.ownership;
+        total.leases_acquired += o.leases_acquired;
+        total.leases_taken_over += o.leases_taken_over;
+        total.forwarded += o.forwarded;
+        total.conflicts += o.conflicts;
+    }
+    println!(
+        "{label}: since start: {} chat leases claimed, {} taken over, {} commands forwarded to their chat's owner, {} appends refused for a concurrent writer",
+        total.leases_acquired, total.leases_taken_over, total.forwarded, total.conflicts
+    );
 }
 
 fn main() -> anyhow::Result<()> {
