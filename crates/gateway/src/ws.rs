@@ -62,6 +62,9 @@ pub const CLOSE_TRY_AGAIN: u16 = 1013;
 /// How long queued frames may take to flush before a close frame.
 const FLUSH_BEFORE_CLOSE: Duration = Duration::from_millis(500);
 
+/// Queued frames written to a socket before one flush.
+const WRITE_BATCH: u64 = 64;
+
 /// How long a replay may wait for the next event of the log before giving up.
 const CATCH_UP_STALL: Duration = Duration::from_secs(10);
 
@@ -277,10 +280,19 @@ impl Conn {
                         }
                         out = rx.recv() => match out {
                             Some(text) => {
-                                if sink.send(Message::Text(text)).await.is_err() {
+                                // Write what is queued behind it too, then flush once: a burst
+                                // (a replay, a busy chat) costs a few writes, not one per frame.
+                                let mut frames = 1u64;
+                                let mut ok = sink.feed(Message::Text(text)).await.is_ok();
+                                while ok && frames < WRITE_BATCH {
+                                    let Ok(text) = rx.try_recv() else { break };
+                                    ok = sink.feed(Message::Text(text)).await.is_ok();
+                                    frames += 1;
+                                }
+                                if !ok || sink.flush().await.is_err() {
                                     break;
                                 }
-                                metrics::counter!(m::FRAMES_OUT).increment(1);
+                                metrics::counter!(m::FRAMES_OUT).increment(frames);
                             }
                             None => break,
                         },
