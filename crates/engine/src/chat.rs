@@ -22,12 +22,12 @@ use uuid::Uuid;
 
 #[cfg(test)]
 mod auto_tests;
+#[cfg(test)]
+mod cancel_tests;
 mod children;
 #[cfg(test)]
 mod children_tests;
 pub mod run;
-#[cfg(test)]
-mod cancel_tests;
 #[cfg(test)]
 mod tests;
 
