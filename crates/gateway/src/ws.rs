@@ -367,7 +367,9 @@ impl Conn {
                     }
                     match msg {
                         Some(Ok(Message::Text(text))) => {
-                            on_client_frame(&state, &claims, text.as_str(), &tx).await;
+                            // Boxed: the frame's future (a command publish) exists only while
+                            // it runs, so an idle socket's task stays small.
+                            Box::pin(on_client_frame(&state, &claims, text.as_str(), &tx)).await;
                         }
                         Some(Ok(Message::Binary(_))) => {
                             metrics::counter!(m::FRAMES_IN, "type" => "binary").increment(1);
@@ -466,7 +468,7 @@ async fn stream_chat(
         Stop::Log("event log unavailable; reconnect with after".into())
     };
     // Join the live feed before reading the head: every event stored later reaches `feed`.
-    let mut feed = match state.hub.follow(app_id, chat_id).await {
+    let mut feed = match Box::pin(state.hub.follow(app_id, chat_id)).await {
         Ok(f) => f,
         Err(e) => return unavailable(e),
     };
@@ -489,7 +491,7 @@ async fn stream_chat(
         );
         after_n = 0;
     }
-    let head = match state.bus.chat_position(app_id, chat_id).await {
+    let head = match Box::pin(state.bus.chat_position(app_id, chat_id)).await {
         Ok(p) => p,
         Err(e) => return unavailable(e),
     };
@@ -503,7 +505,7 @@ async fn stream_chat(
         );
         after_n = head.seq;
     }
-    let seek = match state.bus.seek_chat(app_id, chat_id, after_n, head).await {
+    let seek = match Box::pin(state.bus.seek_chat(app_id, chat_id, after_n, head)).await {
         Ok(s) => s,
         Err(e) => return unavailable(e),
     };
@@ -539,7 +541,8 @@ async fn stream_chat(
     };
     let mut deltas = Deltas::new(state.hub.tuning().delta_backlog);
     if seek.from_stream_seq != 0 {
-        match catch_up(
+        // Boxed like every rare step here: a live socket's task holds only what the live loop needs.
+        match Box::pin(catch_up(
             state,
             claims,
             seek.from_stream_seq,
@@ -547,7 +550,7 @@ async fn stream_chat(
             &mut cur,
             tx,
             &mut deltas,
-        )
+        ))
         .await
         {
             Ok(n) => metrics::histogram!(m::REPLAYED).record(n as f64),
@@ -588,13 +591,13 @@ async fn stream_chat(
             Err(RecvError::Lagged(n)) => {
                 debug!(missed = n, "Live feed lagged; catching up from the log.");
                 metrics::counter!(m::GAP_FETCHES).increment(1);
-                let head = match state.bus.chat_position(app_id, chat_id).await {
+                let head = match Box::pin(state.bus.chat_position(app_id, chat_id)).await {
                     Ok(h) => h,
                     Err(e) => return unavailable(e),
                 };
                 if head.seq > cur.seq
                     && let Err(stop) =
-                        fill_gap(state, claims, &mut cur, head, tx, &mut deltas).await
+                        Box::pin(fill_gap(state, claims, &mut cur, head, tx, &mut deltas)).await
                 {
                     return stop;
                 }
@@ -613,7 +616,9 @@ async fn stream_chat(
                 seq: live.seq,
                 stream_seq: live.stream_seq,
             };
-            if let Err(stop) = fill_gap(state, claims, &mut cur, head, tx, &mut deltas).await {
+            if let Err(stop) =
+                Box::pin(fill_gap(state, claims, &mut cur, head, tx, &mut deltas)).await
+            {
                 return stop;
             }
             continue;
