@@ -75,23 +75,7 @@ impl Store {
         let mut out = Archived::default();
         let archived_at = Utc::now();
         for s in sessions {
-            let messages: Vec<MessageDoc> = db
-                .collection::<MessageDoc>(MESSAGES)
-                .find(doc! { "app_id": app_id, "chat_id": &s.chat_id })
-                .sort(doc! { "seq": 1 })
-                .await?
-                .try_collect()
-                .await?;
-            let line = json!({
-                "archived_at": archived_at,
-                "reason": "retention",
-                "session": session_json(&s),
-                "messages": messages.iter().map(message_json).collect::<Vec<_>>(),
-            });
-            let file = dir
-                .join(app_id)
-                .join(format!("{}.jsonl", s.updated_at.format("%Y-%m-%d")));
-            append_line(&file, &line).await?;
+            let (file, _) = archive_session(&db, dir, app_id, &s, "retention", archived_at).await?;
             if !out.files.contains(&file) {
                 out.files.push(file);
             }
@@ -155,23 +139,8 @@ impl Store {
         let archived_at = Utc::now();
         let full = sessions.len() as i64 >= max;
         for s in sessions {
-            let messages: Vec<MessageDoc> = db
-                .collection::<MessageDoc>(MESSAGES)
-                .find(doc! { "app_id": app_id, "chat_id": &s.chat_id })
-                .sort(doc! { "seq": 1 })
-                .await?
-                .try_collect()
-                .await?;
-            let line = json!({
-                "archived_at": archived_at,
-                "reason": "app_deleted",
-                "session": session_json(&s),
-                "messages": messages.iter().map(message_json).collect::<Vec<_>>(),
-            });
-            let file = dir
-                .join(app_id)
-                .join(format!("{}.jsonl", s.updated_at.format("%Y-%m-%d")));
-            append_line(&file, &line).await?;
+            let (_, top) =
+                archive_session(&db, dir, app_id, &s, "app_deleted", archived_at).await?;
             // Only what was archived: a session a late event moved on stays for the next call.
             let gone = db
                 .collection::<SessionDoc>(SESSIONS)
@@ -182,7 +151,6 @@ impl Store {
                 .deleted_count;
             if gone == 1 {
                 out.sessions += 1;
-                let top = messages.last().map(|m| m.seq).unwrap_or(0);
                 out.messages += db
                     .collection::<MessageDoc>(MESSAGES)
                     .delete_many(
@@ -248,6 +216,36 @@ impl Store {
         }
         Ok(removed)
     }
+}
+
+/// Appends one session of `db` with its transcript, as one JSON line, to the app's archive file
+/// of the session's last day; returns the file and the last message seq archived (0: none).
+async fn archive_session(
+    db: &mongodb::Database,
+    dir: &Path,
+    app_id: &str,
+    s: &SessionDoc,
+    reason: &str,
+    archived_at: DateTime<Utc>,
+) -> Result<(PathBuf, i64), Error> {
+    let messages: Vec<MessageDoc> = db
+        .collection::<MessageDoc>(MESSAGES)
+        .find(doc! { "app_id": app_id, "chat_id": &s.chat_id })
+        .sort(doc! { "seq": 1 })
+        .await?
+        .try_collect()
+        .await?;
+    let line = json!({
+        "archived_at": archived_at,
+        "reason": reason,
+        "session": session_json(s),
+        "messages": messages.iter().map(message_json).collect::<Vec<_>>(),
+    });
+    let file = dir
+        .join(app_id)
+        .join(format!("{}.jsonl", s.updated_at.format("%Y-%m-%d")));
+    append_line(&file, &line).await?;
+    Ok((file, messages.last().map(|m| m.seq).unwrap_or(0)))
 }
 
 async fn append_line(file: &Path, line: &Value) -> Result<(), Error> {
