@@ -69,6 +69,35 @@ fn field<'a>(frame: &'a str, key: &str) -> Option<&'a str> {
     Some(&rest[..rest.find(',').unwrap_or(rest.len())])
 }
 
+/// CPU time (user + system) a process has used, in seconds (`/proc/{pid}/stat`; "self" too).
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at its closing parenthesis.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after the name.
+    (f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0)) as f64 / 100.0
+}
+
+/// The machine's busy and total CPU time so far, in seconds (`/proc/stat`).
+fn machine_secs() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let total: f64 = f.iter().sum();
+    let idle = f.get(3).unwrap_or(&0.0) + f.get(4).unwrap_or(&0.0);
+    ((total - idle) / 100.0, total / 100.0)
+}
+
 /// `perf record` of a process for `secs` seconds into `out` (call graphs), when `WSLOAD_PERF`
 /// names an output prefix; `perf report -i <out>` shows where the gateway's CPU goes.
 fn profile(pid: u32, secs: u64, out: &str) -> Option<Child> {
@@ -298,6 +327,13 @@ async fn main() {
             &format!("{p}-fanout.data"),
         )
     });
+    let cpu_before: Vec<f64> = gws
+        .iter()
+        .map(|g| cpu_secs(&g.child.id().to_string()))
+        .chain([cpu_secs("self")])
+        .collect();
+    let (busy_before, total_before) = machine_secs();
+    let fanout_started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     for i in 0..events {
         tick.tick().await;
@@ -313,6 +349,23 @@ async fn main() {
     for r in readers {
         sockets.push(r.await.unwrap());
     }
+    let fanout_secs = fanout_started.elapsed().as_secs_f64();
+    let (busy_after, total_after) = machine_secs();
+    let cpu: Vec<f64> = gws
+        .iter()
+        .map(|g| cpu_secs(&g.child.id().to_string()))
+        .chain([cpu_secs("self")])
+        .zip(&cpu_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    println!(
+        "CPU during the fan-out ({fanout_secs:.1} s): machine {:.0}% busy ({} cores); cores used: gateway 1 {:.2}, gateway 2 {:.2}, load generator (clients + publisher) {:.2}",
+        100.0 * (busy_after - busy_before) / (total_after - total_before).max(0.01),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu[0] / fanout_secs,
+        cpu[1] / fanout_secs,
+        cpu[2] / fanout_secs,
+    );
     if let Some(p) = perf.as_mut() {
         let _ = p.wait();
     }
