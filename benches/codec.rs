@@ -62,6 +62,7 @@ fn cases() -> Vec<(&'static str, Envelope)> {
                     prompt_tokens: 412,
                     completion_tokens: 57,
                     total_tokens: 469,
+                    purpose: None,
                 }),
             ),
         ),

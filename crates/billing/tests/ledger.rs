@@ -28,6 +28,7 @@ fn charge(app: &str, run_id: Uuid, prompt: u64, completion: u64) -> Envelope {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: prompt + completion,
+            purpose: None,
         }),
     }
 }

@@ -83,6 +83,7 @@ mod tests {
                 prompt_tokens: 10,
                 completion_tokens: 5,
                 total_tokens: 15,
+                purpose: None,
             }),
         ] {
             let env = sample(event);

@@ -225,6 +225,10 @@ pub struct UsageCharged {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Why the model was called when it was not `agent`'s own turn: `speaker_selection` (the
+    /// `auto` pattern asking who speaks after `agent`). Absent for an agent's turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
 }
 
 /// An agent's turn ended.

@@ -100,6 +100,15 @@ fn auto_asks_the_model_who_speaks_next_and_charges_the_call_once() {
     );
     // the selector's reply is not an agent's speech
     assert_eq!(count(&events, "agent.message"), 2);
+    // billing can tell the selector's tokens from the agents' turns
+    let purposes: Vec<Option<&str>> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::UsageCharged(u) => Some(u.purpose.as_deref()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(purposes, [None, Some("speaker_selection"), None]);
 }
 
 #[test]

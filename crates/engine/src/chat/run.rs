@@ -364,6 +364,7 @@ impl Chat {
                 prompt_tokens: sel.prompt_tokens,
                 completion_tokens: sel.completion_tokens,
                 total_tokens: sel.prompt_tokens + sel.completion_tokens,
+                purpose: Some("speaker_selection".into()),
             })]);
         }
         if let Some(name) = named_agent(pack, &sel.text) {
@@ -481,6 +482,7 @@ fn derived_events(
             prompt_tokens: round.prompt_tokens,
             completion_tokens: round.completion_tokens,
             total_tokens: round.prompt_tokens + round.completion_tokens,
+            purpose: None,
         }));
     }
     for c in round.calls.iter().filter(|c| !c.called) {

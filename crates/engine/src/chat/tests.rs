@@ -489,6 +489,7 @@ fn a_log_from_before_model_replied_still_completes() {
             prompt_tokens: 1,
             completion_tokens: 1,
             total_tokens: 2,
+            purpose: None,
         }),
     ]);
     let events = drive(given(&log), &p);
