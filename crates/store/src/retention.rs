@@ -60,18 +60,7 @@ impl Store {
         let db = self.resolve_storage(app_id).await?;
         let old =
             doc! { "app_id": app_id, "updated_at": { "$lt": bson::DateTime::from_chrono(cutoff) } };
-        let sessions: Vec<SessionDoc> = db
-            .collection::<SessionDoc>(SESSIONS)
-            .find(old)
-            .with_options(
-                FindOptions::builder()
-                    .sort(doc! { "updated_at": 1 })
-                    .limit(max)
-                    .build(),
-            )
-            .await?
-            .try_collect()
-            .await?;
+        let sessions = oldest_sessions(&db, old, max).await?;
         let mut out = Archived::default();
         let archived_at = Utc::now();
         for s in sessions {
@@ -123,18 +112,7 @@ impl Store {
         max: i64,
     ) -> Result<AppArchived, Error> {
         let db = self.resolve_storage(app_id).await?;
-        let sessions: Vec<SessionDoc> = db
-            .collection::<SessionDoc>(SESSIONS)
-            .find(doc! { "app_id": app_id })
-            .with_options(
-                FindOptions::builder()
-                    .sort(doc! { "updated_at": 1 })
-                    .limit(max)
-                    .build(),
-            )
-            .await?
-            .try_collect()
-            .await?;
+        let sessions = oldest_sessions(&db, doc! { "app_id": app_id }, max).await?;
         let mut out = AppArchived::default();
         let archived_at = Utc::now();
         let full = sessions.len() as i64 >= max;
@@ -216,6 +194,27 @@ impl Store {
         }
         Ok(removed)
     }
+}
+
+/// At most `max` sessions of `db` matching `filter` (which carries `app_id`), least recently
+/// updated first.
+async fn oldest_sessions(
+    db: &mongodb::Database,
+    filter: bson::Document,
+    max: i64,
+) -> Result<Vec<SessionDoc>, Error> {
+    Ok(db
+        .collection::<SessionDoc>(SESSIONS)
+        .find(filter)
+        .with_options(
+            FindOptions::builder()
+                .sort(doc! { "updated_at": 1 })
+                .limit(max)
+                .build(),
+        )
+        .await?
+        .try_collect()
+        .await?)
 }
 
 /// Appends one session of `db` with its transcript, as one JSON line, to the app's archive file
