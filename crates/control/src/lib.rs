@@ -210,22 +210,10 @@ impl Registry {
         self.tiers.resolve_runtime(app)
     }
 
-    /// Takes one of the app's requests-per-minute tokens on this replica, or says how long to
-    /// wait (see [`ratelimit`]).
-    pub fn check_rate(&self, app: &App) -> Result<(), Duration> {
-        let rpm = self.effective_limits(app).requests_per_minute;
-        let out = self
-            .limiter
-            .check(&app.app_id, rpm, std::time::Instant::now());
-        if out.is_err() {
-            ::metrics::counter!(metrics::RATE_LIMITED, "app_id" => app.app_id.clone()).increment(1);
-        }
-        out
-    }
-
-    /// Like [`Registry::check_rate`] when `replicas` gateway replicas share the app's traffic:
+    /// Checks the app's `requests_per_minute` when `replicas` gateway replicas share its traffic:
     /// this replica allows its share, `requests_per_minute / replicas` rounded up (at least 1),
-    /// so the fleet together allows about the app's limit.
+    /// so the fleet together allows about the app's limit. `Err` says how long to wait (see
+    /// [`ratelimit`]).
     pub fn check_rate_among(&self, app: &App, replicas: u32) -> Result<(), Duration> {
         let rpm = self.effective_limits(app).requests_per_minute;
         let share = rpm.div_ceil(replicas.max(1)).max(1);
