@@ -14,12 +14,15 @@
 //! `BENCH_SECS` (10), `BENCH_ROUNDS` (20) propagation rounds, each polled for at most 5 s.
 //! Without `--bench` (`cargo test --benches`) it runs a short smoke version.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use common::{binary, free_port};
 use mozaiks_testkit::TestServers;
 use serde_json::json;
 
@@ -34,47 +37,22 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn binary() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("MOZAIKS_BIN") {
-        return Ok(p.into());
-    }
-    if let Some(p) = option_env!("CARGO_BIN_EXE_mozaiks") {
-        return Ok(p.into());
-    }
-    bail!("no mozaiks binary: set MOZAIKS_BIN")
-}
-
 fn spawn(
-    bin: &PathBuf,
+    bin: &Path,
     servers: &TestServers,
     role: &str,
     port: Option<u16>,
     log: &PathBuf,
 ) -> anyhow::Result<Proc> {
     let out = std::fs::File::create(log)?;
-    let mut cmd = Command::new(bin);
+    let mut cmd = common::mozaiks(bin, servers);
     cmd.arg(role)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("NATS_URL", &servers.nats_url)
-        .env("MONGO_URI", &servers.mongo_uri)
-        .env("MOZAIKS_MONGO_DB", &servers.mongo_db)
-        .env("MOZAIKS_NAMESPACE", &servers.namespace)
         .env("JWT_SECRET", SECRET)
         .env(
             "MOZAIKS_WORKFLOWS_DIR",
             concat!(env!("CARGO_MANIFEST_DIR"), "/workflows"),
         )
         .env("MOZAIKS_RETENTION", "off")
-        .env("LOG_LEVEL", "warn")
         .stdout(Stdio::from(out.try_clone()?))
         .stderr(Stdio::from(out));
     if let Some(p) = port {

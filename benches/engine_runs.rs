@@ -17,13 +17,16 @@
 //! latency runs, each case at most `BENCH_MAX_SECS` seconds (default 30). Without `--bench`
 //! (e.g. `cargo test --benches`) it does a few runs of each as a smoke test.
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use chrono::Utc;
+use common::{binary, free_port, manifest_dir};
 use futures::StreamExt;
 use mozaiks_bus::Bus;
 use mozaiks_engine::chat::{Chat, Next};
@@ -42,10 +45,6 @@ agents:
   - {name: b, offline: {reply: 'b: {input}'}, handoff: {after_work: c}}
   - {name: c, offline: {reply: 'c: {input}'}}
 ";
-
-fn manifest_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn bench_mode() -> bool {
     std::env::args().any(|a| a == "--bench")
@@ -143,41 +142,15 @@ impl Drop for Procs {
     }
 }
 
-fn binary() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("MOZAIKS_BIN")
-        && !p.is_empty()
-    {
-        return Ok(PathBuf::from(p));
-    }
-    [
-        option_env!("CARGO_BIN_EXE_mozaiks").map(PathBuf::from),
-        Some(manifest_dir().join("target/release/mozaiks")),
-        Some(manifest_dir().join("target/debug/mozaiks")),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.is_file())
-    .context("no mozaiks binary: set MOZAIKS_BIN or cargo build --release")
-}
-
 fn spawn(procs: &mut Procs, servers: &TestServers, role: &str) -> anyhow::Result<()> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = free_port();
     let log = std::fs::File::create(procs.1.join(format!("{role}-{}.log", procs.0.len())))?;
-    let child = Command::new(binary()?)
+    let child = common::mozaiks(&binary()?, servers)
         .arg(role)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("NATS_URL", &servers.nats_url)
-        .env("MONGO_URI", &servers.mongo_uri)
-        .env("MOZAIKS_MONGO_DB", &servers.mongo_db)
-        .env("MOZAIKS_NAMESPACE", &servers.namespace)
         .env("MOZAIKS_DEV", "1")
         .env("MOZAIKS_WORKFLOWS_DIR", procs.1.join("workflows"))
         .env("MOZAIKS_LISTEN", format!("127.0.0.1:{port}"))
         .env("MAX_CONCURRENT_WORKFLOWS", "200")
-        .env("LOG_LEVEL", "warn")
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;

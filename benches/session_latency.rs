@@ -12,6 +12,8 @@
 //! per workflow (default 30). Without `--bench` (e.g. `cargo test --benches`) it does 3 runs per
 //! workflow as a smoke test.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use chrono::{DateTime, Utc};
+use common::{binary, free_port, manifest_dir};
 use futures::StreamExt;
 use mozaiks_testkit::TestServers;
 use serde_json::{Value, json};
@@ -56,39 +59,6 @@ impl Drop for ChildGuard {
     }
 }
 
-fn manifest_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `MOZAIKS_BIN`, else the binary Cargo built alongside this bench (`CARGO_BIN_EXE_mozaiks`),
-/// else `mozaiks` next to this bench's profile dir (`target/release/deps/..`), else
-/// `<manifest>/target/release/mozaiks`, else `<manifest>/target/debug/mozaiks`.
-fn find_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("MOZAIKS_BIN")
-        && !p.is_empty()
-    {
-        let p = PathBuf::from(p);
-        ensure!(p.is_file(), "MOZAIKS_BIN={} is not a file", p.display());
-        return Ok(p);
-    }
-    let mut candidates = Vec::new();
-    // Cargo builds the package's binaries for its benches (bench profile) and says where.
-    if let Some(p) = option_env!("CARGO_BIN_EXE_mozaiks") {
-        candidates.push(PathBuf::from(p));
-    }
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(profile_dir) = exe.parent().and_then(Path::parent)
-    {
-        candidates.push(profile_dir.join("mozaiks"));
-    }
-    candidates.push(manifest_dir().join("target/release/mozaiks"));
-    candidates.push(manifest_dir().join("target/debug/mozaiks"));
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .context("no mozaiks binary: run `cargo build --release --bin mozaiks` or set MOZAIKS_BIN")
-}
-
 fn profile_of(bin: &Path) -> &'static str {
     let parent = bin.parent().and_then(Path::file_name);
     match parent.and_then(|n| n.to_str()) {
@@ -99,24 +69,11 @@ fn profile_of(bin: &Path) -> &'static str {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// A `mozaiks` command with a clean environment pointing at the test servers.
+/// A `mozaiks` command for the test servers, in development mode, with the shipped packs.
 fn mozaiks(bin: &Path, servers: &TestServers) -> Command {
-    let mut cmd = Command::new(bin);
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("NATS_URL", &servers.nats_url)
-        .env("MONGO_URI", &servers.mongo_uri)
-        .env("MOZAIKS_MONGO_DB", &servers.mongo_db)
-        .env("MOZAIKS_NAMESPACE", &servers.namespace)
-        .env("MOZAIKS_DEV", "1")
-        .env("MOZAIKS_WORKFLOWS_DIR", manifest_dir().join("workflows"))
-        .env("LOG_LEVEL", "warn");
+    let mut cmd = common::mozaiks(bin, servers);
+    cmd.env("MOZAIKS_DEV", "1")
+        .env("MOZAIKS_WORKFLOWS_DIR", manifest_dir().join("workflows"));
     cmd
 }
 
@@ -417,7 +374,7 @@ async fn run() -> anyhow::Result<()> {
     };
     let max_time = Duration::from_secs(env_num("BENCH_MAX_SECS", 30)?);
 
-    let bin = match find_binary() {
+    let bin = match binary() {
         Ok(bin) => bin,
         Err(e) if !bench_mode => {
             println!("session_latency: skipped ({e:#})");
@@ -428,7 +385,7 @@ async fn run() -> anyhow::Result<()> {
     println!("binary: {} [{}]", bin.display(), profile_of(&bin));
 
     let servers = TestServers::start().await.context("start test servers")?;
-    let port = free_port()?;
+    let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let log = std::env::temp_dir().join(format!("mozaiks-bench-{}.log", servers.namespace));
     let out = std::fs::File::create(&log)?;

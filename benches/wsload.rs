@@ -7,10 +7,13 @@
 //! (`ulimit -n` ≥ 20,000 here). `WSLOAD_EVENTS` (default 300) events are published at
 //! `WSLOAD_RATE` per second (default 100) across 10 chats.
 
+mod common;
+
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{binary, free_port};
 use futures::StreamExt;
 use mozaiks_bus::Bus;
 use mozaiks_events::{AgentMessage, Envelope, Event};
@@ -25,14 +28,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -127,20 +122,14 @@ impl Drop for Gw {
 
 fn spawn_gateway(servers: &mozaiks_testkit::TestServers) -> Gw {
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_mozaiks"))
+    let bin = binary().expect("the mozaiks binary");
+    let child = common::mozaiks(&bin, servers)
         .arg("gateway")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("NATS_URL", &servers.nats_url)
-        .env("MONGO_URI", &servers.mongo_uri)
-        .env("MOZAIKS_MONGO_DB", &servers.mongo_db)
-        .env("MOZAIKS_NAMESPACE", &servers.namespace)
         .env("JWT_SECRET", SECRET)
         .env(
             "MOZAIKS_WORKFLOWS_DIR",
             concat!(env!("CARGO_MANIFEST_DIR"), "/workflows"),
         )
-        .env("LOG_LEVEL", "warn")
         .env("MOZAIKS_LISTEN", format!("127.0.0.1:{port}"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
