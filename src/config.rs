@@ -46,6 +46,11 @@ pub struct Global {
     /// Replicas of every stream and bucket, overriding the definitions (3 on a NATS cluster).
     #[arg(long, env = "MOZAIKS_STREAM_REPLICAS", global = true)]
     pub stream_replicas: Option<usize>,
+    /// Address of the health and metrics listener of a process without a gateway (worker,
+    /// projector, billing): `/health/live`, `/health/ready`, `/metrics`. Off when unset; a
+    /// gateway serves these on its own port.
+    #[arg(long, env = "MOZAIKS_HEALTH_LISTEN", global = true)]
+    pub health_listen: Option<SocketAddr>,
     /// HS256 secret of user and runtime tokens (at least 32 bytes unless --dev).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true, global = true)]
     pub jwt_secret: Option<String>,

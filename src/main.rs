@@ -2,6 +2,7 @@
 //! metrics, wires the roles and shuts them down on SIGTERM; the roles live in `crates/`.
 
 mod config;
+mod health;
 mod roles;
 
 use clap::{Parser, Subcommand};

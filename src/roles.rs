@@ -165,6 +165,24 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
     } else {
         None
     };
+    // Listen before anything starts: a second instance on a busy port fails here, before it
+    // joins the fleet (no presence snapshot, no consumer, nothing to undo).
+    let listener = match (&gw, roles.gateway) {
+        (Some(args), true) => Some(
+            tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.listen))?,
+        ),
+        _ => None,
+    };
+    let health_listener = match g.health_listen.filter(|_| !roles.gateway) {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (MOZAIKS_HEALTH_LISTEN)"))?,
+        ),
+        None => None,
+    };
 
     let bus = Bus::connect(
         &g.nats_url,
@@ -184,6 +202,17 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
     bus.apply(&defs)
         .await
         .context("applying stream definitions")?;
+    // Re-applies the definitions whenever the server lost some (a restarted nats-server).
+    let (keeper_stop, keeper_stopped) = tokio::sync::oneshot::channel::<()>();
+    let keeper = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            bus.keep_definitions(async {
+                let _ = keeper_stopped.await;
+            })
+            .await
+        })
+    };
 
     let needs_store = roles.gateway || roles.projector || roles.billing;
     let needs_catalog = roles.gateway || roles.worker;
@@ -303,9 +332,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
             },
         )
         .await?;
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let listener = listener.context("gateway listener")?;
         let s = stopped();
         tasks.spawn(async move {
             gateway
@@ -313,6 +340,20 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
                 .await
                 .map_err(anyhow::Error::from)
                 .context("gateway")
+        });
+    }
+
+    if let Some(listener) = health_listener {
+        let app = crate::health::router(bus.clone(), store.clone(), prometheus.clone());
+        let mut s = Box::pin(stopped());
+        info!(addr = %listener.local_addr()?, "Health and metrics listener started.");
+        tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                (&mut s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::warn!(error = %e, "Health listener failed.");
+            }
         });
     }
 
@@ -351,7 +392,11 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
             }
         }
     }
-    bus.client().flush().await.ok();
+    let _ = keeper_stop.send(());
+    let _ = keeper.await;
+    // What is still buffered goes out if the server answers; a server that is gone does not hold
+    // the process up.
+    let _ = tokio::time::timeout(Duration::from_secs(2), bus.client().flush()).await;
     match failed {
         Some(e) => Err(e),
         None => {

@@ -14,5 +14,6 @@ mod jwks;
 mod keys;
 mod leases;
 mod limits;
+mod reliability;
 mod slice;
 mod storage;

@@ -60,6 +60,7 @@ const EMBEDDED: &[(&str, &str)] = &[
     ),
     ("MZ_OPS.json", include_str!("../../../streams/MZ_OPS.json")),
     ("MZ_CTL.json", include_str!("../../../streams/MZ_CTL.json")),
+    ("MZ_DLQ.json", include_str!("../../../streams/MZ_DLQ.json")),
     (
         "consumers/workers.json",
         include_str!("../../../streams/consumers/workers.json"),
@@ -189,6 +190,7 @@ impl Bus {
     /// Creates or updates every stream, consumer and bucket. Safe to run concurrently from many
     /// replicas and on every start.
     pub async fn apply(&self, defs: &Definitions) -> Result<(), Error> {
+        self.remember(defs);
         let s = self.subjects();
         for cfg in &defs.streams {
             let mut cfg = cfg.clone();
@@ -316,7 +318,7 @@ mod tests {
     #[test]
     fn embedded_definitions_parse() {
         let d = Definitions::embedded().unwrap();
-        assert_eq!(d.streams.len(), 5);
+        assert_eq!(d.streams.len(), 6);
         assert_eq!(d.consumers.len(), 3);
         assert_eq!(d.buckets.len(), 6);
         let evt = d.streams.iter().find(|s| s.name == "MZ_EVT").unwrap();
@@ -329,7 +331,7 @@ mod tests {
         let from_dir = Definitions::load_dir(&dir).unwrap();
         assert_eq!(
             from_dir.streams.len(),
-            5,
+            6,
             "a new file in streams/ must be embedded too"
         );
         assert_eq!(from_dir.consumers.len(), 3);

@@ -5,7 +5,10 @@
 //! with optimistic concurrency ([`Bus::append`]), sends commands, and reads a chat's log back.
 
 mod batch;
+pub mod commands;
 pub mod definitions;
+mod follow;
+pub mod keeper;
 mod log;
 pub mod metrics;
 mod replay;
@@ -14,6 +17,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 pub use batch::{BATCH, ChatEvents, STREAM_ABOVE};
+pub use keeper::Readiness;
 pub use log::{Appended, ChatPosition, Seek};
 use mozaiks_events::subjects::Subjects;
 pub use replay::ReplayBatch;
@@ -46,6 +50,7 @@ pub struct Bus {
     client: async_nats::Client,
     js: jetstream::Context,
     subjects: Subjects,
+    shared: std::sync::Arc<keeper::Shared>,
 }
 
 impl Bus {
@@ -80,6 +85,7 @@ impl Bus {
             client,
             js,
             subjects: Subjects::new(namespace),
+            shared: Default::default(),
         })
     }
 

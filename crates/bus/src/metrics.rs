@@ -5,8 +5,18 @@ pub const APPEND_CONFLICTS: &str = "mozaiks_bus_append_conflicts_total";
 pub const APPEND_SECONDS: &str = "mozaiks_bus_append_seconds";
 pub const COMMANDS_SENT: &str = "mozaiks_bus_commands_sent_total";
 pub const BATCH_GETS: &str = "mozaiks_bus_batch_gets_total";
+pub const DEAD_LETTERS: &str = "mozaiks_bus_dead_letters_total";
+pub const DEFINITIONS_HEALED: &str = "mozaiks_bus_definitions_healed_total";
 
 pub fn describe() {
+    metrics::describe_counter!(
+        DEAD_LETTERS,
+        "Commands that can never apply, moved to MZ_DLQ."
+    );
+    metrics::describe_counter!(
+        DEFINITIONS_HEALED,
+        "Times streams, consumers or buckets were found missing on the server and applied again."
+    );
     metrics::describe_counter!(APPENDS, "Events appended to chat logs.");
     metrics::describe_counter!(
         APPEND_CONFLICTS,

@@ -183,15 +183,10 @@ impl ApiKeys {
                 .await
                 .map_err(|_| unavailable("API keys did not load within 10 s"))??;
         }
-        let follower = keys.clone();
+        let (follower, bus) = (keys.clone(), bus.clone());
         tokio::spawn(async move {
-            while let Some(entry) = watch.next().await {
-                match entry {
-                    Ok(e) => follower.observe(e),
-                    Err(e) => warn!(error = %e, "API key watch error."),
-                }
-            }
-            warn!("API key watch ended.");
+            bus.follow_bucket("MZ_KEYS", Some(watch), |e| follower.observe(e))
+                .await
         });
         Ok(keys)
     }

@@ -128,13 +128,9 @@ impl Registry {
         }
         let follower = reg.clone();
         tokio::spawn(async move {
-            while let Some(entry) = watch.next().await {
-                match entry {
-                    Ok(e) => follower.observe(e),
-                    Err(e) => warn!(error = %e, "App registry watch error."),
-                }
-            }
-            warn!("App registry watch ended.");
+            let bus = follower.bus.clone();
+            bus.follow_bucket("MZ_APPS", Some(watch), |e| follower.observe(e))
+                .await
         });
         let reconciler = reg.clone();
         tokio::spawn(async move {

@@ -415,9 +415,11 @@ impl Chat {
                 }
             }
             Event::InputReceived(i) => {
-                let is_call = self.call_mut(&i.request_id).is_some();
+                let run_id = self.run.as_ref().map(|r| r.run_id).unwrap_or_default();
+                let call_id = run::ask_user_call_id(run_id, &i.request_id).to_string();
+                let is_call = self.call_mut(&call_id).is_some();
                 if is_call {
-                    if let Some(c) = self.call_mut(&i.request_id) {
+                    if let Some(c) = self.call_mut(&call_id) {
                         c.answer = Some(i.text.clone());
                     }
                 } else if let Some(run) = self.run.as_mut() {

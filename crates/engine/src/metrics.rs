@@ -16,10 +16,20 @@ pub const LEASES_HELD: &str = "mozaiks_worker_chat_leases_held";
 pub const FORWARDED: &str = "mozaiks_worker_commands_forwarded_total";
 pub const FORWARDS_RECEIVED: &str = "mozaiks_worker_forwarded_commands_received_total";
 pub const RUN_TIMEOUTS: &str = "mozaiks_worker_run_timeouts_total";
+pub const COMMAND_ORDER: &str = "mozaiks_worker_command_order_total";
+pub const CONSUMER_ERRORS: &str = "mozaiks_worker_consumer_errors_total";
 pub const DELTAS_PUBLISHED: &str = "mozaiks_worker_deltas_published_total";
 
 pub fn describe() {
     metrics::describe_counter!(COMMANDS, "Commands handled, by type and outcome.");
+    metrics::describe_counter!(
+        COMMAND_ORDER,
+        "Commands that waited for an earlier command of their chat (outcome waited), or stopped waiting (gave_up_waiting)."
+    );
+    metrics::describe_counter!(
+        CONSUMER_ERRORS,
+        "Errors of the worker's command consumer (each one makes the worker not ready until a pull succeeds)."
+    );
     metrics::describe_counter!(RUNS_STARTED, "Workflow runs started, by app_id.");
     metrics::describe_counter!(RUNS_ENDED, "Workflow runs ended, by app_id and outcome.");
     metrics::describe_gauge!(ACTIVE_RUNS, "Runs in progress on this worker, by app_id.");

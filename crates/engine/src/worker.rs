@@ -4,6 +4,7 @@ mod actor;
 mod effects;
 pub mod forward;
 pub mod lease;
+mod order;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -56,6 +57,8 @@ struct Job {
     /// The command as encoded on the bus (to forward it).
     payload: bytes::Bytes,
     ack: Acker,
+    /// Its sequence on `MZ_CMD` (from its ack subject), which orders a chat's commands.
+    seq: Option<u64>,
 }
 
 /// A chat's actor, as the worker's loop knows it.
@@ -124,19 +127,13 @@ impl Worker {
             perf,
             owners,
         });
-        let stream = sh.bus.stream("MZ_CMD").await?;
-        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-            .get_consumer(&sh.bus.subjects().name("workers"))
-            .await
-            .map_err(|e| Error::Consumer(e.to_string()))?;
+        let consumer = sh.bus.durable("MZ_CMD", "workers").await?;
         // A command that starts or continues a run stays unacknowledged (with progress acks)
         // until the run settles: if this worker dies, JetStream redelivers it after `ack_wait`
         // and the worker that gets it resumes the run from the log.
         let progress = (consumer.cached_info().config.ack_wait / 3).max(Duration::from_millis(100));
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| Error::Consumer(e.to_string()))?;
+        let mut messages = Some(pull_commands(&consumer).await?);
+        let mut consumer_health = ConsumerHealth::default();
         // Commands other workers pulled for chats this worker owns.
         let mut forwarded = sh
             .bus
@@ -185,21 +182,58 @@ impl Worker {
                     }
                     continue;
                 }
-                msg = messages.next() => msg,
-            };
-            let msg = match msg {
-                Some(Ok(msg)) => msg,
-                Some(Err(e)) => {
-                    warn!(error = %e, "Command consumer error.");
+                _ = tokio::time::sleep(consumer_health.probe_in()) => {
+                    consumer_health.probe(&sh.bus, &mut messages).await;
                     continue;
                 }
-                None => return Err(Error::Consumer("command stream ended".into())),
+                msg = next_command(&mut messages) => msg,
             };
+            let msg = match msg {
+                Some(Ok(msg)) => {
+                    consumer_health.ok(&sh.bus);
+                    msg
+                }
+                Some(Err(e)) => {
+                    let reopen = matches!(
+                        e.kind(),
+                        pull::MessagesErrorKind::ConsumerDeleted
+                            | pull::MessagesErrorKind::PushBasedConsumer
+                            | pull::MessagesErrorKind::RequestLimitExceeded
+                    );
+                    consumer_health.failed(&sh.bus, &e.to_string());
+                    if reopen {
+                        messages = None;
+                    }
+                    continue;
+                }
+                None => {
+                    consumer_health.failed(&sh.bus, "the command stream ended");
+                    messages = None;
+                    continue;
+                }
+            };
+            let seq = msg.info().ok().map(|i| i.stream_sequence);
             let cmd = match codec::decode_command(&msg.payload) {
                 Ok(cmd) => cmd,
                 Err(e) => {
-                    warn!(subject = %msg.subject, error = %e, "Dropping a command that does not decode.");
-                    let _ = msg.ack_with(AckKind::Term).await;
+                    warn!(subject = %msg.subject, error = %e, "A command that does not decode; moving it to the dead letters.");
+                    let origin = seq.map(|s| (msg.subject.as_str(), s));
+                    let reason = format!("does not decode: {e}");
+                    match sh
+                        .bus
+                        .dead_letter(None, msg.payload.clone(), &reason, origin)
+                        .await
+                    {
+                        Ok(()) => {
+                            let _ = msg.ack_with(AckKind::Term).await;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "Cannot store the dead letter; the command is redelivered.");
+                            let _ = msg
+                                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                                .await;
+                        }
+                    }
                     continue;
                 }
             };
@@ -208,6 +242,7 @@ impl Worker {
                 cmd,
                 payload: msg.payload.clone(),
                 ack: Acker::of(sh.bus.client(), &msg),
+                seq,
             };
             loop {
                 let entry = actors.entry(key.clone()).or_insert_with(|| {
@@ -269,6 +304,86 @@ impl Worker {
     }
 }
 
+/// Pulls the shared command consumer, with idle heartbeats so that a server that lost the pull
+/// request (a restart) is noticed.
+async fn pull_commands(
+    consumer: &jetstream::consumer::Consumer<pull::Config>,
+) -> Result<pull::Stream, Error> {
+    consumer
+        .stream()
+        .expires(Duration::from_secs(30))
+        .heartbeat(Duration::from_secs(5))
+        .messages()
+        .await
+        .map_err(|e| Error::Consumer(e.to_string()))
+}
+
+/// The next command, or never while the consumer is being reopened.
+async fn next_command(
+    messages: &mut Option<pull::Stream>,
+) -> Option<Result<jetstream::Message, pull::MessagesError>> {
+    match messages {
+        Some(m) => m.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether the command consumer works, for readiness (`worker.commands`): an error makes the
+/// worker not ready; a message, or a probe of the consumer after a quiet while, makes it ready
+/// again. A consumer that is gone is reopened (after the bus applied its definitions again).
+#[derive(Default)]
+struct ConsumerHealth {
+    failing: Option<Instant>,
+}
+
+impl ConsumerHealth {
+    const COMPONENT: &'static str = "worker.commands";
+
+    fn ok(&mut self, bus: &Bus) {
+        if self.failing.take().is_some() {
+            info!("Command consumer works again.");
+            bus.report(Self::COMPONENT, Ok(()));
+        }
+    }
+
+    fn failed(&mut self, bus: &Bus, error: &str) {
+        warn!(error, "Command consumer error.");
+        metrics::counter!(m::CONSUMER_ERRORS).increment(1);
+        self.failing = Some(Instant::now());
+        bus.report(Self::COMPONENT, Err(error.to_string()));
+        bus.heal();
+    }
+
+    /// How long until the next probe (far while healthy).
+    fn probe_in(&self) -> Duration {
+        match self.failing {
+            Some(t) => Duration::from_secs(1).saturating_sub(t.elapsed()),
+            None => Duration::from_secs(3600),
+        }
+    }
+
+    async fn probe(&mut self, bus: &Bus, messages: &mut Option<pull::Stream>) {
+        match bus.durable("MZ_CMD", "workers").await {
+            Ok(consumer) => {
+                if messages.is_none() {
+                    match pull_commands(&consumer).await {
+                        Ok(m) => {
+                            info!("Command consumer reopened.");
+                            *messages = Some(m);
+                        }
+                        Err(e) => {
+                            self.failed(bus, &e.to_string());
+                            return;
+                        }
+                    }
+                }
+                self.ok(bus);
+            }
+            Err(e) => self.failed(bus, &e.to_string()),
+        }
+    }
+}
+
 /// Takes a command another worker forwarded (see [`forward`]) if this worker owns its chat;
 /// returns the answer.
 fn accept_forwarded(
@@ -295,6 +410,7 @@ fn accept_forwarded(
         cmd,
         payload: req.payload.clone(),
         ack: Acker::remote(sh.bus.client(), &ack),
+        seq: mozaiks_bus::commands::ack_subject_info(&ack).map(|(seq, _)| seq),
     };
     match entry.tx.send(job) {
         Ok(()) => {

@@ -235,3 +235,47 @@ async fn a_forwarded_command_is_acknowledged_by_the_owner_not_the_puller() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_nats_stops_believing_it_owns_its_chats() {
+    // Issue 9, defect 9: the lease has a local deadline shorter than its TTL, so a worker that
+    // cannot renew stops counting a chat as its own before another worker may take it over.
+    let mut servers = TestServers::start_nats().await.unwrap();
+    let ttl = Duration::from_secs(5);
+    let a = Owners::open(&bus(&servers, "a", ttl).await, "worker-a")
+        .await
+        .unwrap();
+    let key = Owners::key("app1", "chat-cut");
+    assert_eq!(a.claim(&key, false).await.unwrap(), Claim::Mine);
+    assert!(a.holds(&key));
+    servers.kill_nats().unwrap();
+    let cut = Instant::now();
+    // No renewal can answer now; the local deadline passes before the server's TTL would.
+    while a.holds(&key) {
+        assert!(
+            cut.elapsed() < ttl,
+            "still believes it owns the chat after the lease's TTL without a renewal"
+        );
+        // A renewal cannot answer (it times out); the deadline does not wait for it.
+        let _ = tokio::time::timeout(Duration::from_millis(100), a.renew()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cut.elapsed() < ttl);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_renewed_in_time_stays_valid_past_its_first_deadline() {
+    let servers = TestServers::start_nats().await.unwrap();
+    let ttl = Duration::from_secs(2);
+    let a = Owners::open(&bus(&servers, "a", ttl).await, "worker-a")
+        .await
+        .unwrap();
+    let key = Owners::key("app1", "chat-renewed");
+    assert_eq!(a.claim(&key, false).await.unwrap(), Claim::Mine);
+    let start = Instant::now();
+    while start.elapsed() < ttl * 2 {
+        assert!(a.renew().await.is_empty());
+        assert!(a.holds(&key), "a renewed lease is held");
+        tokio::time::sleep(ttl / 4).await;
+    }
+}

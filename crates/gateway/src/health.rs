@@ -1,5 +1,7 @@
-//! Health: liveness answers while the process runs; readiness only when NATS and Mongo answer and
-//! the replica is not draining.
+//! Health: liveness answers while the process runs; readiness only when NATS and Mongo answer,
+//! every stream, consumer and bucket exists on the server, no role of the process reports a
+//! problem (`mozaiks_bus::Bus::readiness`: in `mozaiks all`, a worker whose command consumer
+//! fails makes the process not ready), and the replica is not draining.
 
 use std::time::Duration;
 
@@ -23,7 +25,8 @@ pub async fn ready(St(state): St<State>) -> Response {
         Ok(Ok(()))
     );
     let draining = *state.shutdown.borrow();
-    let ok = nats && mongo && !draining;
+    let readiness = state.bus.readiness();
+    let ok = nats && mongo && !draining && readiness.is_ready();
     let status = if ok {
         StatusCode::OK
     } else {
@@ -37,6 +40,7 @@ pub async fn ready(St(state): St<State>) -> Response {
             "nats": word(nats),
             "mongo": word(mongo),
             "draining": draining,
+            "problems": readiness.problems,
             // What this replica knows of the fleet (MZ_PRESENCE, MZ_PERF), for fleet-wide limits.
             "fleet": {
                 "gateways": state.presence.live_gateways(),

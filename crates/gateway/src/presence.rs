@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use mozaiks_bus::Bus;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -104,23 +103,22 @@ impl Presence {
             .await
             .map_err(watch_err)?;
         let workers = perf_kv.watch_with_history(">").await.map_err(watch_err)?;
-        tokio::spawn(p.clone().follow(gateways, true));
-        tokio::spawn(p.clone().follow(workers, false));
+        for (bucket, watch, gateways) in [(BUCKET, gateways, true), ("MZ_PERF", workers, false)] {
+            let (bus, p) = (bus.clone(), p.clone());
+            tokio::spawn(async move {
+                bus.follow_bucket(bucket, Some(watch), |e| p.observe(e, gateways))
+                    .await
+            });
+        }
         tokio::spawn(publish(presence_kv, me, hub, draining));
         Ok(p)
     }
 
-    async fn follow(self, mut watch: kv::Watch, gateways: bool) {
-        while let Some(entry) = watch.next().await {
-            let e = match entry {
-                Ok(e) => e,
-                Err(e) => {
-                    warn!(error = %e, gateways, "Presence watch error.");
-                    continue;
-                }
-            };
+    /// Takes one entry of `MZ_PRESENCE` (`gateways`) or `MZ_PERF`.
+    fn observe(&self, e: kv::Entry, gateways: bool) {
+        {
             if gateways && e.key == self.me {
-                continue;
+                return;
             }
             let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
             let put = e.operation == kv::Operation::Put;
@@ -149,7 +147,6 @@ impl Presence {
                 }
             }
         }
-        warn!(gateways, "Presence watch ended.");
     }
 
     fn with<T>(&self, f: impl FnOnce(&Seen, Instant) -> T) -> T {

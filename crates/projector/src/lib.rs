@@ -57,21 +57,54 @@ impl Projector {
         Projector { bus, store }
     }
 
-    /// Projects until `shutdown` resolves.
+    /// Projects until `shutdown` resolves. Stopping never waits for NATS or Mongo: a batch in
+    /// flight is dropped unacknowledged and redelivered to the next projector (writes are
+    /// idempotent).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        self.store.ensure_indexes(self.store.shared()).await?;
-        let consumer = self.bus.durable("MZ_EVT", "projector").await?;
-        info!("Projector started.");
-        tokio::pin!(shutdown);
-        loop {
-            let batch = tokio::select! {
-                _ = &mut shutdown => break,
-                b = consumer.batch().max_messages(BATCH).expires(Duration::from_secs(1)).messages() => b,
+        let result = tokio::select! {
+            _ = shutdown => Ok(()),
+            r = self.work() => r,
+        };
+        info!("Projector stopped.");
+        result
+    }
+
+    async fn work(&self) -> Result<(), Error> {
+        // Mongo or NATS down at start is a wait, not a failure of the process.
+        let mut backoff = Duration::from_millis(200);
+        let consumer = loop {
+            let ready = async {
+                self.store.ensure_indexes(self.store.shared()).await?;
+                Ok::<_, Error>(self.bus.durable("MZ_EVT", "projector").await?)
             };
+            match ready.await {
+                Ok(c) => break c,
+                Err(e) => {
+                    warn!(error = %e, "Projector cannot start yet; retrying.");
+                    self.bus.report(FETCH, Err(format!("cannot start: {e}")));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        self.bus.report(FETCH, Ok(()));
+        info!("Projector started.");
+        loop {
+            let batch = consumer
+                .batch()
+                .max_messages(BATCH)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await;
             let mut batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
                     warn!(error = %e, "Cannot fetch events; retrying.");
+                    self.bus
+                        .report(FETCH, Err(format!("cannot fetch events: {e}")));
+                    if mozaiks_bus::keeper::is_missing(&e.to_string()) {
+                        self.bus.heal();
+                    }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
@@ -83,6 +116,7 @@ impl Projector {
                     Err(e) => warn!(error = %e, "Event fetch error."),
                 }
             }
+            self.bus.report(FETCH, Ok(()));
             if msgs.is_empty() {
                 continue;
             }
@@ -103,6 +137,7 @@ impl Projector {
             let started = Instant::now();
             match self.store.project(&events).await {
                 Ok(()) => {
+                    self.bus.report(PROJECT, Ok(()));
                     for m in &keep {
                         let _ = m.ack().await;
                     }
@@ -114,13 +149,17 @@ impl Projector {
                 }
                 Err(e) => {
                     warn!(error = %e, events = events.len(), "Projection failed; the batch will be redelivered.");
+                    self.bus
+                        .report(PROJECT, Err(format!("projection failed: {e}")));
                     for m in &keep {
                         let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                     }
                 }
             }
         }
-        info!("Projector stopped.");
-        Ok(())
     }
 }
+
+/// The projector's components in the process's readiness: fetching events, writing them.
+const FETCH: &str = "projector.events";
+const PROJECT: &str = "projector.mongo";

@@ -255,7 +255,7 @@ impl Chat {
                     };
                     Some(Next::Emit(vec![Event::InputRequested(InputRequested {
                         run_id: run.run_id,
-                        request_id: call.call_id.clone(),
+                        request_id: ask_user_request_id(run.run_id, &call.call_id),
                         prompt,
                     })]))
                 }
@@ -574,4 +574,19 @@ fn set_context(arguments: &serde_json::Value) -> Result<serde_json::Value, Strin
         .cloned()
         .unwrap_or(serde_json::Value::Null);
     Ok(serde_json::json!({ "key": key, "value": value }))
+}
+
+/// The `request_id` of an `ask_user` call's question: unique in the chat (a model's call ids, like
+/// the offline model's `call-{step}-{round}-{i}`, repeat from run to run), so a client answering by
+/// `request_id` cannot answer another run's question.
+pub(crate) fn ask_user_request_id(run_id: uuid::Uuid, call_id: &str) -> String {
+    format!("{run_id}:call:{call_id}")
+}
+
+/// The call an `ask_user` question's `request_id` names (logs written before ids were unique
+/// carry the bare call id).
+pub(crate) fn ask_user_call_id(run_id: uuid::Uuid, request_id: &str) -> &str {
+    request_id
+        .strip_prefix(&format!("{run_id}:call:"))
+        .unwrap_or(request_id)
 }

@@ -633,9 +633,10 @@ fn ask_user_turns_the_answer_into_the_tool_result() {
     let Event::InputRequested(req) = events.last().unwrap() else {
         panic!("{:?}", names(&events))
     };
+    let run_id = chat.run.as_ref().unwrap().run_id;
     assert_eq!(
         (req.request_id.as_str(), req.prompt.as_str()),
-        ("q1", "Order number?")
+        (format!("{run_id}:call:q1").as_str(), "Order number?")
     );
     let answer = respond(&chat, &p, None, "A-17").unwrap();
     chat.apply(&answer[0], None);
@@ -650,4 +651,66 @@ fn ask_user_turns_the_answer_into_the_tool_result() {
         respond(&chat, &p, None, "again"),
         Err(Refusal::NotWaitingForInput)
     );
+}
+
+#[test]
+fn ask_user_request_ids_differ_from_run_to_run() {
+    // The model reuses its call id in every run (as the offline model does); a client answering
+    // the second run's question with the first run's request id must be refused, not answer it.
+    let p = pack("name: p\nstart_agent: a\nagents:\n  - name: a\n    tools: [ask_user]\n");
+    let model = |_: &str, round: u32| {
+        if round == 1 {
+            calls(&[(
+                "q1",
+                "ask_user",
+                serde_json::json!({"question": "Order number?"}),
+            )])
+        } else {
+            reply("thanks")
+        }
+    };
+    let w = World {
+        model: &model,
+        tool: &|_| Ok(serde_json::Value::Null),
+    };
+    let mut chat = given(&started_with("first"));
+    let events = drive_in(&mut chat, &p, &w);
+    let Event::InputRequested(first) = events.last().unwrap().clone() else {
+        panic!("{:?}", names(&events))
+    };
+    let answer = respond(&chat, &p, Some(&first.request_id), "A-1").unwrap();
+    chat.apply(&answer[0], None);
+    drive_in(&mut chat, &p, &w);
+    assert!(chat.run.is_none(), "the first run is over");
+
+    let msg = chat
+        .handle(
+            Uuid::now_v7(),
+            &Command::UserMessage {
+                text: "second".into(),
+                client_msg_id: None,
+            },
+            &p,
+            &Default::default(),
+        )
+        .unwrap();
+    for e in &msg {
+        chat.apply(e, None);
+    }
+    let events = drive_in(&mut chat, &p, &w);
+    let Event::InputRequested(second) = events.last().unwrap().clone() else {
+        panic!("{:?}", names(&events))
+    };
+    assert_ne!(first.request_id, second.request_id);
+    assert!(matches!(
+        respond(&chat, &p, Some(&first.request_id), "stale"),
+        Err(Refusal::UnknownRequest { .. })
+    ));
+    let answer = respond(&chat, &p, Some(&second.request_id), "A-2").unwrap();
+    chat.apply(&answer[0], None);
+    let rest = drive_in(&mut chat, &p, &w);
+    let Event::ToolResult(t) = &rest[0] else {
+        panic!("{:?}", names(&rest))
+    };
+    assert_eq!(t.result, "A-2");
 }

@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::forward::{self, Acker, Forwarded};
 use super::lease::{Claim, Owners};
+use super::order::Order;
 use super::{Job, Owned, Shared, effects, step};
 use crate::chat::Next;
 use crate::{Error, metrics as m};
@@ -81,7 +82,7 @@ enum Drive {
 }
 
 /// Sends progress acks for `ack` every `interval` until aborted.
-fn ticker(ack: Acker, interval: Duration) -> tokio::task::JoinHandle<()> {
+pub(super) fn ticker(ack: Acker, interval: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(interval).await;
@@ -153,10 +154,29 @@ impl Drop for Held {
     }
 }
 
-/// Answers `kind` to every queued command.
-async fn hand_back(queue: &mut VecDeque<Job>, kind: AckKind) {
-    for job in queue.drain(..) {
-        job.ack.send(kind).await;
+/// Retries after an infrastructure failure: waits (doubling up to 2 s) while keeping the commands
+/// in hand alive with progress acks, and asks the bus to check its definitions when the failure
+/// says something is missing on the server.
+#[derive(Default)]
+struct Backoff {
+    next: Option<Duration>,
+}
+
+impl Backoff {
+    async fn wait(&mut self, sh: &Shared, error: &Error, queue: &VecDeque<Job>, order: &Order) {
+        if mozaiks_bus::keeper::is_missing(&error.to_string()) {
+            sh.bus.heal();
+        }
+        let d = self.next.unwrap_or(Duration::from_millis(100));
+        self.next = Some((d * 2).min(Duration::from_secs(2)));
+        for job in queue.iter().chain(order.jobs()) {
+            job.ack.send(AckKind::Progress).await;
+        }
+        tokio::time::sleep(d).await;
+    }
+
+    fn reset(&mut self) {
+        self.next = None;
     }
 }
 
@@ -170,17 +190,23 @@ pub(super) async fn actor(
     idle: mpsc::UnboundedSender<Idle>,
 ) {
     let key = Owners::key(&app_id, &chat_id);
+    // Commands not yet in the hands of the chat's owner (this actor once it holds the lease).
     let mut queue: VecDeque<Job> = VecDeque::new();
+    // Commands this actor owns but has not applied: they go in the chat's order.
+    let mut order = Order::new(&app_id, &chat_id, progress);
     let mut held = Held::new(progress);
     let mut owned: Option<Owned> = None;
     let mut leased = false;
     let mut takeover = false;
+    // Backoff of retries after an infrastructure failure (the commands are kept meanwhile).
+    let mut backoff = Backoff::default();
     loop {
         if queue.is_empty() {
             let deadline = owned
                 .as_ref()
                 .filter(|_| leased)
                 .and_then(|o| o.deadline(&sh));
+            let retry = order.retry_at();
             tokio::select! {
                 job = inbox.recv() => match job {
                     Some(job) => queue.push_back(job),
@@ -188,6 +214,8 @@ pub(super) async fn actor(
                 },
                 // The run's time is up: drive it (it fails with `timeout`).
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(far)), if deadline.is_some() => {}
+                // A command waits for an earlier one of the chat: look again.
+                _ = tokio::time::sleep_until(retry.unwrap_or_else(far)), if retry.is_some() => {}
                 _ = tokio::time::sleep(sh.opts.idle_evict) => {
                     if leased {
                         // A cancel whose session never started: give up on it.
@@ -201,7 +229,9 @@ pub(super) async fn actor(
                         }
                         continue;
                     }
-                    let _ = idle.send(Idle { key: (app_id.clone(), chat_id.clone()), actor: id, received: inbox.received });
+                    if order.is_empty() {
+                        let _ = idle.send(Idle { key: (app_id.clone(), chat_id.clone()), actor: id, received: inbox.received });
+                    }
                     continue;
                 }
             }
@@ -217,31 +247,37 @@ pub(super) async fn actor(
                     }
                     takeover = false;
                     leased = true;
+                    let first = queue.front().or(order.first()).map(|j| j.cmd.clone());
                     let ready = match owned.as_mut() {
                         // Another worker may have owned the chat meanwhile.
                         Some(o) => reload(&sh, o).await,
-                        None => match queue.front() {
-                            Some(first) => Owned::load(&sh, &app_id, &chat_id, &first.cmd)
+                        None => match first {
+                            Some(first) => Owned::load(&sh, &app_id, &chat_id, &first)
                                 .await
                                 .map(|o| owned = Some(o)),
                             None => Ok(()),
                         },
                     };
                     if let Err(e) = ready {
-                        warn!(error = %e, "Cannot load the chat; its commands will be redelivered.");
-                        hand_back(&mut queue, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        // The commands stay here (kept alive) and the load is tried again: an
+                        // infrastructure failure never hands a command back or reorders it.
+                        warn!(error = %e, "Cannot load the chat; retrying.");
                         sh.owners.release(&key).await;
                         leased = false;
+                        backoff.wait(&sh, &e, &queue, &order).await;
                         continue;
                     }
+                    backoff.reset();
                 }
                 Ok(Claim::Theirs(owner)) => {
+                    // The owner orders the chat's commands; forward them in the order they came.
+                    order.drain_into(&mut queue);
                     takeover = relay(&sh, &key, &owner, &mut queue, &mut inbox, progress).await;
                     continue;
                 }
                 Err(e) => {
-                    warn!(error = %e, "Cannot claim the chat; its commands will be redelivered.");
-                    hand_back(&mut queue, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    warn!(error = %e, "Cannot claim the chat; retrying.");
+                    backoff.wait(&sh, &e, &queue, &order).await;
                     continue;
                 }
             }
@@ -251,18 +287,19 @@ pub(super) async fn actor(
             leased = false;
             continue;
         };
-        while let Some(job) = queue.pop_front() {
-            take(&sh, o, job, &mut held).await;
+        for job in queue.drain(..) {
+            order.push(job);
         }
+        process(&sh, o, &mut order, &mut held).await;
         // Drive the run, taking commands in between steps so that cancel and new messages are
         // handled mid-run.
-        match drive(&sh, o, &mut inbox, &mut held).await {
+        match drive(&sh, o, &mut inbox, &mut order, &mut held).await {
             Drive::Settled => {
                 held.release(None).await;
                 while let Some(job) = inbox.try_recv() {
                     queue.push_back(job);
                 }
-                if queue.is_empty() && held.deferred.is_empty() {
+                if queue.is_empty() && held.deferred.is_empty() && order.is_empty() {
                     sh.owners.release(&key).await;
                     leased = false;
                 }
@@ -272,6 +309,7 @@ pub(super) async fn actor(
                 // Redelivered later, to this worker or another, which retries the run from the log.
                 held.release(Some(AckKind::Nak(Some(Duration::from_secs(5)))))
                     .await;
+                order.forget_handled();
                 sh.owners.release(&key).await;
                 leased = false;
             }
@@ -280,11 +318,14 @@ pub(super) async fn actor(
             warn!("Lost the chat's lease; handing its commands back.");
             sh.perf.ownership(|o| o.leases_lost += 1);
             held.release(Some(AckKind::Nak(None))).await;
+            order.forget_handled();
+            order.hand_back(AckKind::Nak(None)).await;
             leased = false;
         }
     }
     // The worker is stopping (or dropped this idle actor): whatever is held goes back now.
     held.release(Some(AckKind::Nak(None))).await;
+    order.hand_back(AckKind::Nak(None)).await;
     for job in held.take_deferred() {
         job.ack.send(AckKind::Nak(None)).await;
     }
@@ -376,24 +417,50 @@ async fn wait_out(
     }
 }
 
+/// Takes one command into the chat's order and applies every command that is ready.
+async fn take(sh: &Shared, owned: &mut Owned, job: Job, order: &mut Order, held: &mut Held) {
+    order.push(job);
+    process(sh, owned, order, held).await;
+}
+
+/// Applies the chat's commands that are ready, in order (see [`Order`]).
+async fn process(sh: &Shared, owned: &mut Owned, order: &mut Order, held: &mut Held) {
+    while let Some(job) = order.next(sh).await {
+        let seq = job.seq;
+        if apply(sh, owned, job, held).await {
+            order.handled(seq);
+        } else {
+            order.unhandled(seq);
+        }
+    }
+}
+
 /// Handles one command, except a `cancel` that reaches a chat whose session has not started:
-/// that one waits for the session (a child chat's cancel may overtake its start).
-async fn take(sh: &Shared, owned: &mut Owned, job: Job, held: &mut Held) {
+/// that one waits for the session. Returns `false` when the command was handed back for
+/// redelivery.
+async fn apply(sh: &Shared, owned: &mut Owned, job: Job, held: &mut Held) -> bool {
     if matches!(job.cmd.command, Command::Cancel { .. }) && !owned.chat.started {
         info!("Cancel before the session started; it waits for the session.");
         held.defer(job);
-        return;
+        return true;
     }
-    handle(sh, owned, job, held).await;
+    let applied = handle(sh, owned, job, held).await;
     if owned.chat.started && !held.deferred.is_empty() {
         for job in held.take_deferred() {
             handle(sh, owned, job, held).await;
         }
     }
+    applied
 }
 
-pub(super) async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut Held) {
-    let Job { cmd, ack, .. } = job;
+/// Handles one command; `false` when it was handed back for redelivery.
+pub(super) async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut Held) -> bool {
+    let Job {
+        cmd,
+        ack,
+        payload,
+        seq,
+    } = job;
     let kind = cmd.command.type_name();
     // The session's start says whose chat it is, even if another command reached the chat first
     // (and was loaded as its first).
@@ -405,11 +472,30 @@ pub(super) async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut 
         owned.workflow = cmd.workflow.clone();
     }
     let Some(pack) = sh.catalog.get(&owned.workflow) else {
-        warn!(workflow = %owned.workflow, "Command for a workflow this worker does not have; dropped.");
+        // It can never apply here: it goes to the dead letters and its user is told.
+        warn!(workflow = %owned.workflow, "Command for a workflow this worker does not have; moving it to the dead letters.");
+        let reason = format!(
+            "workflow {:?} is not installed on the worker",
+            owned.workflow
+        );
+        let subject = sh.bus.subjects().command(&cmd.app_id, &cmd.chat_id);
+        let origin = seq.map(|s| (subject.as_str(), s));
+        if let Err(e) = sh
+            .bus
+            .dead_letter(Some((&cmd.app_id, &cmd.chat_id)), payload, &reason, origin)
+            .await
+        {
+            warn!(error = %e, "Cannot store the dead letter; the command is redelivered.");
+            ack.send(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            return false;
+        }
         metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "unknown_workflow")
             .increment(1);
+        if !matches!(cmd.command, Command::ChildFinished { .. }) {
+            effects::notify_error(sh, &cmd, "unknown_workflow", &reason).await;
+        }
         ack.send(AckKind::Term).await;
-        return;
+        return true;
     };
     let app_ctx = sh
         .registry
@@ -431,7 +517,7 @@ pub(super) async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut 
                     metrics::counter!(m::REFUSALS_NOTIFIED, "code" => refusal.code()).increment(1);
                 }
                 ack.ack().await;
-                return;
+                return true;
             }
             Ok(events) => owned.append(sh, events, Some(cmd.command_id)).await,
         };
@@ -443,7 +529,7 @@ pub(super) async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut 
                 } else {
                     held.keep(ack);
                 }
-                return;
+                return true;
             }
             Err(Error::Bus(mozaiks_bus::Error::Conflict { .. }))
                 if attempt < MAX_CONFLICT_RETRIES =>
@@ -457,11 +543,15 @@ pub(super) async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut 
             Err(e) => {
                 warn!(error = %e, command = kind, "Command failed; it will be redelivered.");
                 metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "error").increment(1);
+                if mozaiks_bus::keeper::is_missing(&e.to_string()) {
+                    sh.bus.heal();
+                }
                 ack.send(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                return;
+                return false;
             }
         }
     }
+    false
 }
 
 /// Catches the chat up with what another writer appended: the aggregate already holds every event
@@ -513,7 +603,13 @@ fn settled_or_waiting(owned: &Owned) -> Drive {
 }
 
 /// Drives the run until it settles or waits, or gives up for now.
-async fn drive(sh: &Shared, owned: &mut Owned, inbox: &mut Inbox, held: &mut Held) -> Drive {
+async fn drive(
+    sh: &Shared,
+    owned: &mut Owned,
+    inbox: &mut Inbox,
+    order: &mut Order,
+    held: &mut Held,
+) -> Drive {
     let Some(pack) = sh.catalog.get(&owned.workflow) else {
         return Drive::Settled;
     };
@@ -538,7 +634,7 @@ async fn drive(sh: &Shared, owned: &mut Owned, inbox: &mut Inbox, held: &mut Hel
             },
             job = inbox.recv(), if inbox.open => {
                 if let Some(job) = job {
-                    take(sh, owned, job, held).await;
+                    take(sh, owned, job, order, held).await;
                     if owned.chat.next(&pack, Uuid::nil()) == Next::Idle {
                         return settled_or_waiting(owned);
                     }
@@ -551,10 +647,13 @@ async fn drive(sh: &Shared, owned: &mut Owned, inbox: &mut Inbox, held: &mut Hel
     loop {
         // Commands that arrived meanwhile (cancel, more messages) go first.
         for job in early.drain(..) {
-            take(sh, owned, job, held).await;
+            order.push(job);
         }
         while let Some(job) = inbox.try_recv() {
-            take(sh, owned, job, held).await;
+            order.push(job);
+        }
+        if !order.is_empty() {
+            process(sh, owned, order, held).await;
         }
         match fail_if_late(sh, owned).await {
             Ok(true) => continue,

@@ -235,14 +235,19 @@ async fn send_retrying(sh: &Shared, cmd: &CommandEnvelope, id: Option<&str>) -> 
 /// Tells the user's sockets that their command was refused: an `error` frame with the refusal's
 /// code and the command's id. Best effort (core NATS; a user with no socket misses it).
 pub(super) async fn notify_refusal(sh: &Shared, cmd: &CommandEnvelope, refusal: &Refusal) {
+    notify_error(sh, cmd, refusal.code(), &refusal.to_string()).await;
+}
+
+/// An `error` frame about `cmd` to its user's sockets.
+pub(super) async fn notify_error(sh: &Shared, cmd: &CommandEnvelope, code: &str, message: &str) {
     let wire = json!({
         "id": Uuid::now_v7(),
         "app_id": cmd.app_id,
         "user_id": cmd.user_id,
         "type": "error",
         "data": {
-            "code": refusal.code(),
-            "message": refusal.to_string(),
+            "code": code,
+            "message": message,
             "command": cmd.command.type_name(),
             "command_id": cmd.command_id,
             "chat_id": cmd.chat_id,

@@ -10,10 +10,15 @@
 //! time): the chat's actor stops writing and hands its commands back. Optimistic concurrency on
 //! the chat's log stays the safety net, so even two workers that both believe they own a chat
 //! cannot corrupt it.
+//!
+//! **A local deadline.** A worker counts a lease as its own only until [`VALIDITY`] of its TTL
+//! after the start of the last claim or renewal that succeeded (monotonic clock), like the
+//! retention leader: cut off from NATS, it stops believing it owns its chats before the server
+//! lets another worker take them (the TTL), and hands their commands back.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use bytes::Bytes;
@@ -29,6 +34,19 @@ pub const BUCKET: &str = "MZ_OWNERS";
 /// Renewals in flight at once during a pass.
 const RENEW_CONCURRENCY: usize = 64;
 
+/// The share of the TTL for which a successful claim or renewal makes this worker count the lease
+/// as its own (counted from when the request was sent).
+pub const VALIDITY: f64 = 0.7;
+
+/// A lease this worker holds.
+#[derive(Clone, Copy, Debug)]
+struct Lease {
+    /// The revision this worker last wrote.
+    revision: u64,
+    /// Until when this worker counts it as its own.
+    valid_until: Instant,
+}
+
 /// Who owns a chat, as a claim found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -43,8 +61,8 @@ pub struct Owners {
     kv: kv::Store,
     me: String,
     ttl: Duration,
-    /// Key → the revision this worker last wrote.
-    held: Mutex<HashMap<String, u64>>,
+    /// Key → the lease as this worker last wrote it.
+    held: Mutex<HashMap<String, Lease>>,
 }
 
 fn js(e: impl std::fmt::Display) -> Error {
@@ -88,14 +106,21 @@ impl Owners {
         format!("{app_id}.{chat_id}")
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether this worker holds the lease of `key` (as far as it knows: not lost at the last
-    /// renewal).
+    /// How long a claim or renewal sent at `sent` keeps the lease this worker's.
+    fn valid_from(&self, sent: Instant) -> Instant {
+        sent + self.ttl.mul_f64(VALIDITY)
+    }
+
+    /// Whether this worker holds the lease of `key`: not lost at a renewal, and renewed recently
+    /// enough (the local deadline; see the module docs).
     pub fn holds(&self, key: &str) -> bool {
-        self.held().contains_key(key)
+        self.held()
+            .get(key)
+            .is_some_and(|l| Instant::now() < l.valid_until)
     }
 
     /// Leases held now.
@@ -103,10 +128,14 @@ impl Owners {
         self.held().len()
     }
 
-    fn keep(&self, key: &str, revision: u64, event: &'static str) {
+    fn keep(&self, key: &str, revision: u64, sent: Instant, event: &'static str) {
+        let lease = Lease {
+            revision,
+            valid_until: self.valid_from(sent),
+        };
         let n = {
             let mut held = self.held();
-            held.insert(key.to_string(), revision);
+            held.insert(key.to_string(), lease);
             held.len()
         };
         metrics::counter!(m::LEASES, "event" => event).increment(1);
@@ -122,9 +151,10 @@ impl Owners {
         let event = if takeover { "taken_over" } else { "acquired" };
         let me = Bytes::from(self.me.clone());
         for _ in 0..4 {
+            let sent = Instant::now();
             match self.kv.create(key, me.clone()).await {
                 Ok(revision) => {
-                    self.keep(key, revision, event);
+                    self.keep(key, revision, sent, event);
                     return Ok(Claim::Mine);
                 }
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
@@ -133,8 +163,9 @@ impl Owners {
             match self.kv.entry(key).await.map_err(js)? {
                 Some(e) if e.operation == Operation::Put && e.value == me => {
                     // Ours from an earlier claim whose release has not landed yet: write it again.
+                    let sent = Instant::now();
                     if let Ok(revision) = self.kv.update(key, me.clone(), e.revision).await {
-                        self.keep(key, revision, event);
+                        self.keep(key, revision, sent, event);
                         return Ok(Claim::Mine);
                     }
                 }
@@ -154,7 +185,7 @@ impl Owners {
     pub async fn release(&self, key: &str) {
         let revision = {
             let mut held = self.held();
-            let r = held.remove(key);
+            let r = held.remove(key).map(|l| l.revision);
             metrics::gauge!(m::LEASES_HELD).set(held.len() as f64);
             r
         };
@@ -176,8 +207,12 @@ impl Owners {
     /// One renewal pass over every lease held; returns the keys lost (somebody else wrote them,
     /// or they aged out and were deleted).
     pub async fn renew(&self) -> Vec<String> {
-        let snapshot: Vec<(String, u64)> =
-            self.held().iter().map(|(k, r)| (k.clone(), *r)).collect();
+        let sent = Instant::now();
+        let snapshot: Vec<(String, u64)> = self
+            .held()
+            .iter()
+            .map(|(k, l)| (k.clone(), l.revision))
+            .collect();
         let me = Bytes::from(self.me.clone());
         let results: Vec<(String, u64, Result<u64, kv::UpdateError>)> =
             futures::stream::iter(snapshot)
@@ -195,12 +230,18 @@ impl Owners {
         let mut held = self.held();
         for (key, rev, result) in results {
             // Released (or re-claimed) meanwhile: the pass's view of this key is stale.
-            if held.get(&key) != Some(&rev) {
+            if held.get(&key).map(|l| l.revision) != Some(rev) {
                 continue;
             }
             match result {
                 Ok(new) => {
-                    held.insert(key, new);
+                    held.insert(
+                        key,
+                        Lease {
+                            revision: new,
+                            valid_until: self.valid_from(sent),
+                        },
+                    );
                 }
                 Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
                     held.remove(&key);
