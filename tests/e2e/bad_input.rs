@@ -306,6 +306,162 @@ async fn websocket_bad_input_is_refused_and_the_connection_survives() {
     assert_gapless(&frames, 2);
 }
 
+/// `mozaiks_active_connections{app_id="{app}"}` on gateway `gw` (0 when absent).
+async fn active_connections(fleet: &Fleet, gw: usize, app: &str) -> f64 {
+    let text = fleet
+        .http
+        .get(format!("{}/metrics", fleet.gateways[gw]))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("mozaiks_active_connections{{app_id=\"{app}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// Waits until gateway `gw` counts `n` open WebSockets of `app`.
+async fn connections_become(fleet: &Fleet, gw: usize, app: &str, n: f64) {
+    fleet
+        .eventually(&format!("{n} open connections of {app}"), || async {
+            (active_connections(fleet, gw, app).await == n).then_some(())
+        })
+        .await;
+}
+
+/// The status of a WebSocket upgrade (101 when it opened; the socket is dropped).
+async fn upgrade_status(url: String) -> u16 {
+    match tokio_tungstenite::connect_async(url.into_client_request().unwrap()).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+        Err(e) => panic!("unexpected {e}"),
+    }
+}
+
+/// Issue 9, defect 3: a CR or LF in a client's id panicked the socket's handler inside the NATS
+/// header conversion (`Nats-Msg-Id`) and left a zombie socket: streaming, but past its token's
+/// expiry, outside the per-user limit and never leaving the connection gauge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_in_client_ids_get_an_error_frame_and_the_socket_lives_on() {
+    let fleet = Fleet::start(1).await;
+    // An app with a per-user limit of 2, so the test sees whether the socket still counts.
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps",
+            &root(),
+            Some(json!({"app_id": "crlf", "name": "crlf", "tier": "starter",
+                        "limits": {"max_websockets_per_user": 2}})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let alice = Fleet::token("alice", "crlf", &["user"]);
+    let (s, ticket) = fleet
+        .post_session(
+            0,
+            &alice,
+            json!({"app_id": "crlf", "workflow_name": "hello"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{ticket}");
+    let mut ws = fleet.connect(0, &ticket, 0).await;
+    events_n(&mut ws, 1).await;
+    connections_become(&fleet, 0, "crlf", 1.0).await;
+
+    for (frame, what) in [
+        (
+            json!({"type": "user.message", "text": "hi", "client_msg_id": "a\nb"}),
+            "client_msg_id",
+        ),
+        (
+            json!({"type": "user.message", "text": "hi", "client_msg_id": "a\r\nNats-Expected-Stream: x"}),
+            "client_msg_id",
+        ),
+        (
+            json!({"type": "user.message", "text": "hi", "client_msg_id": "nul\u{0}"}),
+            "client_msg_id",
+        ),
+        (
+            json!({"type": "input.response", "text": "yes", "request_id": "r\n1"}),
+            "request_id",
+        ),
+    ] {
+        send_json(&mut ws, frame.clone()).await;
+        let f = next_frame(&mut ws).await;
+        assert_eq!(f["type"], "error", "{frame}: {f}");
+        assert!(f["seq"].is_null());
+        assert_eq!(f["data"]["code"], "bad_frame", "{frame}: {f}");
+        assert!(f["data"]["message"].as_str().unwrap().contains(what), "{f}");
+    }
+
+    // The socket still works: a ping, then a message with a good id runs to the end.
+    send_json(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(next_frame(&mut ws).await["type"], "pong");
+    send_json(
+        &mut ws,
+        json!({"type": "user.message", "text": "still here", "client_msg_id": "ok-1"}),
+    )
+    .await;
+    let frames = events_until(&mut ws, "run.completed").await;
+    assert_eq!(frames[0]["type"], "message.user");
+    assert_eq!(frames[0]["data"]["text"], "still here");
+    assert_gapless(&frames, 2);
+
+    // The server is healthy, and the socket still counts: against the gauge and the per-user
+    // limit (one more fits, a third is refused).
+    let r = fleet
+        .http
+        .get(format!("{}/health/ready", fleet.gateways[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(active_connections(&fleet, 0, "crlf").await, 1.0);
+    let mut second = fleet.connect(0, &ticket, 0).await;
+    events_n(&mut second, 1).await;
+    assert_eq!(upgrade_status(fleet.ws_url(0, &ticket, 0)).await, 429);
+
+    // Closed, the socket leaves the gauge and frees its slot.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    connections_become(&fleet, 0, "crlf", 1.0).await;
+    let mut third = fleet.connect(0, &ticket, 0).await;
+    events_n(&mut third, 1).await;
+    connections_become(&fleet, 0, "crlf", 2.0).await;
+    drop(second);
+    drop(third);
+    connections_become(&fleet, 0, "crlf", 0.0).await;
+}
+
+/// A connection is in `mozaiks_active_connections` while open, and leaves it whichever way it
+/// ends: a close frame, a dropped TCP connection, a protocol error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_gauge_goes_back_down_however_a_socket_ends() {
+    let fleet = Fleet::start(1).await;
+    let alice = Fleet::token("alice", "default", &["user"]);
+    let ticket = fleet.session(0, &alice, "hello", None).await;
+    let mut polite = fleet.connect(0, &ticket, 0).await;
+    let rude = fleet.connect(0, &ticket, 0).await;
+    let mut oversized = fleet.connect(0, &ticket, 0).await;
+    events_n(&mut polite, 1).await;
+    connections_become(&fleet, 0, "default", 3.0).await;
+    polite.close(None).await.unwrap();
+    connections_become(&fleet, 0, "default", 2.0).await;
+    // Gone without a close frame.
+    drop(rude);
+    connections_become(&fleet, 0, "default", 1.0).await;
+    // Closed by the server (1009).
+    let _ = oversized
+        .send(Message::Text("x".repeat(70 * 1024).into()))
+        .await;
+    connections_become(&fleet, 0, "default", 0.0).await;
+}
+
 /// Signs claims with HS256 (to craft expired tokens).
 fn jwt(claims: &serde_json::Value, secret: &str) -> String {
     let _ = Fleet::auth_with(secret); // installs the crypto provider

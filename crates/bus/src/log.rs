@@ -2,8 +2,8 @@
 
 use std::time::Instant;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer};
+use async_nats::{HeaderMap, HeaderValue};
 use futures::{Stream, StreamExt};
 use mozaiks_events::{CommandEnvelope, Envelope, codec};
 
@@ -27,6 +27,24 @@ pub struct Appended {
     pub stream_seq: u64,
 }
 
+/// Builds message headers without panicking: `HeaderMap::insert` with a `&str` or `String`
+/// asserts that the value holds no CR or LF (they would end the header line), so a value that
+/// may come from a client (a `client_msg_id` in a `Nats-Msg-Id`) is parsed fallibly and refused
+/// as an invalid id ([`mozaiks_events::Error::InvalidId`] naming the header).
+pub(crate) fn headers(pairs: &[(&'static str, &str)]) -> Result<HeaderMap, Error> {
+    let mut headers = HeaderMap::new();
+    for &(name, value) in pairs {
+        let value = value.parse::<HeaderValue>().map_err(|_| {
+            Error::Codec(mozaiks_events::Error::InvalidId {
+                what: name,
+                reason: "a header value must not contain CR or LF".into(),
+            })
+        })?;
+        headers.insert(name, value);
+    }
+    Ok(headers)
+}
+
 impl Bus {
     /// Appends one event to its chat's log, only if the chat's last event is still at
     /// `expected_stream_seq` (0: the chat has no events). [`Error::Conflict`] means another writer
@@ -41,19 +59,18 @@ impl Bus {
             .subjects()
             .event(&env.app_id, &env.chat_id, env.event.type_name());
         let payload = codec::encode_event(env)?;
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", env.event_id.to_string().as_str());
-        headers.insert(
-            "Nats-Expected-Last-Subject-Sequence",
-            expected_stream_seq.to_string().as_str(),
-        );
-        headers.insert(
-            "Nats-Expected-Last-Subject-Sequence-Subject",
-            self.subjects()
-                .chat_events(&env.app_id, &env.chat_id)
-                .as_str(),
-        );
-        headers.insert(CODEC_HEADER, codec::CODEC);
+        let headers = headers(&[
+            ("Nats-Msg-Id", &env.event_id.to_string()),
+            (
+                "Nats-Expected-Last-Subject-Sequence",
+                &expected_stream_seq.to_string(),
+            ),
+            (
+                "Nats-Expected-Last-Subject-Sequence-Subject",
+                &self.subjects().chat_events(&env.app_id, &env.chat_id),
+            ),
+            (CODEC_HEADER, codec::CODEC),
+        ])?;
         let ack = self
             .jetstream()
             .publish_with_headers(subject, headers, payload.into())
@@ -86,12 +103,11 @@ impl Bus {
         msg_id: Option<&str>,
     ) -> Result<(), Error> {
         let subject = self.subjects().command(&cmd.app_id, &cmd.chat_id);
-        let mut headers = HeaderMap::new();
         let id = msg_id
             .map(str::to_string)
             .unwrap_or_else(|| cmd.command_id.to_string());
-        headers.insert("Nats-Msg-Id", id.as_str());
-        headers.insert(CODEC_HEADER, codec::CODEC);
+        // `msg_id` may carry a client's id: a bad one is an error here, never a panic.
+        let headers = headers(&[("Nats-Msg-Id", &id), (CODEC_HEADER, codec::CODEC)])?;
         self.jetstream()
             .publish_with_headers(subject, headers, codec::encode_command(cmd)?.into())
             .await
@@ -283,5 +299,29 @@ impl Bus {
         }
         seek.probes = probes;
         Ok(seek)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_with_cr_or_lf_are_errors_not_panics() {
+        let h = headers(&[("Nats-Msg-Id", "msg:a:c:m1"), (CODEC_HEADER, codec::CODEC)]).unwrap();
+        assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "msg:a:c:m1");
+        for bad in ["a\nb", "a\rb", "a\r\nNats-Expected-Stream: x"] {
+            let e = headers(&[(CODEC_HEADER, codec::CODEC), ("Nats-Msg-Id", bad)]).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Error::Codec(mozaiks_events::Error::InvalidId {
+                        what: "Nats-Msg-Id",
+                        ..
+                    })
+                ),
+                "{bad:?}: {e}"
+            );
+        }
     }
 }

@@ -188,8 +188,8 @@ pub struct FrameError {
 
 /// Longest accepted `text` of a user message, in bytes.
 pub const MAX_TEXT_BYTES: usize = 32 * 1024;
-/// Longest accepted `client_msg_id`.
-pub const MAX_CLIENT_MSG_ID: usize = 128;
+/// Longest accepted `client_msg_id` (and `request_id`), in bytes.
+pub const MAX_CLIENT_MSG_ID: usize = crate::ids::MAX_CLIENT_ID;
 
 impl ClientFrame {
     /// Parses and validates a text frame.
@@ -238,25 +238,26 @@ impl ClientFrame {
                 Ok(())
             }
         };
+        // Ids a client chooses reach NATS headers and logs: no control characters, bounded.
+        let id_ok = |what: &'static str, id: &Option<String>| match id {
+            Some(id) => crate::ids::check_client_id(what, id).map_err(|e| FrameError {
+                code: "bad_frame",
+                message: e.to_string(),
+            }),
+            None => Ok(()),
+        };
         match self {
             ClientFrame::UserMessage {
                 text,
                 client_msg_id,
             } => {
                 text_ok(text)?;
-                if let Some(id) = client_msg_id
-                    && (id.is_empty() || id.len() > MAX_CLIENT_MSG_ID)
-                {
-                    return Err(FrameError {
-                        code: "bad_frame",
-                        message: format!(
-                            "\"client_msg_id\" must be 1 to {MAX_CLIENT_MSG_ID} characters"
-                        ),
-                    });
-                }
-                Ok(())
+                id_ok("client_msg_id", client_msg_id)
             }
-            ClientFrame::InputResponse { text, .. } => text_ok(text),
+            ClientFrame::InputResponse { text, request_id } => {
+                text_ok(text)?;
+                id_ok("request_id", request_id)
+            }
             ClientFrame::Cancel { .. } | ClientFrame::Ping {} => Ok(()),
         }
     }
@@ -345,5 +346,59 @@ mod tests {
             "x".repeat(MAX_TEXT_BYTES + 1)
         );
         assert_eq!(code(&long), "too_large");
+    }
+
+    #[test]
+    fn refuses_client_ids_with_control_characters_or_bad_lengths() {
+        let refused = |frame: serde_json::Value| {
+            let e = ClientFrame::parse(&frame.to_string()).unwrap_err();
+            assert_eq!(e.code, "bad_frame", "{frame}: {e:?}");
+            e.message
+        };
+        for bad in [
+            "a\nb",
+            "a\rb",
+            "a\r\nNats-Expected-Stream: x",
+            "nul\0",
+            "\u{1b}[2J",
+            "\u{85}",
+            "",
+            &"x".repeat(MAX_CLIENT_MSG_ID + 1),
+        ] {
+            let m = refused(
+                serde_json::json!({"type": "user.message", "text": "hi", "client_msg_id": bad}),
+            );
+            assert!(m.contains("client_msg_id"), "{m}");
+            let m = refused(
+                serde_json::json!({"type": "input.response", "text": "yes", "request_id": bad}),
+            );
+            assert!(m.contains("request_id"), "{m}");
+        }
+        // Escaped in the JSON text too, the way a browser sends it.
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"user.message","text":"hi","client_msg_id":"a\nb"}"#)
+                .unwrap_err()
+                .code,
+            "bad_frame"
+        );
+        // Printable ids of any script pass, up to the limit.
+        for good in ["m1", "msg 2", "é✓", &"x".repeat(MAX_CLIENT_MSG_ID)] {
+            assert!(
+                ClientFrame::parse(
+                    &serde_json::json!({"type": "user.message", "text": "hi", "client_msg_id": good})
+                        .to_string()
+                )
+                .is_ok(),
+                "{good:?}"
+            );
+            assert!(
+                ClientFrame::parse(
+                    &serde_json::json!({"type": "input.response", "text": "yes", "request_id": good})
+                        .to_string()
+                )
+                .is_ok(),
+                "{good:?}"
+            );
+        }
     }
 }

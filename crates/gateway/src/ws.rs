@@ -21,8 +21,12 @@
 //! catch up from the log at once rather than when the chat's next event shows the gap.
 //!
 //! Close codes: 1000 idle (no frame or pong within the idle timeout), 1008 token expired or too
-//! many frames per second, 1009 frame too large, 1012 server restarting (reconnect elsewhere with
-//! `after`), 1013 slow consumer or log unavailable (reconnect with `after`).
+//! many frames per second, 1009 frame too large, 1011 an internal error (reconnect with `after`),
+//! 1012 server restarting (reconnect elsewhere with `after`), 1013 slow consumer or log
+//! unavailable (reconnect with `after`).
+//!
+//! **Teardown.** A connection's tasks (reader, writer, pump) end together on every exit path, a
+//! panic included, and its gauge and slots are released by guards ([`tasks`]).
 
 use std::time::{Duration, Instant};
 
@@ -48,7 +52,9 @@ use crate::hub::{Admission, Refused, message_of};
 use crate::metrics as m;
 
 mod deltas;
+mod tasks;
 use deltas::Deltas;
+use tasks::{Counted, Ended, Tasks};
 
 /// How often a socket holding a merged delta looks for room in its queue.
 const DELTA_RETRY: Duration = Duration::from_millis(20);
@@ -56,6 +62,7 @@ const DELTA_RETRY: Duration = Duration::from_millis(20);
 pub const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_TOO_BIG: u16 = 1009;
+pub const CLOSE_INTERNAL: u16 = 1011;
 pub const CLOSE_RESTART: u16 = 1012;
 pub const CLOSE_TRY_AGAIN: u16 = 1013;
 
@@ -247,78 +254,75 @@ impl Conn {
         } = self;
         let app_id = claims.app_id.clone();
         let tuning = state.hub.tuning().clone();
-        metrics::gauge!(m::ACTIVE_CONNECTIONS, "app_id" => app_id.clone()).increment(1.0);
+        // Released on drop, a panic included; so are `_admission` and the tasks below.
+        let _counted = Counted::new(&app_id);
         info!(after, "Client connected.");
         let (mut sink, mut incoming) = socket.split();
         let (close_tx, mut close_rx) = mpsc::unbounded_channel::<(u16, String)>();
 
         // Writer: the only task that touches the sink; also pings the client.
         let ping_every = tuning.ping_interval;
-        let writer = tokio::spawn(
-            async move {
-                let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-                loop {
-                    tokio::select! {
-                        biased;
-                        c = close_rx.recv() => {
-                            let (code, reason) = c.unwrap_or((CLOSE_NORMAL, String::new()));
-                            metrics::counter!(m::WS_CLOSED, "code" => code.to_string()).increment(1);
-                            // Frames already queued (an error frame saying why, events) go first,
-                            // for at most a moment: a slow client does not hold the close back.
-                            let _ = tokio::time::timeout(FLUSH_BEFORE_CLOSE, async {
-                                while let Ok(text) = rx.try_recv() {
-                                    if sink.send(Message::Text(text)).await.is_err() {
-                                        break;
-                                    }
-                                }
-                            })
-                            .await;
-                            let _ = sink
-                                .send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) })))
-                                .await;
-                            break;
-                        }
-                        out = rx.recv() => match out {
-                            Some(text) => {
-                                // Write what is queued behind it too, then flush once: a burst
-                                // (a replay, a busy chat) costs a few writes, not one per frame.
-                                let mut frames = 1u64;
-                                let mut ok = sink.feed(Message::Text(text)).await.is_ok();
-                                while ok && frames < WRITE_BATCH {
-                                    let Ok(text) = rx.try_recv() else { break };
-                                    ok = sink.feed(Message::Text(text)).await.is_ok();
-                                    frames += 1;
-                                }
-                                if !ok || sink.flush().await.is_err() {
+        let writer = async move {
+            let mut ping =
+                tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+            loop {
+                tokio::select! {
+                    biased;
+                    c = close_rx.recv() => {
+                        let (code, reason) = c.unwrap_or((CLOSE_NORMAL, String::new()));
+                        metrics::counter!(m::WS_CLOSED, "code" => code.to_string()).increment(1);
+                        // Frames already queued (an error frame saying why, events) go first,
+                        // for at most a moment: a slow client does not hold the close back.
+                        let _ = tokio::time::timeout(FLUSH_BEFORE_CLOSE, async {
+                            while let Ok(text) = rx.try_recv() {
+                                if sink.send(Message::Text(text)).await.is_err() {
                                     break;
                                 }
-                                metrics::counter!(m::FRAMES_OUT).increment(frames);
                             }
-                            None => break,
-                        },
-                        _ = ping.tick() => {
-                            if sink.send(Message::Ping(Default::default())).await.is_err() {
+                        })
+                        .await;
+                        let _ = sink
+                            .send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) })))
+                            .await;
+                        break;
+                    }
+                    out = rx.recv() => match out {
+                        Some(text) => {
+                            // Write what is queued behind it too, then flush once: a burst
+                            // (a replay, a busy chat) costs a few writes, not one per frame.
+                            let mut frames = 1u64;
+                            let mut ok = sink.feed(Message::Text(text)).await.is_ok();
+                            while ok && frames < WRITE_BATCH {
+                                let Ok(text) = rx.try_recv() else { break };
+                                ok = sink.feed(Message::Text(text)).await.is_ok();
+                                frames += 1;
+                            }
+                            if !ok || sink.flush().await.is_err() {
                                 break;
                             }
+                            metrics::counter!(m::FRAMES_OUT).increment(frames);
+                        }
+                        None => break,
+                    },
+                    _ = ping.tick() => {
+                        if sink.send(Message::Ping(Default::default())).await.is_err() {
+                            break;
                         }
                     }
                 }
-                let _ = sink.close().await;
             }
-            .in_current_span(),
+            let _ = sink.close().await;
+        };
+        let pump = pump(
+            state.clone(),
+            claims.clone(),
+            after,
+            epoch,
+            tx.clone(),
+            close_tx.clone(),
         );
-
-        let pump = tokio::spawn(
-            pump(
-                state.clone(),
-                claims.clone(),
-                after,
-                epoch,
-                tx.clone(),
-                close_tx.clone(),
-            )
-            .in_current_span(),
-        );
+        // Owned by this (the reader's) task: however it ends, they are aborted with it.
+        let mut tasks = Tasks::spawn(writer.in_current_span(), pump.in_current_span());
 
         let expires_in = (claims.exp - Utc::now().timestamp()).max(0) as u64;
         let expiry = tokio::time::sleep(Duration::from_secs(expires_in));
@@ -345,6 +349,16 @@ impl Conn {
                     let _ = close_tx.send((CLOSE_RESTART, "server restarting; reconnect with after".into()));
                     break;
                 }
+                ended = tasks.ended() => match ended {
+                    // The socket cannot be written any more.
+                    Ended::Writer | Ended::Panicked { writer: true } => break,
+                    // It asked for the close it needed (if any); the writer ends with it.
+                    Ended::Pump => {}
+                    Ended::Panicked { writer: false } => {
+                        let _ = close_tx.send((CLOSE_INTERNAL, "internal error; reconnect with after".into()));
+                        break;
+                    }
+                },
                 msg = incoming.next() => {
                     idle.as_mut().reset(tokio::time::Instant::now() + tuning.idle_timeout);
                     let counted = matches!(msg, Some(Ok(Message::Text(_) | Message::Binary(_))));
@@ -389,7 +403,7 @@ impl Conn {
                 }
             }
         }
-        pump.abort();
+        tasks.stop_pump();
         drop(tx);
         // The writer ends on a close request, not on the queue closing (the replica's connection
         // table holds a sender for notifications): ask it to close in every case, so a client that
@@ -398,7 +412,7 @@ impl Conn {
         // Give the writer a moment to send a close frame, then read what the client still sends
         // until its close: dropping a socket with unread input resets it, and the client would
         // lose the frames and the close reason in flight.
-        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), tasks.join()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             while let Some(Ok(m)) = incoming.next().await {
                 if matches!(m, Message::Close(_)) {
@@ -407,8 +421,6 @@ impl Conn {
             }
         })
         .await;
-        metrics::gauge!(m::ACTIVE_CONNECTIONS, "app_id" => app_id).decrement(1.0);
-        info!("Client disconnected.");
     }
 }
 
@@ -811,6 +823,10 @@ async fn on_client_frame(
                     json!({ "command": kind, "command_id": cmd.command_id }),
                 ),
             );
+        }
+        // An id the headers cannot carry (the frame's validation should have caught it).
+        Err(mozaiks_bus::Error::Codec(e @ mozaiks_events::Error::InvalidId { .. })) => {
+            send(tx, &Frame::error("bad_frame", e.to_string()));
         }
         Err(e) => {
             warn!(error = %e, "Cannot send a command.");
