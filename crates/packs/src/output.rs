@@ -196,6 +196,21 @@ fn check_node(path: &str, schema: &Value, depth: usize) -> Result<Vec<String>, (
         }
         (false, None) => {}
     }
+    // Enum values match the rest of the schema too (an object's required properties, an
+    // array's items), so the first one is always a valid answer.
+    if let Some(Value::Array(list)) = map.get("enum") {
+        let mut rest = map.clone();
+        rest.remove("enum");
+        let rest = Value::Object(rest);
+        for (i, v) in list.iter().enumerate() {
+            if let Err(e) = validate(&rest, v) {
+                return problem(
+                    format!("{path}.enum[{i}]"),
+                    format!("does not match the schema: {e}"),
+                );
+            }
+        }
+    }
     Ok(types)
 }
 
@@ -433,6 +448,35 @@ mod tests {
             "o.items"
         );
         assert_eq!(at(json!([1])), "o");
+    }
+
+    #[test]
+    fn enum_values_must_match_the_whole_schema() {
+        // Found by fuzzing (fuzz/README.md, target output_schema): the sample of this schema,
+        // its first enum value, failed the schema, so the offline model's answer was invalid.
+        let s = json!({
+            "type": "object",
+            "properties": {"k": {"type": "string"}},
+            "required": ["k"],
+            "enum": [{}]
+        });
+        let (path, message) = check_schema("o", &s).unwrap_err();
+        assert_eq!(path, "o.enum[0]");
+        assert!(message.contains("missing property"), "{message}");
+        let nested = json!({
+            "type": "object",
+            "properties": {"l": {"type": "array", "items": {"type": "string"}, "enum": [[1]]}},
+            "required": ["l"]
+        });
+        assert_eq!(check_schema("o", &nested).unwrap_err().0, "o.properties.l.enum[0]");
+        let fine = json!({
+            "type": "object",
+            "properties": {"k": {"type": "string"}},
+            "required": ["k"],
+            "enum": [{"k": "a"}]
+        });
+        check_schema("o", &fine).unwrap();
+        validate(&fine, &sample(&fine)).unwrap();
     }
 
     #[test]
