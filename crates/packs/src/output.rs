@@ -468,7 +468,10 @@ mod tests {
             "properties": {"l": {"type": "array", "items": {"type": "string"}, "enum": [[1]]}},
             "required": ["l"]
         });
-        assert_eq!(check_schema("o", &nested).unwrap_err().0, "o.properties.l.enum[0]");
+        assert_eq!(
+            check_schema("o", &nested).unwrap_err().0,
+            "o.properties.l.enum[0]"
+        );
         let fine = json!({
             "type": "object",
             "properties": {"k": {"type": "string"}},
