@@ -462,6 +462,58 @@ async fn the_connection_gauge_goes_back_down_however_a_socket_ends() {
     connections_become(&fleet, 0, "default", 0.0).await;
 }
 
+/// Issue 9, defect 4: `?%74oken=<runtime token>` is read as `token` by the WebSocket route, so
+/// the request log must redact it as well (it was logged in full at `tower_http=debug`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_percent_encoded_token_parameter_works_and_is_redacted_from_the_log() {
+    let mut fleet = Fleet::start(1).await;
+    // A second gateway logging every request (tower_http's request events carry the URI).
+    let port = free_port();
+    let traced = fleet.spawn_with(
+        "gateway",
+        Some(port),
+        &[("LOG_LEVEL", "debug,async_nats=warn,hyper=info,h2=info")],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    fleet.wait_ready(&base).await;
+    fleet.gateways.push(base);
+    let gw = fleet.gateways.len() - 1;
+    let alice = Fleet::token("alice", "default", &["user"]);
+    let ticket = fleet.session(gw, &alice, "hello", None).await;
+    let token = ticket["runtime_token"].as_str().unwrap().to_string();
+    for name in ["%74oken", "t%6Fken", "%74%6F%6B%65%6E"] {
+        let url = fleet
+            .ws_url(gw, &ticket, 0)
+            .replacen("?token=", &format!("?{name}="), 1);
+        assert!(url.contains(&format!("?{name}={token}")), "{url}");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("the route reads the encoded name as token");
+        assert_eq!(events_n(&mut ws, 1).await[0]["type"], "session.started");
+        ws.close(None).await.unwrap();
+    }
+    let log_path = fleet.procs[traced].log.clone();
+    let logged = fleet
+        .eventually("the requests in the gateway's log", || async {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            log.contains("%74%6F%6B%65%6E=").then_some(log)
+        })
+        .await;
+    assert!(
+        !logged.contains(&token),
+        "the runtime token is in the log:\n{logged}"
+    );
+    // The signature alone (the part that makes the token usable) is not there either.
+    let signature = token.rsplit('.').next().unwrap();
+    assert!(!logged.contains(signature), "{logged}");
+    for name in ["%74oken", "t%6Fken", "%74%6F%6B%65%6E"] {
+        assert!(
+            logged.contains(&format!("{name}=REDACTED")),
+            "{name} not redacted:\n{logged}"
+        );
+    }
+}
+
 /// Signs claims with HS256 (to craft expired tokens).
 fn jwt(claims: &serde_json::Value, secret: &str) -> String {
     let _ = Fleet::auth_with(secret); // installs the crypto provider
