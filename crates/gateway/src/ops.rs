@@ -38,7 +38,7 @@ pub struct Scope {
 /// ignored, missing ones default).
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct Snapshot {
+pub(crate) struct Snapshot {
     worker_id: String,
     active_runs: Vec<Value>,
     apps: BTreeMap<String, Counters>,
@@ -60,15 +60,17 @@ struct Counters {
 }
 
 impl Counters {
+    /// Adds another worker's counters; a snapshot's numbers are not trusted to be sane, so
+    /// sums saturate instead of overflowing.
     fn add(&mut self, o: &Counters) {
-        self.runs_started += o.runs_started;
-        self.runs_completed += o.runs_completed;
-        self.runs_failed += o.runs_failed;
-        self.runs_cancelled += o.runs_cancelled;
-        self.prompt_tokens += o.prompt_tokens;
-        self.completion_tokens += o.completion_tokens;
-        self.tool_errors += o.tool_errors;
-        self.turns += o.turns;
+        self.runs_started = self.runs_started.saturating_add(o.runs_started);
+        self.runs_completed = self.runs_completed.saturating_add(o.runs_completed);
+        self.runs_failed = self.runs_failed.saturating_add(o.runs_failed);
+        self.runs_cancelled = self.runs_cancelled.saturating_add(o.runs_cancelled);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.tool_errors = self.tool_errors.saturating_add(o.tool_errors);
+        self.turns = self.turns.saturating_add(o.turns);
         self.turn_ms_total += o.turn_ms_total;
         self.turn_ms_max = self.turn_ms_max.max(o.turn_ms_max);
     }
@@ -87,7 +89,7 @@ impl Counters {
             "runs_cancelled": self.runs_cancelled,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "total_tokens": self.prompt_tokens.saturating_add(self.completion_tokens),
             "tool_errors": self.tool_errors,
             "turns": self.turns,
             "turn_avg_ms": avg,
@@ -133,7 +135,7 @@ async fn snapshots(state: &State) -> Result<Vec<Snapshot>, ApiError> {
         let Ok(Some(body)) = kv.get(&key).await else {
             continue; // gone since it was listed
         };
-        match serde_json::from_slice::<Snapshot>(&body) {
+        match parse_snapshot(&body) {
             Ok(s) => out.push(s),
             Err(e) => {
                 warn!(key = %key, error = %e, "Ignoring a perf snapshot that does not parse.")
@@ -145,13 +147,19 @@ async fn snapshots(state: &State) -> Result<Vec<Snapshot>, ApiError> {
     Ok(out)
 }
 
-/// Active runs visible to the caller, each with its worker and elapsed time.
+/// Parses one `MZ_PERF` entry (tolerant: see [`Snapshot`]).
+pub(crate) fn parse_snapshot(body: &[u8]) -> Result<Snapshot, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
+/// Active runs visible to the caller, each with its worker and elapsed time. An entry of
+/// `active_runs` that is not an object is skipped.
 fn runs(snaps: &[Snapshot], app: Option<&str>) -> Vec<Value> {
     let now = Utc::now();
     let mut runs: Vec<Value> = snaps
         .iter()
         .flat_map(|s| s.active_runs.iter().map(move |r| (s, r)))
-        .filter(|(_, r)| app.is_none_or(|a| r["app_id"] == a))
+        .filter(|(_, r)| r.is_object() && app.is_none_or(|a| r["app_id"] == a))
         .map(|(s, r)| {
             let mut r = r.clone();
             let elapsed = r["started_at"]
@@ -168,14 +176,9 @@ fn runs(snaps: &[Snapshot], app: Option<&str>) -> Vec<Value> {
     runs
 }
 
-pub async fn active_runs(
-    St(state): St<State>,
-    user: User,
-    Query(q): Query<Scope>,
-) -> Result<Json<Value>, ApiError> {
-    let app = scope(&user, q)?;
-    let snaps = snapshots(&state).await?;
-    let runs: Vec<Value> = runs(&snaps, app.as_deref())
+/// The body of `GET /health/active-runs` from the snapshots.
+pub(crate) fn active_runs_json(snaps: &[Snapshot], app: Option<&str>) -> Value {
+    let runs: Vec<Value> = runs(snaps, app)
         .into_iter()
         .map(|r| {
             json!({
@@ -185,9 +188,58 @@ pub async fn active_runs(
             })
         })
         .collect();
-    Ok(Json(
-        json!({ "workers": snaps.len(), "count": runs.len(), "runs": runs }),
-    ))
+    json!({ "workers": snaps.len(), "count": runs.len(), "runs": runs })
+}
+
+/// The body of `GET /metrics/perf/aggregate` from the snapshots.
+pub(crate) fn aggregate_json(snaps: &[Snapshot], app: Option<&str>) -> Value {
+    let mut total = Counters::default();
+    let mut by_app: BTreeMap<String, Counters> = BTreeMap::new();
+    for s in snaps {
+        for (a, c) in &s.apps {
+            if app.is_some_and(|x| x != a) {
+                continue;
+            }
+            total.add(c);
+            by_app.entry(a.clone()).or_default().add(c);
+        }
+    }
+    let runs = runs(snaps, app);
+    let active = |a: &str| runs.iter().filter(|r| r["app_id"] == a).count();
+    let mut body = total.to_json(runs.len());
+    body["workers"] = json!(snaps.len());
+    body["apps"] = by_app
+        .iter()
+        .map(|(a, c)| (a.clone(), c.to_json(active(a))))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    body
+}
+
+/// The body of `GET /metrics/perf/chats` from the snapshots.
+pub(crate) fn chats_json(snaps: &[Snapshot], app: Option<&str>) -> Value {
+    let chats: Vec<Value> = runs(snaps, app)
+        .into_iter()
+        .map(|mut r| {
+            let total = r["prompt_tokens"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_add(r["completion_tokens"].as_u64().unwrap_or(0));
+            r["total_tokens"] = json!(total);
+            r
+        })
+        .collect();
+    json!({ "count": chats.len(), "chats": chats })
+}
+
+pub async fn active_runs(
+    St(state): St<State>,
+    user: User,
+    Query(q): Query<Scope>,
+) -> Result<Json<Value>, ApiError> {
+    let app = scope(&user, q)?;
+    let snaps = snapshots(&state).await?;
+    Ok(Json(active_runs_json(&snaps, app.as_deref())))
 }
 
 pub async fn perf_aggregate(
@@ -197,27 +249,7 @@ pub async fn perf_aggregate(
 ) -> Result<Json<Value>, ApiError> {
     let app = scope(&user, q)?;
     let snaps = snapshots(&state).await?;
-    let mut total = Counters::default();
-    let mut by_app: BTreeMap<String, Counters> = BTreeMap::new();
-    for s in &snaps {
-        for (a, c) in &s.apps {
-            if app.as_deref().is_some_and(|x| x != a) {
-                continue;
-            }
-            total.add(c);
-            by_app.entry(a.clone()).or_default().add(c);
-        }
-    }
-    let runs = runs(&snaps, app.as_deref());
-    let active = |a: &str| runs.iter().filter(|r| r["app_id"] == a).count();
-    let mut body = total.to_json(runs.len());
-    body["workers"] = json!(snaps.len());
-    body["apps"] = by_app
-        .iter()
-        .map(|(a, c)| (a.clone(), c.to_json(active(a))))
-        .collect::<serde_json::Map<_, _>>()
-        .into();
-    Ok(Json(body))
+    Ok(Json(aggregate_json(&snaps, app.as_deref())))
 }
 
 pub async fn perf_chats(
@@ -227,14 +259,5 @@ pub async fn perf_chats(
 ) -> Result<Json<Value>, ApiError> {
     let app = scope(&user, q)?;
     let snaps = snapshots(&state).await?;
-    let chats: Vec<Value> = runs(&snaps, app.as_deref())
-        .into_iter()
-        .map(|mut r| {
-            let total = r["prompt_tokens"].as_u64().unwrap_or(0)
-                + r["completion_tokens"].as_u64().unwrap_or(0);
-            r["total_tokens"] = json!(total);
-            r
-        })
-        .collect();
-    Ok(Json(json!({ "count": chats.len(), "chats": chats })))
+    Ok(Json(chats_json(&snaps, app.as_deref())))
 }
