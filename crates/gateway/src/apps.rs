@@ -177,7 +177,7 @@ pub(crate) fn check_app_id(app_id: &str) -> Result<(), ApiError> {
 }
 
 /// `limits` from a body: an object of known fields only.
-fn parse_limits(v: Value) -> Result<Limits, ApiError> {
+pub(crate) fn parse_limits(v: Value) -> Result<Limits, ApiError> {
     let bad = |msg: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_limits", msg);
     let obj = v
         .as_object()

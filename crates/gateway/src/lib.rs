@@ -7,6 +7,8 @@
 pub mod apps;
 pub mod auth;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod hub;
 pub mod keys;
