@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+/// The shared read-model database when neither MOZAIKS_MONGO_DB nor MONGO_URI names one.
+pub const DEFAULT_MONGO_DB: &str = "mozaiks";
+
 /// The development JWT secret used with `--dev` when `JWT_SECRET` is not set.
 pub const DEV_SECRET: &str = "mozaiks-development-secret-not-for-production";
 
@@ -18,16 +21,20 @@ pub struct Global {
         global = true
     )]
     pub nats_url: String,
-    /// MongoDB URI (also read from MONGODB_URI).
+    /// MongoDB URI (also read from MONGODB_URI). A database in its path
+    /// (`mongodb://mongo:27017/MozaiksAI`) is the shared database unless MOZAIKS_MONGO_DB is set.
     #[arg(long, env = "MONGO_URI", global = true)]
     pub mongo_uri: Option<String>,
-    /// Shared database of the read models.
+    /// Shared database of the read models. Default: the database MONGO_URI names, else `mozaiks`.
     #[arg(
-        long,
+        long = "mongo-db",
+        value_name = "DB",
         env = "MOZAIKS_MONGO_DB",
-        default_value = "mozaiks",
         global = true
     )]
+    pub mongo_db_setting: Option<String>,
+    /// The shared database in effect, set by [`Global::resolve_mongo_db`] right after parsing.
+    #[arg(skip = DEFAULT_MONGO_DB.to_string())]
     pub mongo_db: String,
     /// Prefix of every subject, stream and bucket (lets several installs share one NATS).
     #[arg(long, env = "MOZAIKS_NAMESPACE", default_value = "", global = true)]
@@ -216,6 +223,11 @@ impl Global {
             .unwrap_or_else(|| "mongodb://127.0.0.1:27017/?directConnection=true".into())
     }
 
+    /// Sets [`Global::mongo_db`] from the settings: see [`shared_mongo_db`].
+    pub fn resolve_mongo_db(&mut self) {
+        self.mongo_db = shared_mongo_db(self.mongo_db_setting.as_deref(), &self.mongo_uri());
+    }
+
     /// The verifier's configuration: the secret, and the JWKS source when configured.
     pub fn auth_config(&self) -> anyhow::Result<mozaiks_auth::Config> {
         let mut cfg = mozaiks_auth::Config::hs256(self.jwt_secret()?, self.dev);
@@ -244,6 +256,24 @@ impl Global {
             ),
         }
     }
+}
+
+/// The shared read-model database: MOZAIKS_MONGO_DB when set (and not empty), else the database
+/// the URI names (`mongodb://mongo:27017/MozaiksAI`, as the seeds' deployment guides set it, read
+/// by the driver's own parser), else [`DEFAULT_MONGO_DB`]. A URI the driver cannot parse names no
+/// database here; connecting with it reports why.
+pub fn shared_mongo_db(setting: Option<&str>, uri: &str) -> String {
+    use mozaiks_store::mongodb::options::ConnectionString;
+    setting
+        .filter(|db| !db.is_empty())
+        .map(str::to_string)
+        .or_else(|| {
+            ConnectionString::parse(uri)
+                .ok()
+                .and_then(|c| c.default_database)
+                .filter(|db| !db.is_empty())
+        })
+        .unwrap_or_else(|| DEFAULT_MONGO_DB.to_string())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -292,4 +322,84 @@ pub struct SchemasArgs {
     /// Fail if the files differ instead of writing them.
     #[arg(long)]
     pub check: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_uri_database_is_the_shared_one_unless_mozaiks_mongo_db_is_set() {
+        for (setting, uri, want) in [
+            // The seeds' deployment guides.
+            (None, "mongodb://mongo:27017/MozaiksAI", "MozaiksAI"),
+            (
+                None,
+                "mongodb://u:p@db1:27017,db2:27017/MozaiksAI?replicaSet=rs0&authSource=admin",
+                "MozaiksAI",
+            ),
+            (
+                None,
+                "mongodb+srv://cluster0.example.net/Prod?retryWrites=true",
+                "Prod",
+            ),
+            // No database in the URI: the default.
+            (
+                None,
+                "mongodb://127.0.0.1:27017/?directConnection=true",
+                "mozaiks",
+            ),
+            (None, "mongodb://127.0.0.1:27017", "mozaiks"),
+            (None, "mongodb://127.0.0.1:27017/", "mozaiks"),
+            // Set explicitly, MOZAIKS_MONGO_DB wins; set empty, it counts as unset.
+            (Some("other"), "mongodb://mongo:27017/MozaiksAI", "other"),
+            (Some("other"), "mongodb://mongo:27017/", "other"),
+            (
+                Some("mozaiks"),
+                "mongodb://mongo:27017/MozaiksAI",
+                "mozaiks",
+            ),
+            (Some(""), "mongodb://mongo:27017/MozaiksAI", "MozaiksAI"),
+            // Unparsable: the default here; connecting reports the URI's problem.
+            (None, "not a uri", "mozaiks"),
+        ] {
+            assert_eq!(shared_mongo_db(setting, uri), want, "{setting:?} {uri}");
+        }
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        global: Global,
+    }
+
+    #[test]
+    fn the_mongo_db_flag_wins_over_the_uri_database() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            let mut g = Cli::try_parse_from(args).unwrap().global;
+            g.resolve_mongo_db();
+            g.mongo_db
+        };
+        assert_eq!(
+            parse(&[
+                "mozaiks",
+                "--mongo-uri",
+                "mongodb://m/FromUri",
+                "--mongo-db",
+                "Explicit"
+            ]),
+            "Explicit"
+        );
+        assert_eq!(
+            parse(&[
+                "mozaiks",
+                "--mongo-db",
+                "Explicit",
+                "--mongo-uri",
+                "mongodb://m/"
+            ]),
+            "Explicit"
+        );
+    }
 }

@@ -50,7 +50,8 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    cli.global.resolve_mongo_db();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -14,6 +14,7 @@ mod jwks;
 mod keys;
 mod leases;
 mod limits;
+mod mongo_uri;
 mod reliability;
 mod slice;
 mod storage;
