@@ -2,6 +2,7 @@
 //! WebSocket clients.
 
 mod bad_input;
+mod billing_stall;
 mod children;
 mod cli;
 mod control;

@@ -1,23 +1,54 @@
 //! Billing: the per-app usage ledger.
 //!
 //! Reads `MZ_USAGE` (the `usage.charged` events, sourced from the log by the server) through the
-//! durable consumer `billing`. Each charge is applied in one MongoDB transaction of the app's
-//! database ([`mozaiks_store::ledger`]): insert the charge into `usage_events` (unique on
-//! `(app_id, event_id)`), count its run once in `usage_runs`, and `$inc` the app's `usage_ledger`
-//! totals. A redelivered charge hits the unique index and changes
-//! nothing, so the ledger equals the sum of the `usage.charged` events exactly once each, even
-//! with several billing replicas.
+//! durable consumer `billing`, in batches of whatever has arrived (up to [`BATCH`]), and writes
+//! each batch to the ledger of each app's database ([`mozaiks_store::ledger`]): one document
+//! per charge, unique on `(app_id, event_id)`, inserted without a transaction. A redelivered
+//! charge hits the unique index and changes nothing, so the ledger equals the sum of the
+//! `usage.charged` events exactly once each, even with several billing replicas, and a charge is
+//! acknowledged only once it is written.
+//!
+//! When a batch cannot be written, billing keeps it and tries again (pausing a second at most)
+//! until Mongo answers, telling JetStream that it is still working on it, so a long Mongo stall spends
+//! no delivery attempt and loses nothing (the consumer has no `max_deliver` either), and the
+//! backlog is written within a second or two of Mongo's return. Meanwhile the process reports
+//! itself not ready (`billing.mongo`). Only when the shared database answers and some charges
+//! still fail (their app's own database is down) are those handed back to JetStream with a
+//! growing delay, so the other apps' charges go on.
 
+pub mod metrics;
+
+use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::AckKind;
+use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
 use mozaiks_bus::Bus;
 use mozaiks_events::{Envelope, Event, codec};
 use mozaiks_store::Store;
 use mozaiks_store::ledger::Charged;
-use tracing::{info, warn};
+use mozaiks_store::mongodb::Database;
+use tracing::{debug, info, warn};
+
+use metrics as m;
+pub use metrics::describe;
+
+/// The most charges fetched and written at once.
+pub const BATCH: usize = 256;
+/// Readiness components of billing ([`Bus::report`]).
+const FETCH: &str = "billing.charges";
+const LEDGER: &str = "billing.mongo";
+/// How long one attempt to write a batch may take.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the store's ping may take before Mongo counts as not answering.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest pause between two attempts at a held batch.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Failed attempts, with Mongo answering, after which a batch's failing charges are deferred.
+const DEFER_AFTER: u32 = 3;
+/// The longest delay of a deferred charge's redelivery.
+const DEFER_MAX: Duration = Duration::from_secs(60);
 
 /// Errors of billing.
 #[derive(Debug, thiserror::Error)]
@@ -30,19 +61,8 @@ pub enum Error {
     Mongo(#[from] mozaiks_store::mongodb::error::Error),
     #[error("consumer failed: {0}")]
     Consumer(String),
-}
-
-pub const CHARGES: &str = "mozaiks_billing_charges_total";
-pub const DUPLICATES: &str = "mozaiks_billing_duplicates_total";
-pub const TOKENS: &str = "mozaiks_billing_tokens_total";
-
-pub fn describe() {
-    metrics::describe_counter!(
-        CHARGES,
-        "usage.charged events applied to the ledger, by app_id."
-    );
-    metrics::describe_counter!(DUPLICATES, "Redelivered charges ignored.");
-    metrics::describe_counter!(TOKENS, "Tokens billed, by app_id.");
+    #[error("the ledger did not answer within {} s", APPLY_TIMEOUT.as_secs())]
+    Timeout,
 }
 
 /// The billing service.
@@ -58,76 +78,221 @@ pub enum Applied {
     Duplicate,
 }
 
+/// A charge received and not yet acknowledged.
+struct Pending {
+    msg: Message,
+    env: Envelope,
+}
+
 impl Billing {
     pub fn new(bus: Bus, store: Store) -> Billing {
         describe();
         Billing { bus, store }
     }
 
-    /// Applies charges until `shutdown` resolves.
+    /// Applies charges until `shutdown` resolves. Stopping never waits for NATS or Mongo: a
+    /// batch in flight is dropped unacknowledged and redelivered (writes are idempotent).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        self.store.ensure_indexes(self.store.shared()).await?;
-        let consumer = self.bus.durable("MZ_USAGE", "billing").await?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| Error::Consumer(e.to_string()))?;
-        info!("Billing started.");
-        tokio::pin!(shutdown);
-        loop {
-            let msg = tokio::select! {
-                _ = &mut shutdown => break,
-                m = messages.next() => m,
+        let result = tokio::select! {
+            _ = shutdown => Ok(()),
+            r = self.work() => r,
+        };
+        info!("Billing stopped.");
+        result
+    }
+
+    async fn work(&self) -> Result<(), Error> {
+        // Mongo or NATS down at start is a wait, not a failure of the process.
+        let mut backoff = Duration::from_millis(200);
+        let consumer = loop {
+            let ready = async {
+                self.store.ensure_indexes(self.store.shared()).await?;
+                Ok::<_, Error>(self.bus.durable("MZ_USAGE", "billing").await?)
             };
-            let msg = match msg {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    warn!(error = %e, "Usage consumer error.");
-                    continue;
-                }
-                None => return Err(Error::Consumer("usage stream ended".into())),
-            };
-            let env = match codec::decode_event(&msg.payload) {
-                Ok(env) => env,
+            match ready.await {
+                Ok(c) => break c,
                 Err(e) => {
-                    warn!(subject = %msg.subject, error = %e, "Charge does not decode; skipping it.");
-                    let _ = msg.ack_with(AckKind::Term).await;
-                    continue;
-                }
-            };
-            match self.apply(&env).await {
-                Ok(_) => {
-                    let _ = msg.ack().await;
-                }
-                Err(e) => {
-                    warn!(app_id = %env.app_id, chat_id = %env.chat_id, error = %e, "Charge not applied; it will be redelivered.");
-                    let _ = msg
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
+                    warn!(error = %e, "Billing cannot start yet; retrying.");
+                    self.bus.report(FETCH, Err(format!("cannot start: {e}")));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        };
+        self.bus.report(FETCH, Ok(()));
+        info!("Billing started.");
+        loop {
+            let batch = consumer
+                .batch()
+                .max_messages(BATCH)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(error = %e, "Cannot fetch charges; retrying.");
+                    self.bus
+                        .report(FETCH, Err(format!("cannot fetch charges: {e}")));
+                    if mozaiks_bus::keeper::is_missing(&e.to_string()) {
+                        self.bus.heal();
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let mut charges = Vec::new();
+            while let Some(item) = batch.next().await {
+                let msg = match item {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(error = %e, "Charge fetch error.");
+                        continue;
+                    }
+                };
+                match codec::decode_event(&msg.payload) {
+                    Ok(env) => charges.push(Pending { msg, env }),
+                    Err(e) => {
+                        warn!(subject = %msg.subject, error = %e, "Charge does not decode; skipping it.");
+                        let _ = msg.ack_with(AckKind::Term).await;
+                    }
+                }
+            }
+            self.bus.report(FETCH, Ok(()));
+            if !charges.is_empty() {
+                self.settle(charges).await;
+            }
         }
-        info!("Billing stopped.");
-        Ok(())
     }
 
     /// Applies one charge exactly once, to the ledger in the app's database
     /// ([`Store::resolve_storage`]; see [`Store::charge`]).
     pub async fn apply(&self, env: &Envelope) -> Result<Applied, Error> {
-        let Event::UsageCharged(u) = &env.event else {
+        if !matches!(env.event, Event::UsageCharged(_)) {
             return Ok(Applied::Duplicate);
-        };
+        }
         let db = self.store.resolve_storage(&env.app_id).await?;
-        match self.store.charge(&db, env).await? {
-            Charged::Duplicate => {
-                metrics::counter!(DUPLICATES).increment(1);
-                Ok(Applied::Duplicate)
+        let charged = self.store.charge(&db, env).await?;
+        count(env, charged);
+        Ok(match charged {
+            Charged::Counted => Applied::Charged,
+            Charged::Duplicate => Applied::Duplicate,
+        })
+    }
+
+    /// Writes and acknowledges `pending`, holding it until it is written (or deferred).
+    async fn settle(&self, mut pending: Vec<Pending>) {
+        let mut attempt = 0u32;
+        loop {
+            let Some((failed, error)) = self.write(pending).await else {
+                if attempt > 0 {
+                    info!(attempt, "Charges written after a failure; billing goes on.");
+                }
+                self.bus.report(LEDGER, Ok(()));
+                ::metrics::gauge!(m::WAITING).set(0.0);
+                return;
+            };
+            pending = failed;
+            attempt += 1;
+            ::metrics::counter!(m::RETRIES).increment(1);
+            let mongo_answers = matches!(
+                tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await,
+                Ok(Ok(()))
+            );
+            if mongo_answers && attempt >= DEFER_AFTER {
+                warn!(attempt, charges = pending.len(), error = %error,
+                      "Charges keep failing while Mongo answers; deferring them.");
+                ::metrics::counter!(m::DEFERRED).increment(pending.len() as u64);
+                for p in pending {
+                    let delay = defer_delay(&p.msg);
+                    let _ = p.msg.ack_with(AckKind::Nak(Some(delay))).await;
+                }
+                ::metrics::gauge!(m::WAITING).set(0.0);
+                return;
             }
-            Charged::Counted => {
-                metrics::counter!(CHARGES, "app_id" => env.app_id.clone()).increment(1);
-                metrics::counter!(TOKENS, "app_id" => env.app_id.clone()).increment(u.total_tokens);
-                Ok(Applied::Charged)
+            if attempt == 1 || attempt.is_multiple_of(10) {
+                warn!(attempt, charges = pending.len(), mongo_answers, error = %error,
+                      "Charges not written; holding them and retrying.");
             }
+            self.bus
+                .report(LEDGER, Err(format!("charges not written: {error}")));
+            ::metrics::gauge!(m::WAITING).set(1.0);
+            // Still working on them: JetStream must not redeliver them meanwhile.
+            for p in &pending {
+                let _ = p.msg.ack_with(AckKind::Progress).await;
+            }
+            let pause = (Duration::from_millis(100) * 2u32.saturating_pow(attempt)).min(RETRY_MAX);
+            tokio::time::sleep(pause).await;
         }
     }
+
+    /// Writes `pending` to the ledgers of their apps' databases and acknowledges what was
+    /// written; answers the charges that were not, with the last error (`None`: all written).
+    async fn write(&self, pending: Vec<Pending>) -> Option<(Vec<Pending>, Error)> {
+        let mut by_db: HashMap<String, (Database, Vec<Pending>)> = HashMap::new();
+        let mut failed = Vec::new();
+        let mut last_error = None;
+        for p in pending {
+            match self.store.resolve_storage(&p.env.app_id).await {
+                Ok(db) => by_db
+                    .entry(db.name().to_string())
+                    .or_insert_with(|| (db, Vec::new()))
+                    .1
+                    .push(p),
+                Err(e) => {
+                    last_error = Some(e.into());
+                    failed.push(p);
+                }
+            }
+        }
+        for (db, group) in by_db.into_values() {
+            let started = Instant::now();
+            let envs: Vec<Envelope> = group.iter().map(|p| p.env.clone()).collect();
+            let result =
+                match tokio::time::timeout(APPLY_TIMEOUT, self.store.charge_many(&db, &envs)).await
+                {
+                    Ok(r) => r.map_err(Error::from),
+                    Err(_) => Err(Error::Timeout),
+                };
+            match result {
+                Ok(charged) => {
+                    ::metrics::histogram!(m::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
+                    for (p, c) in group.into_iter().zip(charged) {
+                        count(&p.env, c);
+                        if let Err(e) = p.msg.ack().await {
+                            // Redelivered later, and then a duplicate.
+                            debug!(app_id = %p.env.app_id, error = %e, "Charge written, ack lost.");
+                        }
+                    }
+                }
+                Err(e) => {
+                    last_error = Some(e);
+                    failed.extend(group);
+                }
+            }
+        }
+        last_error.map(|e| (failed, e))
+    }
+}
+
+/// Records what applying `env` did.
+fn count(env: &Envelope, charged: Charged) {
+    let Event::UsageCharged(u) = &env.event else {
+        return;
+    };
+    match charged {
+        Charged::Duplicate => ::metrics::counter!(m::DUPLICATES).increment(1),
+        Charged::Counted => {
+            ::metrics::counter!(m::CHARGES, "app_id" => env.app_id.clone()).increment(1);
+            ::metrics::counter!(m::TOKENS, "app_id" => env.app_id.clone())
+                .increment(u.total_tokens);
+        }
+    }
+}
+
+/// How long a deferred charge waits before JetStream redelivers it: doubling with each delivery,
+/// up to [`DEFER_MAX`].
+fn defer_delay(msg: &Message) -> Duration {
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).clamp(1, 16) as u32;
+    (Duration::from_secs(1) * 2u32.pow(delivered - 1)).min(DEFER_MAX)
 }

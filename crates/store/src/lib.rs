@@ -9,8 +9,9 @@
 //! - `chat_sessions`: unique `(app_id, chat_id)`, `(app_id, user_id, updated_at)`,
 //!   `(app_id, workflow_name, status, updated_at)`
 //! - `chat_messages`: unique `(app_id, chat_id, seq)`
-//! - `usage_ledger`: unique `(app_id)`; `usage_events`: unique `(app_id, event_id)`;
-//!   `usage_runs`: unique `(app_id, run_id)`
+//! - `usage_ledger`: unique `(app_id)`; `usage_events`: unique `(app_id, event_id)`,
+//!   `(app_id, rolled)`; `usage_runs`: unique `(app_id, run_id)`, `(app_id, rolled)` (see
+//!   [`ledger`])
 
 pub mod ledger;
 pub mod metrics;
@@ -42,6 +43,10 @@ pub enum Error {
     Document(String),
     #[error("cannot write the archive: {0}")]
     Archive(String),
+    /// Concurrent writers got in the way (a usage read overtaken by compactions, a compaction
+    /// by another one); trying again later is safe.
+    #[error("contended: {0}")]
+    Contended(String),
 }
 
 /// Mongo error code of a duplicate key.
@@ -60,6 +65,7 @@ pub struct Store {
     db: Database,
     resolver: Option<Resolver>,
     cache: Arc<storage::Cache>,
+    compactions: Arc<ledger::Compactions>,
 }
 
 impl Store {
@@ -86,6 +92,7 @@ impl Store {
             db,
             resolver: None,
             cache: Arc::default(),
+            compactions: Arc::default(),
         };
         store
             .ping()
@@ -137,10 +144,16 @@ impl Store {
             .create_index(idx(doc! { "app_id": 1 }, true))
             .await?;
         db.collection::<Document>(USAGE_EVENTS)
-            .create_index(idx(doc! { "app_id": 1, "event_id": 1 }, true))
+            .create_indexes([
+                idx(doc! { "app_id": 1, "event_id": 1 }, true),
+                idx(doc! { "app_id": 1, "rolled": 1 }, false),
+            ])
             .await?;
         db.collection::<Document>(RUNS)
-            .create_index(idx(doc! { "app_id": 1, "run_id": 1 }, true))
+            .create_indexes([
+                idx(doc! { "app_id": 1, "run_id": 1 }, true),
+                idx(doc! { "app_id": 1, "rolled": 1 }, false),
+            ])
             .await?;
         Ok(())
     }
@@ -207,19 +220,6 @@ impl Store {
             .await?;
         record("messages", started);
         Ok(found)
-    }
-
-    /// An app's metered usage (zeros when nothing was charged yet).
-    pub async fn usage(&self, app_id: &str) -> Result<UsageDoc, Error> {
-        let started = Instant::now();
-        let found = self
-            .resolve_storage(app_id)
-            .await?
-            .collection::<UsageDoc>(LEDGER)
-            .find_one(doc! { "app_id": app_id })
-            .await?;
-        record("usage", started);
-        Ok(found.unwrap_or_else(|| UsageDoc::empty(app_id)))
     }
 }
 

@@ -46,7 +46,8 @@ pub struct MessageDoc {
     pub ts: DateTime<Utc>,
 }
 
-/// `usage_ledger`: metered usage of one app.
+/// An app's metered usage: its `usage_ledger` totals plus the charges not rolled into them yet
+/// (see [`crate::ledger`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UsageDoc {
     pub app_id: String,

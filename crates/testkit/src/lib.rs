@@ -34,7 +34,8 @@
 //!
 //! **Crash tests.** [`TestServers::kill_nats`] / [`TestServers::restart_nats`] (and the Mongo
 //! counterparts) kill the server with SIGKILL and start it again on the same port with the
-//! same data directory.
+//! same data directory. [`TestServers::pause_mongo`] / [`TestServers::resume_mongo`] stall the
+//! Mongo-wire server (SIGSTOP / SIGCONT) without losing its connections or state.
 //!
 //! The async functions run the blocking work on tokio's blocking pool, so they work under
 //! `#[tokio::test]` with either flavour; the `*_blocking` variants suit plain `#[test]`s.
@@ -530,6 +531,45 @@ impl TestServers {
         .await;
         self.mongo = Some(mongo);
         result
+    }
+
+    /// The pid of the secantusd-py this kit started (`None` if external or not running).
+    pub fn mongo_pid(&self) -> Option<u32> {
+        self.mongo.as_ref()?.child.as_ref().map(Child::id)
+    }
+
+    /// Stalls secantusd-py with SIGSTOP: its sockets stay open and its state is kept, but it
+    /// answers nothing (a hung server, not a dead one) until [`TestServers::resume_mongo`].
+    pub fn pause_mongo(&self) -> Result<(), Error> {
+        signal(
+            self.mongo_pid().ok_or(Error::NotManaged("secantusd-py"))?,
+            "STOP",
+        )
+    }
+
+    /// Lets a secantusd-py stalled by [`TestServers::pause_mongo`] run again (SIGCONT).
+    pub fn resume_mongo(&self) -> Result<(), Error> {
+        signal(
+            self.mongo_pid().ok_or(Error::NotManaged("secantusd-py"))?,
+            "CONT",
+        )
+    }
+}
+
+/// Sends `SIG{name}` to `pid` with `kill(1)` (the workspace forbids `unsafe`, so no libc).
+fn signal(pid: u32, name: &str) -> Result<(), Error> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .map_err(io_err(format!("running kill -{name} {pid}")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::Io {
+            context: format!("kill -{name} {pid}"),
+            source: io::Error::other(status.to_string()),
+        })
     }
 }
 

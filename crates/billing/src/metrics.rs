@@ -1,0 +1,36 @@
+//! Metric names of billing.
+
+pub const CHARGES: &str = "mozaiks_billing_charges_total";
+pub const DUPLICATES: &str = "mozaiks_billing_duplicates_total";
+pub const TOKENS: &str = "mozaiks_billing_tokens_total";
+pub const APPLY_SECONDS: &str = "mozaiks_billing_apply_seconds";
+pub const RETRIES: &str = "mozaiks_billing_retries_total";
+pub const DEFERRED: &str = "mozaiks_billing_deferred_total";
+pub const WAITING: &str = "mozaiks_billing_waiting_for_store";
+
+pub fn describe() {
+    metrics::describe_counter!(
+        CHARGES,
+        "usage.charged events applied to the ledger, by app_id."
+    );
+    metrics::describe_counter!(DUPLICATES, "Redelivered charges ignored.");
+    metrics::describe_counter!(TOKENS, "Tokens billed, by app_id.");
+    metrics::describe_histogram!(
+        APPLY_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to write one batch of charges to the ledger."
+    );
+    metrics::describe_counter!(
+        RETRIES,
+        "Attempts to write a batch of charges that failed (the batch is kept and retried)."
+    );
+    metrics::describe_counter!(
+        DEFERRED,
+        "Charges handed back to JetStream with a delay because their database kept failing \
+         while the shared one answered."
+    );
+    metrics::describe_gauge!(
+        WAITING,
+        "1 while billing holds charges it cannot write (Mongo stalled or down), else 0."
+    );
+}
