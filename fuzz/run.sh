@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs fuzz targets under libFuzzer, one after another, each for RUNS executions (default 10
-# million), and prints one line per target: executions, seconds, exec/s, outcome. Needs
+# million) or MAX_TIME seconds if set and reached first, and prints one line per target:
+# executions, seconds, exec/s, outcome. Needs
 # cargo-fuzz (`cargo install cargo-fuzz`); works on the stable toolchain without a sanitizer.
 #
 #   fuzz/run.sh                      # every target
@@ -11,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RUNS="${RUNS:-10000000}"
+MAX_TIME="${MAX_TIME:-0}"
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
     mapfile -t TARGETS < <(ls fuzz/fuzz_targets | sed 's/\.rs$//')
@@ -25,7 +27,7 @@ for t in "${TARGETS[@]}"; do
     start=$(date +%s)
     outcome=ok
     fuzz/target/x86_64-unknown-linux-gnu/release/"$t" "fuzz/corpus/$t" "fuzz/seeds/$t" \
-        -runs="$RUNS" -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$t/" \
+        -runs="$RUNS" -max_total_time="$MAX_TIME" -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$t/" \
         >"fuzz/logs/$t.log" 2>&1 || outcome="CRASH (see fuzz/artifacts/$t/)"
     secs=$(( $(date +%s) - start ))
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "fuzz/logs/$t.log" | grep -o '[0-9]*$' || echo 0)

@@ -62,18 +62,20 @@ const FRAME_CODES: [&str; 5] = [
 fn check_client_frame(text: &str) -> Option<ClientFrame> {
     match ClientFrame::parse(text) {
         Ok(frame) => {
-            if let ClientFrame::UserMessage {
-                text,
-                client_msg_id,
-            } = &frame
-            {
-                assert!(!text.trim().is_empty() && text.len() <= MAX_TEXT_BYTES);
-                assert!(
-                    client_msg_id
-                        .as_ref()
-                        .is_none_or(|id| !id.is_empty() && id.len() <= MAX_CLIENT_MSG_ID)
-                );
-            }
+            // What the rest of the system relies on: bounded text, and ids that can go into a
+            // NATS header and a log line (no control characters, issue 9 defect 3).
+            let (text, id) = match &frame {
+                ClientFrame::UserMessage {
+                    text,
+                    client_msg_id,
+                } => (Some(text), client_msg_id.as_ref()),
+                ClientFrame::InputResponse { text, request_id } => {
+                    (Some(text), request_id.as_ref())
+                }
+                ClientFrame::Cancel { .. } | ClientFrame::Ping {} => (None, None),
+            };
+            assert!(text.is_none_or(|t| !t.trim().is_empty() && t.len() <= MAX_TEXT_BYTES));
+            assert!(id.is_none_or(|id| plain_id(id)), "accepted id {id:?}");
             let again = serde_json::to_string(&frame).expect("a frame serializes");
             assert_eq!(
                 ClientFrame::parse(&again).as_ref(),
