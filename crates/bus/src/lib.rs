@@ -3,12 +3,16 @@
 //! [`Bus`] wraps one NATS connection with its namespace ([`Subjects`]). It applies the stream,
 //! consumer and bucket definitions of `streams/` ([`definitions`]), appends events to a chat's log
 //! with optimistic concurrency ([`Bus::append`]), sends commands, and reads a chat's log back.
+//! It also holds what the fleet shares about itself ([`fleet`]: the process's instance id, the
+//! workers' `MZ_PERF` snapshots and the one liveness rule) and the lease primitive ([`lease`]).
 
 mod batch;
 pub mod commands;
 pub mod definitions;
+pub mod fleet;
 mod follow;
 pub mod keeper;
+pub mod lease;
 mod log;
 pub mod metrics;
 mod replay;
