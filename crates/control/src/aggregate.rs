@@ -18,72 +18,45 @@ pub const MAX_NAME_CHARS: usize = 100;
 /// Most workflows in an allowlist.
 pub const MAX_WORKFLOWS: usize = 256;
 
-/// What happened to an app. The `type` names are stable.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", content = "data")]
-// `app.created` carries the whole initial view; app events are rare and short-lived.
-#[allow(clippy::large_enum_variant)]
-pub enum AppEvent {
-    #[serde(rename = "app.created")]
-    Created {
-        name: String,
-        tier: String,
-        #[serde(default)]
-        workflows: Option<Vec<String>>,
-        #[serde(default)]
-        limits: Limits,
-        #[serde(default)]
-        context: Map<String, Value>,
-        #[serde(default)]
-        runtime_url: Option<String>,
-        /// The app's own database (dedicated-database tiers); absent: the shared one.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        storage: Option<AppStorage>,
-    },
-    #[serde(rename = "app.renamed")]
-    Renamed { name: String },
-    #[serde(rename = "app.tier_changed")]
-    TierChanged { tier: String },
-    /// The app's overrides, all of them (an absent field falls back to the tier).
-    #[serde(rename = "app.limits_changed")]
-    LimitsChanged { limits: Limits },
-    /// The allowlist; `None` allows every shipped workflow.
-    #[serde(rename = "app.workflows_changed")]
-    WorkflowsChanged { workflows: Option<Vec<String>> },
-    #[serde(rename = "app.context_changed")]
-    ContextChanged { context: Map<String, Value> },
-    #[serde(rename = "app.runtime_changed")]
-    RuntimeChanged { runtime_url: Option<String> },
-    /// The app's read models now live in `storage` (`None`: the shared database). Recorded by a
-    /// storage move after the new database was rebuilt from the log.
-    #[serde(rename = "app.storage_changed")]
-    StorageChanged { storage: Option<AppStorage> },
-    #[serde(rename = "app.suspended")]
-    Suspended {
-        #[serde(default)]
-        reason: String,
-    },
-    #[serde(rename = "app.resumed")]
-    Resumed {},
-    #[serde(rename = "app.deleted")]
-    Deleted {},
-}
-
-impl AppEvent {
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            AppEvent::Created { .. } => "app.created",
-            AppEvent::Renamed { .. } => "app.renamed",
-            AppEvent::TierChanged { .. } => "app.tier_changed",
-            AppEvent::LimitsChanged { .. } => "app.limits_changed",
-            AppEvent::WorkflowsChanged { .. } => "app.workflows_changed",
-            AppEvent::ContextChanged { .. } => "app.context_changed",
-            AppEvent::RuntimeChanged { .. } => "app.runtime_changed",
-            AppEvent::StorageChanged { .. } => "app.storage_changed",
-            AppEvent::Suspended { .. } => "app.suspended",
-            AppEvent::Resumed {} => "app.resumed",
-            AppEvent::Deleted {} => "app.deleted",
-        }
+mozaiks_events::named_enum! {
+    /// What happened to an app. The `type` names are stable.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "type", content = "data")]
+    // `app.created` carries the whole initial view; app events are rare and short-lived.
+    #[allow(clippy::large_enum_variant)]
+    pub enum AppEvent {
+        Created {
+            name: String,
+            tier: String,
+            #[serde(default)]
+            workflows: Option<Vec<String>>,
+            #[serde(default)]
+            limits: Limits,
+            #[serde(default)]
+            context: Map<String, Value>,
+            #[serde(default)]
+            runtime_url: Option<String>,
+            /// The app's own database (dedicated-database tiers); absent: the shared one.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            storage: Option<AppStorage>,
+        } = "app.created",
+        Renamed { name: String } = "app.renamed",
+        TierChanged { tier: String } = "app.tier_changed",
+        /// The app's overrides, all of them (an absent field falls back to the tier).
+        LimitsChanged { limits: Limits } = "app.limits_changed",
+        /// The allowlist; `None` allows every shipped workflow.
+        WorkflowsChanged { workflows: Option<Vec<String>> } = "app.workflows_changed",
+        ContextChanged { context: Map<String, Value> } = "app.context_changed",
+        RuntimeChanged { runtime_url: Option<String> } = "app.runtime_changed",
+        /// The app's read models now live in `storage` (`None`: the shared database). Recorded by a
+        /// storage move after the new database was rebuilt from the log.
+        StorageChanged { storage: Option<AppStorage> } = "app.storage_changed",
+        Suspended {
+            #[serde(default)]
+            reason: String,
+        } = "app.suspended",
+        Resumed {} = "app.resumed",
+        Deleted {} = "app.deleted",
     }
 }
 

@@ -182,4 +182,32 @@ mod tests {
         assert_eq!(v["type"], env.event.type_name());
         assert!(Event::TYPE_NAMES.iter().all(|t| t.split('.').count() == 2));
     }
+
+    /// The `type` constants of the generated JSON Schema's variants, in order.
+    fn schema_type_names(schema: schemars::Schema) -> Vec<String> {
+        let v = serde_json::to_value(schema).unwrap();
+        v["oneOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|variant| {
+                variant["properties"]["type"]["const"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_type_name_is_the_serde_name() {
+        let events = schema_type_names(schemars::schema_for!(Envelope));
+        assert_eq!(events, Event::TYPE_NAMES);
+        let commands = schema_type_names(schemars::schema_for!(CommandEnvelope));
+        assert_eq!(commands, Command::TYPE_NAMES);
+        let cmd = Command::Cancel {
+            reason: String::new(),
+        };
+        assert_eq!(serde_json::to_value(&cmd).unwrap()["type"], cmd.type_name());
+    }
 }

@@ -42,100 +42,35 @@ fn default_version() -> u16 {
     ENVELOPE_VERSION
 }
 
-/// The event types. `type` names have exactly two dot-separated parts, because the type is the
-/// last two tokens of the event's subject.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "type", content = "data")]
-pub enum Event {
-    #[serde(rename = "session.started")]
-    SessionStarted(SessionStarted),
-    #[serde(rename = "message.user")]
-    MessageUser(MessageUser),
-    #[serde(rename = "run.started")]
-    RunStarted(RunStarted),
-    #[serde(rename = "step.started")]
-    StepStarted(StepStarted),
-    #[serde(rename = "agent.message")]
-    AgentMessage(AgentMessage),
-    #[serde(rename = "tool.call")]
-    ToolCall(ToolCall),
-    #[serde(rename = "tool.result")]
-    ToolResult(ToolResult),
-    #[serde(rename = "usage.charged")]
-    UsageCharged(UsageCharged),
-    #[serde(rename = "step.completed")]
-    StepCompleted(StepCompleted),
-    #[serde(rename = "child.spawned")]
-    ChildSpawned(ChildSpawned),
-    #[serde(rename = "child.completed")]
-    ChildCompleted(ChildCompleted),
-    #[serde(rename = "input.requested")]
-    InputRequested(InputRequested),
-    #[serde(rename = "run.completed")]
-    RunCompleted(RunCompleted),
-    #[serde(rename = "run.failed")]
-    RunFailed(RunFailed),
-    #[serde(rename = "run.cancelled")]
-    RunCancelled(RunCancelled),
-    #[serde(rename = "model.replied")]
-    ModelReplied(ModelReplied),
-    #[serde(rename = "speaker.selected")]
-    SpeakerSelected(SpeakerSelected),
-    #[serde(rename = "context.updated")]
-    ContextUpdated(ContextUpdated),
-    #[serde(rename = "input.received")]
-    InputReceived(InputReceived),
+crate::named_enum! {
+    /// The event types. `type` names have exactly two dot-separated parts, because the type is the
+    /// last two tokens of the event's subject. Each name is written once, here.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+    #[serde(tag = "type", content = "data")]
+    pub enum Event {
+        SessionStarted(SessionStarted) = "session.started",
+        MessageUser(MessageUser) = "message.user",
+        RunStarted(RunStarted) = "run.started",
+        StepStarted(StepStarted) = "step.started",
+        AgentMessage(AgentMessage) = "agent.message",
+        ToolCall(ToolCall) = "tool.call",
+        ToolResult(ToolResult) = "tool.result",
+        UsageCharged(UsageCharged) = "usage.charged",
+        StepCompleted(StepCompleted) = "step.completed",
+        ChildSpawned(ChildSpawned) = "child.spawned",
+        ChildCompleted(ChildCompleted) = "child.completed",
+        InputRequested(InputRequested) = "input.requested",
+        RunCompleted(RunCompleted) = "run.completed",
+        RunFailed(RunFailed) = "run.failed",
+        RunCancelled(RunCancelled) = "run.cancelled",
+        ModelReplied(ModelReplied) = "model.replied",
+        SpeakerSelected(SpeakerSelected) = "speaker.selected",
+        ContextUpdated(ContextUpdated) = "context.updated",
+        InputReceived(InputReceived) = "input.received",
+    }
 }
 
 impl Event {
-    /// The contract name of the type, e.g. `"agent.message"`.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            Event::SessionStarted(_) => "session.started",
-            Event::MessageUser(_) => "message.user",
-            Event::RunStarted(_) => "run.started",
-            Event::StepStarted(_) => "step.started",
-            Event::AgentMessage(_) => "agent.message",
-            Event::ToolCall(_) => "tool.call",
-            Event::ToolResult(_) => "tool.result",
-            Event::UsageCharged(_) => "usage.charged",
-            Event::StepCompleted(_) => "step.completed",
-            Event::ChildSpawned(_) => "child.spawned",
-            Event::ChildCompleted(_) => "child.completed",
-            Event::InputRequested(_) => "input.requested",
-            Event::RunCompleted(_) => "run.completed",
-            Event::RunFailed(_) => "run.failed",
-            Event::RunCancelled(_) => "run.cancelled",
-            Event::ModelReplied(_) => "model.replied",
-            Event::SpeakerSelected(_) => "speaker.selected",
-            Event::ContextUpdated(_) => "context.updated",
-            Event::InputReceived(_) => "input.received",
-        }
-    }
-
-    /// Every type name, in declaration order.
-    pub const TYPE_NAMES: [&'static str; 19] = [
-        "session.started",
-        "message.user",
-        "run.started",
-        "step.started",
-        "agent.message",
-        "tool.call",
-        "tool.result",
-        "usage.charged",
-        "step.completed",
-        "child.spawned",
-        "child.completed",
-        "input.requested",
-        "run.completed",
-        "run.failed",
-        "run.cancelled",
-        "model.replied",
-        "speaker.selected",
-        "context.updated",
-        "input.received",
-    ];
-
     /// Whether the event ends a run.
     pub fn ends_run(&self) -> bool {
         matches!(

@@ -15,6 +15,7 @@ pub mod frame_limits {
     pub use crate::frame::{MAX_CLIENT_MSG_ID, MAX_DELTA_BYTES, MAX_TEXT_BYTES};
 }
 pub mod ids;
+mod named;
 pub mod schema;
 pub mod subjects;
 
