@@ -187,20 +187,17 @@ async fn throughput(
                     let bus = bus.clone();
                     let workflow = workflow.clone();
                     async move {
-                        let cmd = CommandEnvelope {
-                            v: 1,
-                            command_id: Uuid::now_v7(),
-                            app_id: "default".into(),
-                            chat_id: chat_id.clone(),
-                            user_id: "bench".into(),
+                        let cmd = CommandEnvelope::new(
+                            "default",
+                            &chat_id,
+                            "bench",
                             workflow,
-                            ts: Utc::now(),
-                            command: Cmd::StartSession {
+                            Cmd::StartSession {
                                 context: Default::default(),
                                 parent_chat_id: None,
                                 message: Some("ping".into()),
                             },
-                        };
+                        );
                         bus.send_command(&cmd, None).await
                     }
                 })
@@ -240,20 +237,17 @@ async fn latency(bus: &Bus, workflow: &str, n: usize, max: Duration) -> anyhow::
             )
             .await?;
         bus.client().flush().await?;
-        let cmd = CommandEnvelope {
-            v: 1,
-            command_id: Uuid::now_v7(),
-            app_id: "default".into(),
-            chat_id: chat_id.clone(),
-            user_id: "bench".into(),
-            workflow: workflow.into(),
-            ts: Utc::now(),
-            command: Cmd::StartSession {
+        let cmd = CommandEnvelope::new(
+            "default",
+            &chat_id,
+            "bench",
+            workflow,
+            Cmd::StartSession {
                 context: Default::default(),
                 parent_chat_id: None,
                 message: Some("ping".into()),
             },
-        };
+        );
         let t = Instant::now();
         bus.send_command(&cmd, None).await?;
         tokio::time::timeout(Duration::from_secs(10), sub.next())

@@ -555,18 +555,15 @@ async fn a_child_cancelled_before_it_started_ends_cancelled_and_the_parent_sees_
     let bus = Bus::connect(&procs.servers.nats_url, &procs.servers.namespace, "e2e")
         .await
         .unwrap();
-    let cancel = mozaiks_events::CommandEnvelope {
-        v: 1,
-        command_id: uuid::Uuid::now_v7(),
-        app_id: "default".into(),
-        chat_id: second.clone(),
-        user_id: "kim".into(),
-        workflow: "slow_topic".into(),
-        ts: chrono::Utc::now(),
-        command: mozaiks_events::Command::Cancel {
+    let cancel = mozaiks_events::CommandEnvelope::new(
+        "default",
+        &second,
+        "kim",
+        "slow_topic",
+        mozaiks_events::Command::Cancel {
             reason: "not needed".into(),
         },
-    };
+    );
     bus.send_command(&cancel, None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(

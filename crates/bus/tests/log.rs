@@ -212,19 +212,16 @@ async fn ranges_are_read_in_batches_without_a_consumer() {
 #[tokio::test]
 async fn a_command_id_with_cr_or_lf_is_refused_with_an_error_not_a_panic() {
     let (_servers, bus) = bus().await;
-    let cmd = mozaiks_events::CommandEnvelope {
-        v: 1,
-        command_id: Uuid::now_v7(),
-        app_id: "app1".into(),
-        chat_id: "c1".into(),
-        user_id: "u1".into(),
-        workflow: "hello".into(),
-        ts: Utc::now(),
-        command: mozaiks_events::Command::UserMessage {
+    let cmd = mozaiks_events::CommandEnvelope::new(
+        "app1",
+        "c1",
+        "u1",
+        "hello",
+        mozaiks_events::Command::UserMessage {
             text: "hi".into(),
             client_msg_id: Some("a\nb".into()),
         },
-    };
+    );
     let refused = bus.send_command(&cmd, Some("msg:app1:c1:a\nb")).await;
     assert!(
         matches!(

@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::pull;
-use chrono::Utc;
 use futures::StreamExt;
 use mozaiks_bus::Bus;
 use mozaiks_bus::definitions::Definitions;
@@ -149,18 +148,15 @@ async fn a_lease_taken_by_another_worker_is_reported_lost() {
 }
 
 fn command(chat_id: &str) -> CommandEnvelope {
-    CommandEnvelope {
-        v: 1,
-        command_id: uuid::Uuid::now_v7(),
-        app_id: "app".into(),
-        chat_id: chat_id.into(),
-        user_id: "u".into(),
-        workflow: "hello".into(),
-        ts: Utc::now(),
-        command: Command::Cancel {
+    CommandEnvelope::new(
+        "app",
+        chat_id,
+        "u",
+        "hello",
+        Command::Cancel {
             reason: String::new(),
         },
-    }
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

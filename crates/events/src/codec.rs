@@ -138,19 +138,16 @@ mod tests {
 
     #[test]
     fn commands_round_trip() {
-        let cmd = CommandEnvelope {
-            v: 1,
-            command_id: Uuid::now_v7(),
-            app_id: "a".into(),
-            chat_id: "c".into(),
-            user_id: "u".into(),
-            workflow: "w".into(),
-            ts: Utc::now(),
-            command: Command::UserMessage {
+        let cmd = CommandEnvelope::new(
+            "a",
+            "c",
+            "u",
+            "w",
+            Command::UserMessage {
                 text: "hi".into(),
                 client_msg_id: Some("m1".into()),
             },
-        };
+        );
         assert_eq!(decode_command(&encode_command(&cmd).unwrap()).unwrap(), cmd);
     }
 

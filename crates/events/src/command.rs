@@ -22,8 +22,34 @@ pub struct CommandEnvelope {
     pub command: Command,
 }
 
+impl CommandEnvelope {
+    /// Layout version written by this code.
+    pub const VERSION: u16 = 1;
+
+    /// A new command to `chat_id` of `app_id`, from `user_id`, with a fresh UUID v7 id and the
+    /// current time.
+    pub fn new(
+        app_id: impl Into<String>,
+        chat_id: impl Into<String>,
+        user_id: impl Into<String>,
+        workflow: impl Into<String>,
+        command: Command,
+    ) -> Self {
+        Self {
+            v: Self::VERSION,
+            command_id: Uuid::now_v7(),
+            app_id: app_id.into(),
+            chat_id: chat_id.into(),
+            user_id: user_id.into(),
+            workflow: workflow.into(),
+            ts: Utc::now(),
+            command,
+        }
+    }
+}
+
 fn one() -> u16 {
-    1
+    CommandEnvelope::VERSION
 }
 
 crate::named_enum! {
@@ -68,5 +94,36 @@ crate::named_enum! {
             #[serde(default)]
             output: String,
         } = "child.finished",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_addresses_the_chat_with_a_fresh_v7_id_and_the_current_time() {
+        let before = Utc::now();
+        let cmd = CommandEnvelope::new(
+            "app1",
+            "c1",
+            "alice",
+            "hello",
+            Command::Cancel { reason: "r".into() },
+        );
+        let other = CommandEnvelope::new("app1", "c1", "alice", "hello", cmd.command.clone());
+        assert_eq!(cmd.v, CommandEnvelope::VERSION);
+        assert_eq!(
+            (
+                cmd.app_id.as_str(),
+                cmd.chat_id.as_str(),
+                cmd.user_id.as_str(),
+                cmd.workflow.as_str()
+            ),
+            ("app1", "c1", "alice", "hello")
+        );
+        assert_eq!(cmd.command_id.get_version_num(), 7);
+        assert_ne!(cmd.command_id, other.command_id);
+        assert!(cmd.ts >= before && cmd.ts <= Utc::now());
     }
 }

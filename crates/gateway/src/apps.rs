@@ -15,7 +15,6 @@ use axum::Json;
 use axum::extract::{Path, State as St};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
 use mongodb::bson::{Document, doc};
 use mozaiks_auth::UserClaims;
 use mozaiks_control::{AppCommand, AppPatch, AppStatus, Limits, Rejection};
@@ -446,18 +445,15 @@ async fn cancel_runs(state: &State, app_id: &str) -> Result<u64, ApiError> {
         ) else {
             continue;
         };
-        let cmd = CommandEnvelope {
-            v: 1,
-            command_id: Uuid::now_v7(),
-            app_id: app_id.to_string(),
-            chat_id: chat_id.to_string(),
-            user_id: user_id.to_string(),
-            workflow: workflow.to_string(),
-            ts: Utc::now(),
-            command: Command::Cancel {
+        let cmd = CommandEnvelope::new(
+            app_id,
+            chat_id,
+            user_id,
+            workflow,
+            Command::Cancel {
                 reason: "app deleted".into(),
             },
-        };
+        );
         match state
             .bus
             .send_command(&cmd, Some(&format!("app-deleted:{app_id}:{chat_id}")))

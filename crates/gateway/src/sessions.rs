@@ -11,7 +11,6 @@ use mozaiks_events::{Command, CommandEnvelope, ids};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::info;
-use uuid::Uuid;
 
 use crate::State;
 use crate::error::{ApiError, Body, Query};
@@ -188,20 +187,17 @@ pub async fn start(
                 .increment(1);
             return Err(crate::apps::BrokerError::TooManyRuns { limit });
         }
-        let cmd = CommandEnvelope {
-            v: 1,
-            command_id: Uuid::now_v7(),
-            app_id: req.app_id.clone(),
-            chat_id: chat_id.clone(),
-            user_id: user_id.clone(),
-            workflow: req.workflow_name.clone(),
-            ts: Utc::now(),
-            command: Command::StartSession {
+        let cmd = CommandEnvelope::new(
+            &req.app_id,
+            &chat_id,
+            &user_id,
+            &req.workflow_name,
+            Command::StartSession {
                 context: req.context.clone().unwrap_or_default(),
                 parent_chat_id: None,
                 message: req.message.clone(),
             },
-        };
+        );
         // Dedup on the chat id: a retried start within the window is one command.
         state
             .bus

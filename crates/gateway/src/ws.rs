@@ -44,7 +44,6 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
-use uuid::Uuid;
 
 use crate::State;
 use crate::error::{ApiError, Query};
@@ -804,16 +803,13 @@ async fn on_client_frame(
         ),
     };
     metrics::counter!(m::FRAMES_IN, "type" => kind).increment(1);
-    let cmd = CommandEnvelope {
-        v: 1,
-        command_id: Uuid::now_v7(),
-        app_id: claims.app_id.clone(),
-        chat_id: claims.chat_id.clone(),
-        user_id: claims.sub.clone(),
-        workflow: claims.workflow.clone(),
-        ts: Utc::now(),
+    let cmd = CommandEnvelope::new(
+        &claims.app_id,
+        &claims.chat_id,
+        &claims.sub,
+        &claims.workflow,
         command,
-    };
+    );
     match state.bus.send_command(&cmd, msg_id.as_deref()).await {
         Ok(()) => {
             send(

@@ -13,7 +13,6 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
 use mozaiks_events::{Command, CommandEnvelope, Envelope, Event};
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -141,16 +140,7 @@ impl Owned {
     }
 
     fn command(&self, chat_id: &str, workflow: &str, command: Command) -> CommandEnvelope {
-        CommandEnvelope {
-            v: 1,
-            command_id: Uuid::now_v7(),
-            app_id: self.app_id.clone(),
-            chat_id: chat_id.to_string(),
-            user_id: self.user_id.clone(),
-            workflow: workflow.to_string(),
-            ts: Utc::now(),
-            command,
-        }
+        CommandEnvelope::new(&self.app_id, chat_id, &self.user_id, workflow, command)
     }
 
     /// After a takeover: checks the log of each child the run waits for that this actor has not
