@@ -169,7 +169,7 @@ async fn throughput(
     let s = bus.subjects();
     let mut done = bus
         .client()
-        .subscribe(s.apply("mz.live.*.*.run.completed"))
+        .subscribe(s.live_event("*", "*", "run.completed"))
         .await?;
     bus.client().flush().await?;
     let chats: Vec<String> = (0..n)
@@ -233,7 +233,7 @@ async fn latency(bus: &Bus, workflow: &str, n: usize, max: Duration) -> anyhow::
             .client()
             .subscribe(
                 bus.subjects()
-                    .apply(&format!("mz.live.default.{chat_id}.run.completed")),
+                    .live_event("default", &chat_id, "run.completed"),
             )
             .await?;
         bus.client().flush().await?;

@@ -55,7 +55,7 @@ impl Bus {
         origin: Option<(&str, u64)>,
     ) -> Result<(), Error> {
         let (app, chat) = app_chat.unwrap_or(("_", "_"));
-        let subject = self.subjects().apply(&format!("mz.dlq.cmd.{app}.{chat}"));
+        let subject = self.subjects().dead_letter(app, chat);
         let mut headers = HeaderMap::new();
         // Header values must not hold control characters; the reason is ours, but be safe.
         let clean: String = reason.chars().filter(|c| !c.is_control()).collect();

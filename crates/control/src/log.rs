@@ -33,11 +33,11 @@ fn unavailable(e: impl std::fmt::Display) -> Error {
 
 impl Registry {
     fn app_subject(&self, app_id: &str) -> String {
-        format!("{}mz.ctl.app.{app_id}", self.bus.subjects().prefix())
+        self.bus.subjects().app_log(app_id)
     }
 
     fn all_apps_subject(&self) -> String {
-        format!("{}mz.ctl.app.>", self.bus.subjects().prefix())
+        self.bus.subjects().all_app_logs()
     }
 
     async fn ctl_stream(&self) -> Result<jetstream::stream::Stream, Error> {
@@ -329,7 +329,7 @@ impl Registry {
         let pending = consumer.info().await.map_err(unavailable)?.num_pending;
         let mut heads = Vec::new();
         if pending > 0 {
-            let prefix = format!("{}mz.ctl.app.", self.bus.subjects().prefix());
+            let subjects = self.bus.subjects();
             let mut messages = consumer.messages().await.map_err(unavailable)?;
             loop {
                 let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
@@ -339,7 +339,7 @@ impl Registry {
                     .map_err(unavailable)?;
                 let info = msg.info().map_err(unavailable)?;
                 let (seq, left) = (info.stream_sequence, info.pending);
-                if let Some(app_id) = msg.subject.as_str().strip_prefix(&prefix) {
+                if let Some(app_id) = subjects.app_log_app(msg.subject.as_str()) {
                     heads.push((app_id.to_string(), seq));
                 }
                 if left == 0 {

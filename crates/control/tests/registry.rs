@@ -248,7 +248,7 @@ async fn a_view_behind_the_log_is_repaired() {
                 "Nats-Expected-Last-Subject-Sequence",
                 expected.to_string().as_str(),
             );
-            let subject = format!("{}mz.ctl.app.acme", bus.subjects().prefix());
+            let subject = bus.subjects().app_log("acme");
             bus.jetstream()
                 .publish_with_headers(subject, headers, serde_json::to_vec(&rec).unwrap().into())
                 .await

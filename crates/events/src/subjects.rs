@@ -11,6 +11,8 @@
 //! | `{ns}mz.dlt.{app_id}.{chat_id}` | core NATS (not stored) | token deltas while an agent streams text (`agent.delta` frames) |
 //! | `{ns}mz.ntf.{app_id}` | core NATS | notifications to one user or the whole app, on every gateway replica |
 //! | `{ns}mz.ctl.app.{app_id}` | `{NS}MZ_CTL` | the control plane's app events |
+//! | `{ns}mz.dlq.cmd.{app_id}.{chat_id}` | `{NS}MZ_DLQ` | dead letters: commands that can never apply |
+//! | `{ns}mz.own.{worker_id}` | core NATS | commands forwarded to the worker that owns their chat |
 //!
 //! `ns` is a namespace prefix (empty by default) so several installs or tests can share one
 //! NATS server.
@@ -87,6 +89,60 @@ impl Subjects {
         format!("{}mz.ops.{rest}", self.prefix)
     }
 
+    /// Every stored event of one chat as republished live (core NATS, with `Nats-Sequence`).
+    pub fn chat_live(&self, app_id: &str, chat_id: &str) -> String {
+        format!("{}mz.live.{app_id}.{chat_id}.>", self.prefix)
+    }
+
+    /// One type of stored event as republished live; any part may be the wildcard `*`.
+    pub fn live_event(&self, app_id: &str, chat_id: &str, event_type: &str) -> String {
+        format!("{}mz.live.{app_id}.{chat_id}.{event_type}", self.prefix)
+    }
+
+    /// The dead letter of a command of one chat (`_` for an app or chat that is not known).
+    pub fn dead_letter(&self, app_id: &str, chat_id: &str) -> String {
+        format!("{}mz.dlq.cmd.{app_id}.{chat_id}", self.prefix)
+    }
+
+    /// Notifications to one app's users (core NATS, every gateway replica).
+    pub fn notifications(&self, app_id: &str) -> String {
+        format!("{}mz.ntf.{app_id}", self.prefix)
+    }
+
+    /// Every app's notifications.
+    pub fn all_notifications(&self) -> String {
+        format!("{}mz.ntf.>", self.prefix)
+    }
+
+    /// The app a [`Subjects::notifications`] subject names, if it is one.
+    pub fn notifications_app<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("mz.ntf.")
+    }
+
+    /// Where a worker takes the commands other workers forward to it (core NATS).
+    pub fn owner_inbox(&self, worker_id: &str) -> String {
+        format!("{}mz.own.{worker_id}", self.prefix)
+    }
+
+    /// One app's control-plane events.
+    pub fn app_log(&self, app_id: &str) -> String {
+        format!("{}mz.ctl.app.{app_id}", self.prefix)
+    }
+
+    /// Every app's control-plane events.
+    pub fn all_app_logs(&self) -> String {
+        format!("{}mz.ctl.app.>", self.prefix)
+    }
+
+    /// The app an [`Subjects::app_log`] subject names, if it is one.
+    pub fn app_log_app<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("mz.ctl.app.")
+    }
+
     /// Applies the namespace to a subject written without it in `streams/` files.
     pub fn apply(&self, subject: &str) -> String {
         format!("{}{subject}", self.prefix)
@@ -115,5 +171,38 @@ mod tests {
         assert_eq!(s.name("MZ_EVT"), "t1_MZ_EVT");
         assert_eq!(s.usage_filter(), "t1.mz.evt.*.*.usage.charged");
         assert_eq!(s.deltas("a", "c"), "t1.mz.dlt.a.c");
+    }
+
+    #[test]
+    fn every_subject_keeps_its_contract_shape() {
+        for (ns, p) in [("", ""), ("t1", "t1.")] {
+            let s = Subjects::new(ns);
+            let with = |x: &str| format!("{p}{x}");
+            assert_eq!(s.chat_live("a", "c"), with("mz.live.a.c.>"));
+            assert_eq!(
+                s.live_event("*", "*", "run.completed"),
+                with("mz.live.*.*.run.completed")
+            );
+            assert_eq!(s.dead_letter("a", "c"), with("mz.dlq.cmd.a.c"));
+            assert_eq!(s.dead_letter("_", "_"), with("mz.dlq.cmd._._"));
+            assert_eq!(s.notifications("a"), with("mz.ntf.a"));
+            assert_eq!(s.all_notifications(), with("mz.ntf.>"));
+            assert_eq!(s.owner_inbox("w-1"), with("mz.own.w-1"));
+            assert_eq!(s.app_log("a"), with("mz.ctl.app.a"));
+            assert_eq!(s.all_app_logs(), with("mz.ctl.app.>"));
+            assert_eq!(s.ops("incident.x"), with("mz.ops.incident.x"));
+        }
+    }
+
+    #[test]
+    fn app_ids_are_read_back_from_subjects_of_the_same_namespace_only() {
+        let s = Subjects::new("t1");
+        assert_eq!(s.notifications_app(&s.notifications("acme")), Some("acme"));
+        assert_eq!(s.app_log_app(&s.app_log("acme")), Some("acme"));
+        assert_eq!(s.notifications_app("mz.ntf.acme"), None);
+        assert_eq!(s.app_log_app("t1.mz.ntf.acme"), None);
+        let default = Subjects::new("");
+        assert_eq!(default.notifications_app("mz.ntf.acme"), Some("acme"));
+        assert_eq!(default.app_log_app("t1.mz.ctl.app.acme"), None);
     }
 }

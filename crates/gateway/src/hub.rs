@@ -352,9 +352,7 @@ impl Hub {
             return Ok(f);
         }
         let bus = &self.0.bus;
-        let subject = bus
-            .subjects()
-            .apply(&format!("mz.live.{app_id}.{chat_id}.>"));
+        let subject = bus.subjects().chat_live(app_id, chat_id);
         let sub = bus
             .client()
             .subscribe(subject)

@@ -86,10 +86,7 @@ pub async fn notify(
         data: req.data,
     };
     let payload = serde_json::to_vec(&wire).map_err(|e| ApiError::internal(e.to_string()))?;
-    let subject = state
-        .bus
-        .subjects()
-        .apply(&format!("mz.ntf.{}", wire.app_id));
+    let subject = state.bus.subjects().notifications(&wire.app_id);
     state
         .bus
         .client()
@@ -112,8 +109,8 @@ pub async fn notify(
 
 /// Subscribes this replica to every app's notifications and delivers them to its sockets.
 pub async fn listen(bus: &mozaiks_bus::Bus, hub: Hub) -> Result<(), mozaiks_bus::Error> {
-    let prefix = bus.subjects().apply("mz.ntf.");
-    let subject = format!("{prefix}>");
+    let subjects = bus.subjects().clone();
+    let subject = subjects.all_notifications();
     let mut sub = bus
         .client()
         .subscribe(subject)
@@ -129,7 +126,7 @@ pub async fn listen(bus: &mozaiks_bus::Bus, hub: Hub) -> Result<(), mozaiks_bus:
                 }
             };
             // The subject names the app; a payload claiming another app is refused.
-            if msg.subject.as_str().strip_prefix(prefix.as_str()) != Some(wire.app_id.as_str()) {
+            if subjects.notifications_app(msg.subject.as_str()) != Some(wire.app_id.as_str()) {
                 warn!(subject = %msg.subject, app_id = %wire.app_id, "Ignoring a notification for another app than its subject.");
                 continue;
             }

@@ -243,7 +243,7 @@ pub(super) async fn notify_error(sh: &Shared, cmd: &CommandEnvelope, code: &str,
             "chat_id": cmd.chat_id,
         },
     });
-    let subject = sh.bus.subjects().apply(&format!("mz.ntf.{}", cmd.app_id));
+    let subject = sh.bus.subjects().notifications(&cmd.app_id);
     if let Err(e) = sh
         .bus
         .client()

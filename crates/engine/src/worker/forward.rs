@@ -72,7 +72,7 @@ impl Acker {
 
 /// The subject a worker takes forwarded commands on.
 pub fn inbox(bus: &mozaiks_bus::Bus, worker_id: &str) -> String {
-    bus.subjects().apply(&format!("mz.own.{worker_id}"))
+    bus.subjects().owner_inbox(worker_id)
 }
 
 /// What became of a forwarded command.
