@@ -235,8 +235,7 @@ impl Bus {
                 max_age: std::time::Duration::from_nanos(b.max_age),
                 ..Default::default()
             };
-            self.jetstream()
-                .create_or_update_key_value(cfg)
+            apply_bucket(self.jetstream(), cfg)
                 .await
                 .map_err(|e| Error::JetStream(format!("bucket {}: {e}", b.bucket)))?;
         }
@@ -274,6 +273,45 @@ async fn apply_stream(js: &jetstream::Context, cfg: stream::Config) -> Result<()
                 Ok(())
             }
             Err(e) => Err(Error::JetStream(format!("create stream {name}: {e}"))),
+        },
+    }
+}
+
+/// Creates a bucket, or updates it when its definition changed. Like [`apply_stream`], an
+/// existing bucket that matches is left alone: updating a stream that another replica is
+/// creating at the same moment can time out on a cluster (every role applies the definitions
+/// when a fleet starts), while concurrent identical creates succeed.
+async fn apply_bucket(js: &jetstream::Context, cfg: jetstream::kv::Config) -> Result<(), String> {
+    let stream_name = format!("KV_{}", cfg.bucket);
+    match js.get_stream(&stream_name).await {
+        Ok(mut existing) => {
+            let c = existing
+                .info()
+                .await
+                .map_err(|e| e.to_string())?
+                .config
+                .clone();
+            let differs = c.num_replicas.max(1) != cfg.num_replicas.max(1)
+                || c.max_age != cfg.max_age
+                || c.max_messages_per_subject != cfg.history.max(1)
+                || c.storage != cfg.storage
+                || c.description != Some(cfg.description.clone()).filter(|d| !d.is_empty());
+            if differs {
+                js.create_or_update_key_value(cfg)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                info!(stream = %stream_name, "Bucket updated to match its definition.");
+            }
+            Ok(())
+        }
+        Err(_) => match js.create_key_value(cfg).await {
+            Ok(_) => Ok(()),
+            // Another replica created it between our get and create.
+            Err(e) if js.get_stream(&stream_name).await.is_ok() => {
+                tracing::debug!(stream = %stream_name, error = %e, "Bucket created concurrently.");
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
         },
     }
 }

@@ -66,7 +66,13 @@ impl Bus {
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .connect(url)
+            // A `&str` is one address to async-nats: split the list ourselves.
+            .connect(
+                url.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect::<Vec<&str>>(),
+            )
             .await
             .map_err(|e| Error::Connect {
                 url: url.to_string(),

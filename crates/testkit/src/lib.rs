@@ -32,6 +32,10 @@
 //! Mongo. The namespace and database name are still fresh for every [`TestServers`], so tests
 //! never share state. Shared servers come from `eval "$(scripts/servers.sh up)"`.
 //!
+//! **Clusters.** [`NatsCluster`] starts a JetStream cluster of several nats-servers on loopback
+//! (or one node with `sync_interval: always`), each killable and restartable on its ports;
+//! [`TestServers::start_with_nats`] adds a Mongo-wire server to it.
+//!
 //! **Crash tests.** [`TestServers::kill_nats`] / [`TestServers::restart_nats`] (and the Mongo
 //! counterparts) kill the server with SIGKILL and start it again on the same port with the
 //! same data directory. [`TestServers::pause_mongo`] / [`TestServers::resume_mongo`] stall the
@@ -53,6 +57,18 @@ use std::time::{Duration, Instant};
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a start is retried when another process grabbed the free port first.
 const PORT_ATTEMPTS: usize = 3;
+
+mod cluster;
+pub use cluster::{NatsCluster, NatsOptions};
+
+impl TestServers {
+    /// Starts only the Mongo-wire server (or takes `MONGO_URI` from the environment) and uses
+    /// `nats_url` for NATS, e.g. a [`NatsCluster`]'s `url`. The namespace and database are fresh.
+    pub async fn start_with_nats(nats_url: &str) -> Result<TestServers, Error> {
+        let url = nats_url.to_owned();
+        run_blocking(move || Self::start_with(Some(url), Some(env_mongo_uri()))).await
+    }
+}
 
 /// Errors of the test kit.
 #[derive(Debug, thiserror::Error)]
