@@ -7,6 +7,7 @@ use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use mozaiks_bus::Bus;
 use mozaiks_bus::definitions::Definitions;
+use mozaiks_bus::fleet::InstanceId;
 use mozaiks_control::Registry;
 use mozaiks_packs::Catalog;
 use mozaiks_store::Store;
@@ -242,6 +243,11 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
         None
     };
 
+    // Who this process is in the fleet, made once: the worker's MZ_PERF key and chat leases, the
+    // gateway's presence key, the holder of the retention lease and of storage moves.
+    let instance = InstanceId::new(&std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()));
+    info!(instance = %instance, "Instance id chosen.");
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -272,6 +278,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
                 purge_log: g.retention_purge_log,
                 deleted_every: Duration::from_secs(g.app_archive_interval_seconds.max(1)),
             },
+            instance.clone(),
         );
         let s = stopped();
         tasks.spawn(async move {
@@ -303,6 +310,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
             catalog.clone().context("catalog")?,
             model(g)?,
             opts,
+            instance.clone(),
         );
         let s = stopped();
         tasks.spawn(async move {
@@ -323,6 +331,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
                 registry: registry.clone().context("registry")?,
                 catalog: catalog.clone().context("catalog")?,
                 prometheus: Some(prometheus.clone()),
+                instance: instance.clone(),
             },
             mozaiks_gateway::Options {
                 listen: args.listen,

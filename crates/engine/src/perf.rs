@@ -1,90 +1,25 @@
 //! A worker's live performance snapshot, published to the KV bucket `MZ_PERF` under the key
-//! `worker.{worker_id}` every 2 s and soon after a run starts or ends. The bucket's `max_age`
-//! (10 s) drops a dead worker's snapshot; the gateway aggregates every live one for
-//! `/health/active-runs` and `/metrics/perf/*`.
+//! `worker.{instance_id}` every 2 s and soon after a run starts or ends; a stopping worker deletes
+//! it, and the bucket's `max_age` (10 s) drops a dead worker's. The snapshot's types, the bucket's
+//! name and the liveness rule readers apply are [`mozaiks_bus::fleet`]'s, shared with the gateway
+//! (fleet-wide `max_concurrent_runs`, `/health/active-runs` and `/metrics/perf/*`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use mozaiks_bus::fleet;
+pub use mozaiks_bus::fleet::{ActiveRun, Counters, Ownership, WorkerSnapshot as Snapshot};
 use tokio::sync::Notify;
 use tracing::{debug, warn};
-use uuid::Uuid;
 
 /// How often a worker rewrites its snapshot.
-pub const INTERVAL: Duration = Duration::from_secs(2);
+pub const INTERVAL: Duration = fleet::PUBLISH_EVERY;
 /// At most this often, even when runs start and end faster.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
 /// Active runs listed in one snapshot at most (the count is exact).
 pub const MAX_LISTED_RUNS: usize = 1000;
-
-/// A run this worker is driving or holds in memory.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ActiveRun {
-    pub app_id: String,
-    pub chat_id: String,
-    pub workflow: String,
-    pub run_id: Uuid,
-    pub started_at: DateTime<Utc>,
-    /// The current turn (0 before the first) and its agent.
-    pub step: u32,
-    pub agent: String,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    /// Turns completed so far.
-    pub turns: u32,
-}
-
-/// Counters of one app on one worker, since the worker started.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Counters {
-    pub runs_started: u64,
-    pub runs_completed: u64,
-    pub runs_failed: u64,
-    pub runs_cancelled: u64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub tool_errors: u64,
-    pub turns: u64,
-    /// Sum and maximum of turn durations (`step.started` → `step.completed`), model time
-    /// included.
-    pub turn_ms_total: f64,
-    pub turn_ms_max: f64,
-}
-
-/// How this worker shared chats with the others since it started (see `worker::lease` and
-/// `worker::forward`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Ownership {
-    /// Chat leases claimed (the chat was free).
-    pub leases_acquired: u64,
-    /// Chat leases claimed after the owner stopped renewing (a dead worker's chats).
-    pub leases_taken_over: u64,
-    /// Chat leases lost (not renewed in time).
-    pub leases_lost: u64,
-    /// Commands this worker pulled for a chat another worker owned, and forwarded to it.
-    pub forwarded: u64,
-    /// Commands other workers forwarded to this one.
-    pub forwards_received: u64,
-    /// Appends refused because another writer appended to the chat first.
-    pub conflicts: u64,
-}
-
-/// What a worker publishes.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub worker_id: String,
-    pub started_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub active_run_count: usize,
-    pub active_runs: Vec<ActiveRun>,
-    /// By app_id.
-    pub apps: BTreeMap<String, Counters>,
-    #[serde(default)]
-    pub ownership: Ownership,
-}
 
 #[derive(Default)]
 struct State {
@@ -102,18 +37,17 @@ pub struct Perf {
     changed: Arc<Notify>,
 }
 
-impl Default for Perf {
-    fn default() -> Self {
+impl Perf {
+    /// The numbers of worker `worker_id` (the process's instance id), from now.
+    pub fn new(worker_id: &str) -> Perf {
         Perf {
-            worker_id: Uuid::now_v7().simple().to_string(),
+            worker_id: worker_id.to_string(),
             started_at: Utc::now(),
             state: Arc::default(),
             changed: Arc::default(),
         }
     }
-}
 
-impl Perf {
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -224,14 +158,14 @@ impl Perf {
 
     /// The bucket key of this worker.
     pub fn key(&self) -> String {
-        format!("worker.{}", self.worker_id)
+        fleet::worker_key(&self.worker_id)
     }
 
     /// Publishes the snapshot until `stop` fires, then removes it.
     pub async fn publish(self, bus: mozaiks_bus::Bus, stop: Arc<Notify>) {
         let kv = match bus
             .jetstream()
-            .get_key_value(bus.subjects().name("MZ_PERF"))
+            .get_key_value(bus.subjects().name(fleet::PERF_BUCKET))
             .await
         {
             Ok(kv) => kv,

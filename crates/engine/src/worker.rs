@@ -15,6 +15,7 @@ use async_nats::jetstream::{self, AckKind, consumer::pull};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use mozaiks_bus::Bus;
+use mozaiks_bus::fleet::InstanceId;
 use mozaiks_control::Registry;
 use mozaiks_events::{CommandEnvelope, ENVELOPE_VERSION, Envelope, Event, RunFailed, codec};
 use mozaiks_packs::{Catalog, Pack};
@@ -92,6 +93,8 @@ pub struct Worker {
     catalog: Catalog,
     model: Model,
     opts: Options,
+    /// The process's id: this worker's `MZ_PERF` key, chat leases and forwarding inbox.
+    instance: InstanceId,
 }
 
 impl Worker {
@@ -101,6 +104,7 @@ impl Worker {
         catalog: Catalog,
         model: Model,
         opts: Options,
+        instance: InstanceId,
     ) -> Worker {
         m::describe();
         Worker {
@@ -109,13 +113,14 @@ impl Worker {
             catalog,
             model,
             opts,
+            instance,
         }
     }
 
     /// Pulls commands until `shutdown` resolves, then lets chat actors finish what they hold.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let perf = Perf::default();
-        let owners = Owners::open(&self.bus, perf.worker_id()).await?;
+        let perf = Perf::new(self.instance.as_str());
+        let owners = Owners::open(&self.bus, self.instance.as_str()).await?;
         let sh = Arc::new(Shared {
             runs: Semaphore::new(self.opts.max_concurrent_runs.max(1)),
             bus: self.bus,

@@ -32,6 +32,7 @@ use axum::routing::{delete, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use mozaiks_auth::Auth;
 use mozaiks_bus::Bus;
+use mozaiks_bus::fleet::InstanceId;
 use mozaiks_control::Registry;
 use mozaiks_packs::Catalog;
 use mozaiks_store::Store;
@@ -85,6 +86,8 @@ pub struct Inner {
     pub keys: mozaiks_control::keys::ApiKeys,
     /// The other replicas' sockets and the workers' runs, for fleet-wide limits.
     pub presence: presence::Presence,
+    /// The process's id: its presence key and the holder of the leases it takes (storage moves).
+    pub instance: InstanceId,
 }
 
 impl std::ops::Deref for State {
@@ -126,6 +129,8 @@ pub struct Parts {
     pub registry: Registry,
     pub catalog: Catalog,
     pub prometheus: Option<PrometheusHandle>,
+    /// The process's id, shared by every role in it.
+    pub instance: InstanceId,
 }
 
 impl Gateway {
@@ -138,7 +143,13 @@ impl Gateway {
         let keys = mozaiks_control::keys::ApiKeys::open(&parts.bus)
             .await
             .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
-        let presence = presence::Presence::start(&parts.bus, hub.clone(), shutdown.clone()).await?;
+        let presence = presence::Presence::start(
+            &parts.bus,
+            parts.instance.clone(),
+            hub.clone(),
+            shutdown.clone(),
+        )
+        .await?;
         let state = State(Arc::new(Inner {
             bus: parts.bus,
             store: parts.store,
@@ -152,6 +163,7 @@ impl Gateway {
             hub,
             keys,
             presence,
+            instance: parts.instance,
         }));
         Ok(Gateway { state, shutdown_tx })
     }

@@ -14,16 +14,21 @@
 //!
 //! All three are eventually consistent: a change elsewhere is seen within about 2 s (the publish
 //! period), so a burst spread over replicas within that window can overshoot a limit by what
-//! those replicas admitted meanwhile. A snapshot older than [`FRESH`] (a dead replica or worker) no
-//! longer counts. A draining replica deletes its snapshot.
+//! those replicas admitted meanwhile. A snapshot not rewritten within [`FRESH`] (a dead replica or
+//! worker; the fleet's one liveness rule, [`mozaiks_bus::fleet::LIVE_FOR`]) no longer counts. A
+//! draining replica deletes its snapshot.
+//!
+//! The workers' snapshots are kept whole ([`mozaiks_bus::fleet::Workers`]), so the ops endpoints
+//! ([`crate::ops`]) answer from this memory too, without a request to NATS.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use chrono::{DateTime, Utc};
 use mozaiks_bus::Bus;
+use mozaiks_bus::fleet::{self, InstanceId, Latest, WorkerSnapshot, Workers};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::warn;
@@ -33,9 +38,9 @@ use crate::hub::Hub;
 /// The bucket's base name (namespaced by the bus).
 pub const BUCKET: &str = "MZ_PRESENCE";
 /// How often a replica rewrites its snapshot.
-pub const PUBLISH_EVERY: Duration = Duration::from_secs(2);
-/// A snapshot older than this no longer counts.
-pub const FRESH: Duration = Duration::from_secs(6);
+pub const PUBLISH_EVERY: Duration = fleet::PUBLISH_EVERY;
+/// A snapshot older than this no longer counts (the fleet's one liveness rule).
+pub const FRESH: Duration = fleet::LIVE_FOR;
 
 /// A gateway replica's snapshot.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -47,66 +52,43 @@ pub struct GatewaySnapshot {
     pub sockets: BTreeMap<String, u32>,
 }
 
-/// The part of a worker's `MZ_PERF` snapshot this needs.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct WorkerSnapshot {
-    active_runs: Vec<RunRef>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RunRef {
-    app_id: String,
-}
-
-#[derive(Default)]
-struct Seen {
-    gateways: HashMap<String, (Instant, BTreeMap<String, u32>)>,
-    workers: HashMap<String, (Instant, HashMap<String, u32>)>,
-}
-
 /// The replica's view of the fleet. Cheap to clone.
 #[derive(Clone)]
 pub struct Presence {
-    me: String,
-    seen: Arc<Mutex<Seen>>,
+    me: InstanceId,
+    /// The other replicas' open WebSockets by app.
+    gateways: Latest<BTreeMap<String, u32>>,
+    workers: Workers,
 }
 
 impl Presence {
-    /// Opens `MZ_PRESENCE` and `MZ_PERF`, publishes `hub`'s counts until `draining` turns true
-    /// (then deletes the snapshot), and follows both buckets.
+    /// Opens `MZ_PRESENCE` and `MZ_PERF`, publishes `hub`'s counts under this process's id `me`
+    /// until `draining` turns true (then deletes the snapshot), and follows both buckets.
     pub async fn start(
         bus: &Bus,
+        me: InstanceId,
         hub: Hub,
         draining: watch::Receiver<bool>,
     ) -> Result<Presence, mozaiks_bus::Error> {
-        let js = bus.jetstream();
-        let open = |name: &'static str| {
-            let bucket = bus.subjects().name(name);
-            async move {
-                js.get_key_value(bucket)
-                    .await
-                    .map_err(|e| mozaiks_bus::Error::JetStream(format!("bucket {name}: {e}")))
-            }
-        };
-        let presence_kv = open(BUCKET).await?;
-        let perf_kv = open("MZ_PERF").await?;
-        let me = mozaiks_control::lease::holder_id();
-        let p = Presence {
-            me: me.clone(),
-            seen: Arc::default(),
-        };
-        let watch_err = |e: kv::WatchError| mozaiks_bus::Error::JetStream(e.to_string());
+        let bucket_err = |e: String| mozaiks_bus::Error::JetStream(format!("bucket {BUCKET}: {e}"));
+        let presence_kv = bus
+            .jetstream()
+            .get_key_value(bus.subjects().name(BUCKET))
+            .await
+            .map_err(|e| bucket_err(e.to_string()))?;
         let gateways = presence_kv
             .watch_with_history(">")
             .await
-            .map_err(watch_err)?;
-        let workers = perf_kv.watch_with_history(">").await.map_err(watch_err)?;
-        for (bucket, watch, gateways) in [(BUCKET, gateways, true), ("MZ_PERF", workers, false)] {
+            .map_err(|e| bucket_err(e.to_string()))?;
+        let p = Presence {
+            me: me.clone(),
+            gateways: Latest::default(),
+            workers: Workers::follow(bus).await?,
+        };
+        {
             let (bus, p) = (bus.clone(), p.clone());
             tokio::spawn(async move {
-                bus.follow_bucket(bucket, Some(watch), |e| p.observe(e, gateways))
+                bus.follow_bucket(BUCKET, Some(gateways), |e| p.observe_gateway(&e))
                     .await
             });
         }
@@ -114,100 +96,60 @@ impl Presence {
         Ok(p)
     }
 
-    /// Takes one entry of `MZ_PRESENCE` (`gateways`) or `MZ_PERF`.
-    fn observe(&self, e: kv::Entry, gateways: bool) {
-        {
-            if gateways && e.key == self.me {
-                return;
-            }
-            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-            let put = e.operation == kv::Operation::Put;
-            if gateways {
-                match serde_json::from_slice::<GatewaySnapshot>(&e.value) {
-                    Ok(s) if put => {
-                        seen.gateways
-                            .insert(e.key.clone(), (Instant::now(), s.sockets));
-                    }
-                    _ => {
-                        seen.gateways.remove(&e.key);
-                    }
-                }
-            } else {
-                match serde_json::from_slice::<WorkerSnapshot>(&e.value) {
-                    Ok(s) if put => {
-                        let mut runs: HashMap<String, u32> = HashMap::new();
-                        for r in s.active_runs {
-                            *runs.entry(r.app_id).or_default() += 1;
-                        }
-                        seen.workers.insert(e.key.clone(), (Instant::now(), runs));
-                    }
-                    _ => {
-                        seen.workers.remove(&e.key);
-                    }
-                }
-            }
+    /// Takes one entry of `MZ_PRESENCE` (this replica's own is skipped).
+    fn observe_gateway(&self, e: &kv::Entry) {
+        if e.key == self.me.as_str() {
+            return;
         }
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&Seen, Instant) -> T) -> T {
-        let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        f(&seen, Instant::now())
+        let sockets = match e.operation {
+            kv::Operation::Put => serde_json::from_slice::<GatewaySnapshot>(&e.value)
+                .ok()
+                .map(|s| s.sockets),
+            _ => None,
+        };
+        self.gateways.observe(&e.key, e.revision, sockets);
     }
 
     /// The app's WebSockets open on the other live replicas (their last snapshots).
     pub fn other_sockets(&self, app_id: &str) -> u32 {
-        self.with(|s, now| {
-            s.gateways
-                .values()
-                .filter(|(at, _)| now.duration_since(*at) < FRESH)
-                .filter_map(|(_, m)| m.get(app_id))
-                .sum()
+        self.gateways.with_live(|it| {
+            it.filter_map(|(_, m)| m.get(app_id))
+                .fold(0u32, |a, n| a.saturating_add(*n))
         })
     }
 
     /// Live gateway replicas: this one and every other with a fresh snapshot.
     pub fn live_gateways(&self) -> u32 {
-        self.with(|s, now| {
-            1 + s
-                .gateways
-                .values()
-                .filter(|(at, _)| now.duration_since(*at) < FRESH)
-                .count() as u32
-        })
+        1 + self.gateways.with_live(|it| it.count() as u32)
     }
 
     /// The app's runs in progress on every live worker.
     pub fn active_runs(&self, app_id: &str) -> u32 {
-        self.with(|s, now| {
-            s.workers
-                .values()
-                .filter(|(at, _)| now.duration_since(*at) < FRESH)
-                .filter_map(|(_, m)| m.get(app_id))
-                .sum()
-        })
+        self.workers.active_runs(app_id)
     }
 
     /// Live workers with a fresh snapshot.
     pub fn live_workers(&self) -> u32 {
-        self.with(|s, now| {
-            s.workers
-                .values()
-                .filter(|(at, _)| now.duration_since(*at) < FRESH)
-                .count() as u32
-        })
+        self.workers.count()
+    }
+
+    /// Every live worker's snapshot, ordered by key (for the ops endpoints).
+    pub fn workers(&self) -> Vec<Arc<WorkerSnapshot>> {
+        self.workers.live()
     }
 }
 
 /// Rewrites this replica's snapshot every [`PUBLISH_EVERY`]; deletes it when draining starts.
-async fn publish(kv: kv::Store, me: String, hub: Hub, mut draining: watch::Receiver<bool>) {
+async fn publish(kv: kv::Store, me: InstanceId, hub: Hub, mut draining: watch::Receiver<bool>) {
+    let me = me.as_str();
     loop {
         let snap = GatewaySnapshot {
-            replica: me.clone(),
+            replica: me.to_string(),
             at: Some(Utc::now()),
             sockets: hub.per_app().into_iter().collect(),
         };
         let body = serde_json::to_vec(&snap).unwrap_or_default().into();
-        if let Err(e) = kv.put(&me, body).await {
+        if let Err(e) = kv.put(me, body).await {
             warn!(error = %e, "Cannot publish the replica's presence snapshot.");
         }
         tokio::select! {
@@ -220,7 +162,7 @@ async fn publish(kv: kv::Store, me: String, hub: Hub, mut draining: watch::Recei
             }
         }
     }
-    if let Err(e) = kv.delete(&me).await {
+    if let Err(e) = kv.delete(me).await {
         warn!(error = %e, "Cannot remove the replica's presence snapshot; it ages out.");
     }
 }

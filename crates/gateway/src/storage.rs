@@ -105,7 +105,7 @@ pub fn move_lease(app_id: &str) -> String {
 }
 
 async fn leases(state: &State) -> Result<Leases, ApiError> {
-    Leases::open(&state.bus, mozaiks_control::lease::holder_id())
+    Leases::open(&state.bus, state.instance.as_str())
         .await
         .map_err(ApiError::from)
 }

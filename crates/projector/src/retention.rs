@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use mozaiks_bus::Bus;
+use mozaiks_bus::fleet::InstanceId;
 use mozaiks_control::Registry;
 use mozaiks_control::lease::{Leader, Leases};
 use mozaiks_store::Store;
@@ -95,16 +96,25 @@ pub struct Retention {
     store: Store,
     registry: Registry,
     opts: Options,
+    /// The process's id: the holder of the `retention` lease.
+    instance: InstanceId,
 }
 
 impl Retention {
-    pub fn new(bus: Bus, store: Store, registry: Registry, opts: Options) -> Retention {
+    pub fn new(
+        bus: Bus,
+        store: Store,
+        registry: Registry,
+        opts: Options,
+        instance: InstanceId,
+    ) -> Retention {
         describe();
         Retention {
             bus,
             store,
             registry,
             opts,
+            instance,
         }
     }
 
@@ -112,7 +122,7 @@ impl Retention {
     /// [`Options::every`], and archives deleted apps every [`Options::deleted_every`], until
     /// `shutdown` resolves (then the lease is released for another replica).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let leases = Leases::open(&self.bus, mozaiks_control::lease::holder_id())
+        let leases = Leases::open(&self.bus, self.instance.as_str())
             .await
             .map_err(|e| Error::Consumer(e.to_string()))?;
         let (stop_leader, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Duration, Utc};
 use mozaiks_bus::Bus;
 use mozaiks_bus::definitions::Definitions;
+use mozaiks_bus::fleet::InstanceId;
 use mozaiks_control::{AppCommand, Limits, Registry};
 use mozaiks_events::{ENVELOPE_VERSION, Envelope, Event, MessageUser, SessionStarted};
 use mozaiks_projector::retention::{Options, Retention};
@@ -97,7 +98,13 @@ async fn sessions_past_retention_are_archived_removed_and_purged() {
         purge_log: true,
         deleted_every: std::time::Duration::from_secs(5),
     };
-    let retention = Retention::new(bus.clone(), store.clone(), reg.clone(), opts.clone());
+    let retention = Retention::new(
+        bus.clone(),
+        store.clone(),
+        reg.clone(),
+        opts.clone(),
+        InstanceId::new("test"),
+    );
     let report = retention.sweep(now).await.unwrap();
     assert_eq!(
         (report.sessions, report.messages, report.events_purged),
@@ -156,6 +163,7 @@ async fn sessions_past_retention_are_archived_removed_and_purged() {
             dir: blocked,
             ..opts
         },
+        InstanceId::new("test"),
     );
     let err = bad.sweep(now).await.unwrap_err();
     assert!(err.to_string().contains("archive"), "{err}");
@@ -200,6 +208,7 @@ async fn a_deleted_apps_read_models_are_archived_then_removed_by_the_lease_holde
             purge_log: true,
             deleted_every: std::time::Duration::from_secs(5),
         },
+        InstanceId::new("test"),
     );
     let (_stop_a, stop_rx_a) = tokio::sync::oneshot::channel::<()>();
     let a = Leader::spawn(
@@ -244,6 +253,7 @@ async fn a_deleted_apps_read_models_are_archived_then_removed_by_the_lease_holde
             purge_log: true,
             deleted_every: std::time::Duration::from_secs(5),
         },
+        InstanceId::new("test"),
     );
     assert!(
         blocked
