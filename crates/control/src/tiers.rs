@@ -87,7 +87,7 @@ impl Tiers {
             file: file.to_string(),
             reason,
         };
-        let tiers: Tiers = serde_yaml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let tiers: Tiers = serde_norway::from_str(text).map_err(|e| bad(e.to_string()))?;
         if tiers.tiers.is_empty() {
             return Err(bad("no tiers defined".into()));
         }

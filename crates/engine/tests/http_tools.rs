@@ -40,7 +40,7 @@ async fn server() -> String {
 }
 
 fn tool(yaml: &str) -> HttpTool {
-    serde_yaml::from_str(yaml).unwrap()
+    serde_norway::from_str(yaml).unwrap()
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use arbitrary::{Result, Unstructured};
 use mozaiks_packs::{Pack, output};
 use serde_json::{Map, Value, json};
-use serde_yaml::Value as Yaml;
+use serde_norway::Value as Yaml;
 
 use crate::make;
 
@@ -42,7 +42,7 @@ pub const SEEDS: [(&str, &str); 6] = [
 /// past the name check); an accepted pack round-trips through YAML and its output schemas
 /// hold the schema properties.
 fn check_pack(text: &str) {
-    let folder = serde_yaml::from_str::<Yaml>(text)
+    let folder = serde_norway::from_str::<Yaml>(text)
         .ok()
         .and_then(|y| y.get("name").and_then(Yaml::as_str).map(str::to_string))
         .unwrap_or_else(|| "hello".into());
@@ -54,7 +54,7 @@ fn check_pack_in(text: &str, folder: &str) {
     let Ok(pack) = Pack::parse(file, folder, text) else {
         return;
     };
-    let yaml = serde_yaml::to_string(&pack).expect("a pack serializes");
+    let yaml = serde_norway::to_string(&pack).expect("a pack serializes");
     let again = Pack::parse(file, folder, &yaml)
         .unwrap_or_else(|e| panic!("an accepted pack is refused after a round trip: {e}\n{yaml}"));
     assert_eq!(again, pack, "{yaml}");
@@ -81,7 +81,7 @@ fn yaml_value(u: &mut Unstructured) -> Result<Yaml> {
         3 => Yaml::Number(u.arbitrary::<f64>()?.into()),
         4 => Yaml::Sequence(vec![yaml_value(u)?]),
         5 => {
-            let mut m = serde_yaml::Mapping::new();
+            let mut m = serde_norway::Mapping::new();
             m.insert(Yaml::String(make::string(u)?), yaml_value(u)?);
             Yaml::Mapping(m)
         }
@@ -156,7 +156,7 @@ fn seed_trees() -> &'static [Yaml] {
         SEEDS
             .iter()
             .map(|(name, text)| {
-                serde_yaml::from_str(text)
+                serde_norway::from_str(text)
                     .unwrap_or_else(|e| panic!("the shipped pack {name} is YAML: {e}"))
             })
             .collect()
@@ -181,7 +181,7 @@ pub fn pack_mutated(data: &[u8]) {
         .and_then(Yaml::as_str)
         .unwrap_or(SEEDS[i].0)
         .to_string();
-    if let Ok(text) = serde_yaml::to_string(&tree) {
+    if let Ok(text) = serde_norway::to_string(&tree) {
         check_pack_in(&text, &folder);
     }
 }

@@ -420,7 +420,7 @@ impl Pack {
 
     /// Parses and validates a pack from YAML text.
     pub fn parse(file: &Path, folder_name: &str, text: &str) -> Result<Pack, Error> {
-        let pack: Pack = serde_yaml::from_str(text).map_err(|e| {
+        let pack: Pack = serde_norway::from_str(text).map_err(|e| {
             let at = e
                 .location()
                 .map(|l| format!("line {} column {}", l.line(), l.column()))
@@ -574,10 +574,24 @@ mod tests {
     }
 
     #[test]
+    fn yaml_errors_give_the_line_column_and_the_field_path() {
+        let e =
+            parse("name: w\nstart_agent: a\nagents:\n  - name: a\n    color: red\n").unwrap_err();
+        assert_eq!(e.path, "line 5 column 5", "{e}");
+        assert!(
+            e.message.starts_with("agents[0]: unknown field `color`"),
+            "{e}"
+        );
+        let e = parse("name: w\nstart_agent: a\nmax_turns: many\nagents: []\n").unwrap_err();
+        assert_eq!(e.path, "line 3 column 12", "{e}");
+        assert!(e.message.starts_with("max_turns: invalid type"), "{e}");
+    }
+
+    #[test]
     fn conditions_hold_on_context_and_keywords() {
         let ctx: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(r#"{"k": "billing", "n": null}"#).unwrap();
-        let c = |yaml: &str| serde_yaml::from_str::<Condition>(yaml).unwrap();
+        let c = |yaml: &str| serde_norway::from_str::<Condition>(yaml).unwrap();
         assert!(c("{var: k, equals: billing}").holds(&ctx, ""));
         assert!(!c("{var: k, equals: tech}").holds(&ctx, ""));
         assert!(c("{var: k, in: [tech, billing]}").holds(&ctx, ""));
@@ -592,7 +606,7 @@ mod tests {
     fn conditions_follow_dotted_paths_into_objects() {
         let ctx: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(r#"{"req": {"topic": "dining", "n": {"k": 1}}}"#).unwrap();
-        let c = |yaml: &str| serde_yaml::from_str::<Condition>(yaml).unwrap();
+        let c = |yaml: &str| serde_norway::from_str::<Condition>(yaml).unwrap();
         assert!(c("{var: req.topic, equals: dining}").holds(&ctx, ""));
         assert!(c("{var: req.n.k, in: [1, 2]}").holds(&ctx, ""));
         assert!(c("{var: req.missing, exists: false}").holds(&ctx, ""));
@@ -601,7 +615,7 @@ mod tests {
 
     #[test]
     fn lookups_match_exactly_or_by_the_longest_contained_key() {
-        let l: Lookup = serde_yaml::from_str(
+        let l: Lookup = serde_norway::from_str(
             "{argument: q, match: contains, table: {card: a, credit card: b}, default: none}",
         )
         .unwrap();
@@ -610,7 +624,7 @@ mod tests {
         assert_eq!(l.run(&q("card")).unwrap(), "a");
         assert_eq!(l.run(&q("other")).unwrap(), "none");
         assert!(l.run(&serde_json::json!({})).is_err());
-        let exact: Lookup = serde_yaml::from_str("{argument: q, table: {A1: 1}}").unwrap();
+        let exact: Lookup = serde_norway::from_str("{argument: q, table: {A1: 1}}").unwrap();
         assert_eq!(exact.run(&q("A1")).unwrap(), 1);
         assert!(exact.run(&q("A2")).unwrap_err().contains("A2"));
     }

@@ -274,7 +274,7 @@ mod tests {
 
     #[test]
     fn offline_model_is_deterministic_and_fills_the_template() {
-        let agent: Agent = serde_yaml::from_str(
+        let agent: Agent = serde_norway::from_str(
             "name: a\nsystem_message: be brief\noffline: {reply: '{agent} hears {input} in {context.tone} tone'}",
         )
         .unwrap();
@@ -295,7 +295,7 @@ mod tests {
 
     #[test]
     fn offline_model_calls_scripted_tools_first_then_replies() {
-        let agent: Agent = serde_yaml::from_str(
+        let agent: Agent = serde_norway::from_str(
             "name: a\ntools: [set_context]\noffline:\n  tool_calls: [{tool: set_context, arguments: {key: k, value: '{input}!'}}]\n  reply: done",
         )
         .unwrap();

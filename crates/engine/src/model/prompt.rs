@@ -237,13 +237,13 @@ mod tests {
             structured: None,
         });
         let chat = Chat::from_events([(&msg, None), (&said, None)]);
-        let agent: Agent = serde_yaml::from_str("name: expert").unwrap();
+        let agent: Agent = serde_norway::from_str("name: expert").unwrap();
         let m = messages(&agent, &chat);
         assert_eq!(
             m[1],
             json!({"role": "user", "name": "triage", "content": "routing"})
         );
-        let me: Agent = serde_yaml::from_str("name: triage").unwrap();
+        let me: Agent = serde_norway::from_str("name: triage").unwrap();
         assert_eq!(messages(&me, &chat)[1]["role"], "assistant");
     }
 }
