@@ -3,6 +3,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use mozaiks_events::ids;
@@ -15,7 +17,7 @@ use crate::error::Error;
 use crate::jwks::Jwks;
 use crate::{
     DEFAULT_LEEWAY_SECS, DEFAULT_RUNTIME_TTL_SECS, ISSUER, MAX_LEEWAY_SECS, MAX_RUNTIME_TTL_SECS,
-    MAX_TOKEN_LEN, MIN_SECRET_LEN, RUNTIME_AUDIENCE, USER_AUDIENCE, b64,
+    MAX_TOKEN_LEN, MIN_SECRET_LEN, RUNTIME_AUDIENCE, USER_AUDIENCE,
 };
 
 /// Configuration of [`Auth`]. Build it with [`Config::hs256`], then adjust fields if needed.
@@ -238,13 +240,16 @@ fn check_header(token: &str, allowed: &[Algorithm]) -> Result<Header, Error> {
             "expected three dot-separated segments".into(),
         ));
     };
-    if !b64::is_alphabet(payload) || !b64::is_alphabet(signature) {
+    if !is_base64url(payload) || !is_base64url(signature) {
         return Err(Error::Malformed(
             "payload or signature is not base64url".into(),
         ));
     }
-    let raw =
-        b64::decode(header).ok_or_else(|| Error::Malformed("header is not base64url".into()))?;
+    // Unpadded base64url (RFC 7515 §2): padding, the standard alphabet and non-canonical
+    // trailing bits are refused.
+    let raw = URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| Error::Malformed("header is not base64url".into()))?;
     let fields: serde_json::Map<String, Value> = serde_json::from_slice(&raw)
         .map_err(|_| Error::Malformed("header is not a JSON object".into()))?;
     let alg = fields
@@ -261,6 +266,14 @@ fn check_header(token: &str, allowed: &[Algorithm]) -> Result<Header, Error> {
         ));
     }
     jsonwebtoken::decode_header(token).map_err(|e| Error::Malformed(format!("header: {e}")))
+}
+
+/// Whether `segment` uses only the unpadded base64url alphabet (checked before verification;
+/// the verifier decodes it).
+fn is_base64url(segment: &str) -> bool {
+    segment
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
 }
 
 /// Verifies user and runtime tokens and mints them. Cheap to clone.

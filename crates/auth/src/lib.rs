@@ -30,7 +30,6 @@
 //! Use [`redact_token`] before logging a URL that may carry `?token=`.
 
 mod auth;
-mod b64;
 mod claims;
 mod error;
 mod jwks;

@@ -2,6 +2,8 @@
 
 use std::collections::HashSet;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::Utc;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
@@ -57,7 +59,7 @@ fn with(mut claims: Value, key: &str, value: Value) -> Value {
 }
 
 fn encode_part(value: &Value) -> String {
-    b64::encode(&serde_json::to_vec(value).expect("json"))
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(value).expect("json"))
 }
 
 /// Builds a token by hand: any header, any claims, signed with `key` using `alg`.
@@ -285,7 +287,8 @@ fn header_alg_is_not_trusted() {
 #[test]
 fn header_keys_are_ignored() {
     let auth = auth();
-    let attacker_jwk = json!({"kty": "oct", "k": b64::encode(OTHER_SECRET), "alg": "HS256"});
+    let attacker_jwk =
+        json!({"kty": "oct", "k": URL_SAFE_NO_PAD.encode(OTHER_SECRET), "alg": "HS256"});
     let headers = [
         json!({"alg": "HS256", "kid": "attacker"}),
         json!({"alg": "HS256", "jwk": attacker_jwk}),
@@ -353,6 +356,35 @@ fn malformed_strings_are_refused() {
     // Padded base64 is not compact JWS.
     let padded = format!("{good}==");
     assert!(refused(auth.verify_user(&padded)).kind() == ErrorKind::Unauthorized);
+}
+
+#[test]
+fn the_header_must_be_unpadded_canonical_base64url() {
+    let auth = auth();
+    let claims = user_claims();
+    // Signed properly, so only the header's encoding can be wrong.
+    let token = |header: &str| {
+        let message = format!("{header}.{}", encode_part(&claims));
+        let key = EncodingKey::from_secret(SECRET);
+        let signature =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::HS256).expect("sign");
+        format!("{message}.{signature}")
+    };
+    // 25 bytes: the last group has two characters, the second with four unused bits.
+    let json = r#"{"alg":"HS256","x":"~~~"}"#;
+    let canonical = URL_SAFE_NO_PAD.encode(json);
+    assert_eq!(canonical, "eyJhbGciOiJIUzI1NiIsIngiOiJ-fn4ifQ");
+    auth.verify_user(&token(&canonical))
+        .expect("the canonical header is accepted");
+    for bad in [
+        format!("{canonical}=="),      // padded
+        canonical.replace('-', "+"),   // the standard alphabet
+        canonical.replace("fQ", "fR"), // the same bytes with unused bits set
+        format!("{canonical}AAA"),     // a length no encoding has
+    ] {
+        let err = refused(auth.verify_user(&token(&bad)));
+        assert!(matches!(err, Error::Malformed(_)), "{bad}: {err:?}");
+    }
 }
 
 #[test]
