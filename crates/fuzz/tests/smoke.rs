@@ -149,3 +149,20 @@ fn hostile_perf_snapshots_are_tolerated() {
     let parsed = mozaiks_gateway::fuzzing::perf_snapshots(&[odd, big, big]);
     assert_eq!(parsed, 3);
 }
+
+/// Found by fuzzing (target output_schema): serde_json's default float parsing is not always
+/// correctly rounded, so a model's reply naming a float `enum` value exactly could read back one
+/// unit in the last place off and be refused; the workspace enables `float_roundtrip`.
+#[test]
+fn float_enum_values_survive_a_reply() {
+    let value = -4.376361621636161e288_f64;
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"x": {"type": "number", "enum": [value]}},
+        "required": ["x"]
+    });
+    mozaiks_packs::output::check_schema("s", &schema).expect("the schema loads");
+    let reply = serde_json::json!({ "x": value }).to_string();
+    let parsed = mozaiks_packs::output::parse_reply(&schema, &reply).expect("the reply is valid");
+    assert_eq!(parsed["x"].as_f64(), Some(value));
+}
