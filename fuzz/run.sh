@@ -6,6 +6,7 @@
 #
 #   fuzz/run.sh                      # every target
 #   RUNS=100000 fuzz/run.sh client_frame bus_decode
+#   MAX_TIME=600 SKIP_BUILD=1 fuzz/run.sh pack_mutated
 #
 # New inputs go to fuzz/corpus/<target>/ (seeded from fuzz/seeds/<target>/), crashes to
 # fuzz/artifacts/<target>/, libFuzzer's log to fuzz/logs/<target>.log (all ignored by git).
@@ -20,7 +21,8 @@ fi
 # cargo-fuzz passes no -Z flag with `-s none`; RUSTC_BOOTSTRAP only keeps older cargo-fuzz
 # versions, which always asked for one, working on stable.
 export RUSTC_BOOTSTRAP=1
-cargo fuzz build -s none -a
+# SKIP_BUILD=1 runs the binaries already built (a rebuild follows every edit of the workspace).
+[ -n "${SKIP_BUILD:-}" ] || cargo fuzz build -s none -a
 mkdir -p fuzz/logs
 for t in "${TARGETS[@]}"; do
     mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
