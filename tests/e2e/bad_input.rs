@@ -196,6 +196,19 @@ async fn http_bad_input_and_cross_tenant_requests_are_refused() {
     // Unknown endpoints.
     let (s, v) = fleet.get(0, "/api/nothing", &alice).await;
     assert_eq!((s, code(&v)), (404, "not_found"));
+    // A known endpoint with a method it does not take: 405, the error envelope and `Allow`.
+    let r = http
+        .delete(format!("{gw}/api/sessions"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let allow = r.headers()["allow"].to_str().unwrap().to_string();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(code(&v), "method_not_allowed", "{v}");
+    assert_eq!(v["error"]["message"], "this endpoint does not take DELETE");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -278,6 +278,7 @@ pub fn router(state: State) -> Router {
             get(ws::upgrade),
         )
         .fallback(|| async { error::ApiError::not_found("not_found", "no such endpoint") })
+        .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
