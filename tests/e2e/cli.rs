@@ -56,6 +56,21 @@ fn an_invalid_pack_is_refused_with_its_file_and_path() {
 }
 
 #[test]
+fn a_folder_without_packs_is_refused_without_an_empty_path_segment() {
+    let dir = std::env::temp_dir().join(format!("mz-nopacks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = mozaiks(&["workflows", "check", dir.to_str().unwrap()]);
+    let absent = mozaiks(&["workflows", "check", dir.join("absent").to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    for out in [empty, absent] {
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains(dir.to_str().unwrap()), "{err}");
+        assert!(!err.contains(": :"), "{err}");
+    }
+}
+
+#[test]
 fn a_user_token_is_minted_for_development() {
     let out = mozaiks(&["token", "--sub", "dev", "--roles", "user,admin"]);
     assert!(out.status.success());

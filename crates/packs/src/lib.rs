@@ -399,14 +399,25 @@ pub const MAX_TOOL_TIMEOUT_MS: u64 = 300_000;
 /// Most children one agent turn may spawn.
 pub const MAX_CHILDREN: usize = 32;
 
-/// Why a pack was refused.
+/// Why a pack was refused. Shown as `{file}: {path}: {message}`, or `{file}: {message}` when
+/// the error is about the file or folder as a whole.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}: {path}: {message}")]
+#[error("{}: {}{message}", file.display(), at(path))]
 pub struct Error {
     pub file: PathBuf,
-    /// Where in the file, e.g. `agents[1].handoff.after_work`, or `line 4 column 3`.
+    /// Where in the file, e.g. `agents[1].handoff.after_work`, or `line 4 column 3`; empty for
+    /// the whole file or folder (it cannot be read, a folder has no packs).
     pub path: String,
     pub message: String,
+}
+
+/// `"{path}: "`, or nothing for an empty path.
+fn at(path: &str) -> String {
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!("{path}: ")
+    }
 }
 
 impl Pack {
@@ -650,5 +661,33 @@ mod tests {
         let e = Catalog::load_dir(&dir).unwrap_err();
         assert!(e.file.ends_with("bad/workflow.yaml"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn errors_about_a_whole_folder_or_file_have_no_empty_path_segment() {
+        let dir = std::env::temp_dir().join(format!("mz-packs-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = Catalog::load_dir(&dir).unwrap_err();
+        let missing = Catalog::load_dir(&dir.join("absent")).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            empty.to_string(),
+            format!(
+                "{}: no workflow packs found (expected <name>/workflow.yaml)",
+                dir.display()
+            )
+        );
+        let text = missing.to_string();
+        assert!(
+            text.starts_with(&format!("{}: ", dir.join("absent").display())),
+            "{text}"
+        );
+        assert!(!text.contains(": :"), "{text}");
+        // A path keeps its segment.
+        let e = parse("name: w\nstart_agent: z\nagents:\n  - name: a\n").unwrap_err();
+        assert!(
+            e.to_string().starts_with("w/workflow.yaml: start_agent: "),
+            "{e}"
+        );
     }
 }
