@@ -127,12 +127,13 @@ pub struct Global {
         global = true
     )]
     pub workflow_timeout_seconds: u64,
-    /// Where the projector role archives sessions past their tier's retention
-    /// (`{dir}/{app_id}/{YYYY-MM-DD}.jsonl`).
+    /// Where the projector role archives sessions past their tier's retention and deleted apps'
+    /// sessions (`{dir}/{app_id}/{YYYY-MM-DD}.jsonl`). Default: an absolute folder, see
+    /// [`default_archive_dir`].
     #[arg(
         long,
         env = "MOZAIKS_ARCHIVE_DIR",
-        default_value = "archive",
+        default_value_os_t = default_archive_dir(),
         global = true
     )]
     pub archive_dir: PathBuf,
@@ -276,6 +277,38 @@ pub fn shared_mongo_db(setting: Option<&str>, uri: &str) -> String {
         .unwrap_or_else(|| DEFAULT_MONGO_DB.to_string())
 }
 
+/// The archive folder when MOZAIKS_ARCHIVE_DIR is not set, from the process's environment (see
+/// [`archive_dir_from`]).
+pub fn default_archive_dir() -> PathBuf {
+    archive_dir_from(|name| std::env::var_os(name))
+}
+
+/// The archive folder when MOZAIKS_ARCHIVE_DIR is not set: `archive` in the service's state
+/// folder, never relative to the working directory. The first that is set to an absolute path:
+/// `$STATE_DIRECTORY/archive` (systemd's `StateDirectory=`), `$XDG_STATE_HOME/mozaiks/archive`,
+/// `$HOME/.local/state/mozaiks/archive`; else `/var/lib/mozaiks/archive`.
+pub fn archive_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    let absolute = |name: &str| var(name).map(PathBuf::from).filter(|p| p.is_absolute());
+    // systemd sets STATE_DIRECTORY to a colon-separated list when a unit names several.
+    let systemd = var("STATE_DIRECTORY")
+        .and_then(|v| {
+            v.to_str()
+                .and_then(|s| s.split(':').next())
+                .map(PathBuf::from)
+        })
+        .filter(|p| p.is_absolute());
+    if let Some(dir) = systemd {
+        return dir.join("archive");
+    }
+    if let Some(dir) = absolute("XDG_STATE_HOME") {
+        return dir.join("mozaiks").join("archive");
+    }
+    if let Some(home) = absolute("HOME") {
+        return home.join(".local/state/mozaiks/archive");
+    }
+    PathBuf::from("/var/lib/mozaiks/archive")
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct GatewayArgs {
     /// Address the gateway listens on.
@@ -327,6 +360,43 @@ pub struct SchemasArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_archive_folder_is_absolute_and_follows_the_state_folders() {
+        let with = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            archive_dir_from(move |name| {
+                vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.into())
+            })
+        };
+        let all = [
+            ("STATE_DIRECTORY", "/var/lib/mozaiks:/var/lib/other"),
+            ("XDG_STATE_HOME", "/home/ops/.state"),
+            ("HOME", "/home/ops"),
+        ];
+        assert_eq!(with(&all), PathBuf::from("/var/lib/mozaiks/archive"));
+        assert_eq!(
+            with(&all[1..]),
+            PathBuf::from("/home/ops/.state/mozaiks/archive")
+        );
+        assert_eq!(
+            with(&all[2..]),
+            PathBuf::from("/home/ops/.local/state/mozaiks/archive")
+        );
+        assert_eq!(with(&[]), PathBuf::from("/var/lib/mozaiks/archive"));
+        // Relative values are ignored (the XDG rule), so the default never depends on the
+        // working directory.
+        let relative = [
+            ("STATE_DIRECTORY", "state"),
+            ("XDG_STATE_HOME", ".state"),
+            ("HOME", "ops"),
+        ];
+        assert_eq!(with(&relative), PathBuf::from("/var/lib/mozaiks/archive"));
+        assert!(default_archive_dir().is_absolute());
+    }
 
     #[test]
     fn the_uri_database_is_the_shared_one_unless_mozaiks_mongo_db_is_set() {

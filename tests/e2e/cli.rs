@@ -71,6 +71,32 @@ fn a_folder_without_packs_is_refused_without_an_empty_path_segment() {
 }
 
 #[test]
+fn the_default_archive_folder_is_absolute_and_the_variable_still_wins() {
+    let help = |archive: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mozaiks"));
+        cmd.args(["projector", "--help"])
+            .current_dir(std::env::temp_dir())
+            .env("HOME", "/home/ops")
+            .env_remove("STATE_DIRECTORY")
+            .env_remove("XDG_STATE_HOME")
+            .env_remove("MOZAIKS_ARCHIVE_DIR");
+        if let Some(dir) = archive {
+            cmd.env("MOZAIKS_ARCHIVE_DIR", dir);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let text = help(None);
+    assert!(
+        text.contains("[default: /home/ops/.local/state/mozaiks/archive]"),
+        "{text}"
+    );
+    let text = help(Some("/srv/archive"));
+    assert!(text.contains("MOZAIKS_ARCHIVE_DIR=/srv/archive"), "{text}");
+}
+
+#[test]
 fn a_user_token_is_minted_for_development() {
     let out = mozaiks(&["token", "--sub", "dev", "--roles", "user,admin"]);
     assert!(out.status.success());
