@@ -431,6 +431,17 @@ impl Pack {
 
     /// Parses and validates a pack from YAML text.
     pub fn parse(file: &Path, folder_name: &str, text: &str) -> Result<Pack, Error> {
+        // YAML's `.nan` and `.inf` have no JSON form: inside the JSON values a pack holds
+        // (conditions, context, tool parameters, tables) they would silently become `null`.
+        if let Ok(tree) = serde_norway::from_str::<serde_norway::Value>(text)
+            && let Some(path) = non_finite(&tree, &mut String::new())
+        {
+            return Err(Error {
+                file: file.to_path_buf(),
+                path,
+                message: "not a finite number (.nan and .inf have no JSON form)".into(),
+            });
+        }
         let pack: Pack = serde_norway::from_str(text).map_err(|e| {
             let at = e
                 .location()
@@ -448,6 +459,42 @@ impl Pack {
             message,
         })?;
         Ok(pack)
+    }
+}
+
+/// The path of the first non-finite number in a YAML tree (`agents[0].offline.reply`).
+fn non_finite(v: &serde_norway::Value, path: &mut String) -> Option<String> {
+    use serde_norway::Value;
+    let under = |path: &mut String, step: String, v: &Value| {
+        let len = path.len();
+        path.push_str(&step);
+        let found = non_finite(v, path);
+        path.truncate(len);
+        found
+    };
+    match v {
+        Value::Number(n) => n.as_f64().filter(|f| !f.is_finite()).map(|_| path.clone()),
+        Value::Sequence(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| under(path, format!("[{i}]"), x)),
+        Value::Mapping(m) => m.iter().find_map(|(k, x)| {
+            let key = match k {
+                Value::String(s) => s.clone(),
+                other => serde_norway::to_string(other)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            };
+            let step = if path.is_empty() {
+                key
+            } else {
+                format!(".{key}")
+            };
+            under(path, step, x)
+        }),
+        Value::Tagged(t) => non_finite(&t.value, path),
+        _ => None,
     }
 }
 
@@ -689,5 +736,20 @@ mod tests {
             e.to_string().starts_with("w/workflow.yaml: start_agent: "),
             "{e}"
         );
+    }
+
+    #[test]
+    fn non_finite_numbers_are_refused_with_their_path() {
+        // Found by fuzzing (pack_mutated): `.nan` became `null` and read as a test for null.
+        let yaml = "name: p\nstart_agent: a\nagents:\n  - name: a\nterminate_when:\n  - {var: handled, equals: .nan}\n";
+        let e = Pack::parse(Path::new("p/workflow.yaml"), "p", yaml).unwrap_err();
+        assert_eq!(e.path, "terminate_when[0].equals");
+        assert!(e.message.contains("finite"), "{}", e.message);
+        let yaml = "name: p\nstart_agent: a\ncontext:\n  limit: -.inf\nagents:\n  - name: a\n";
+        let e = Pack::parse(Path::new("p/workflow.yaml"), "p", yaml).unwrap_err();
+        assert_eq!(e.path, "context.limit");
+        // Finite floats are fine.
+        let yaml = "name: p\nstart_agent: a\ncontext:\n  limit: 1.5\nagents:\n  - name: a\n";
+        Pack::parse(Path::new("p/workflow.yaml"), "p", yaml).unwrap();
     }
 }
