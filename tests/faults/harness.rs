@@ -37,9 +37,17 @@ pub struct Harness {
     dir: PathBuf,
 }
 
+/// `MOZAIKS_BIN`: a `mozaiks` binary to run instead of the one Cargo built for this test (the
+/// durability measurement uses a release build).
+pub fn other_binary() -> Option<PathBuf> {
+    std::env::var_os("MOZAIKS_BIN")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+}
+
 /// Whether `mozaiks` knows `MOZAIKS_HEALTH_LISTEN` (its `--help` lists the variable).
 fn binary_has_health_listener() -> bool {
-    Command::new(env!("CARGO_BIN_EXE_mozaiks"))
+    Command::new(other_binary().unwrap_or_else(|| env!("CARGO_BIN_EXE_mozaiks").into()))
         .args(["worker", "--help"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("MOZAIKS_HEALTH_LISTEN"))
@@ -116,6 +124,19 @@ impl Harness {
         let slot = &self.slots[i];
         let log = self.dir.join(format!("{}-{}.log", slot.name, slot.starts));
         let mut cmd = fleet::command(&self.servers, slot.role, &log);
+        if let Some(bin) = other_binary() {
+            // The same arguments and environment for another build (e.g. a release binary).
+            let mut other = Command::new(bin);
+            other.args(cmd.get_args()).env_clear();
+            for (k, v) in cmd.get_envs() {
+                if let Some(v) = v {
+                    other.env(k, v);
+                }
+            }
+            let out = std::fs::File::options().append(true).open(&log).unwrap();
+            other.stdout(out.try_clone().unwrap()).stderr(out);
+            cmd = other;
+        }
         cmd.env("MOZAIKS_ARCHIVE_DIR", self.dir.join("archive"))
             .env("MOZAIKS_DRAIN_SECONDS", "3")
             .env("LOG_LEVEL", "info,async_nats=warn");

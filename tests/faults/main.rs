@@ -7,6 +7,7 @@
 //! `cargo nextest run --test faults` (or `scripts/faults.sh`) runs the bounded mode, as CI does.
 //! `MOZAIKS_FAULTS=long` runs longer: more chats in flight, longer phases, the matrix three
 //! times. `MOZAIKS_FAULTS_PHASES=worker,gateway,…` runs only some phases of the matrix.
+//! `MOZAIKS_FAULTS=measure` measures the throughput of each durability mode (`durability`).
 
 #[allow(dead_code)]
 #[path = "../e2e/fleet.rs"]
@@ -14,6 +15,7 @@ mod fleet;
 
 mod checks;
 mod cluster;
+mod durability;
 mod harness;
 mod load;
 mod matrix;
