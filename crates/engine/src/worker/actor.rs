@@ -551,6 +551,13 @@ pub(super) async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut 
             }
         }
     }
+    // Written concurrently on every attempt: redelivered in a second (not after `ack_wait`), and
+    // the chat's later commands wait for it.
+    warn!(
+        command = kind,
+        "Command kept conflicting; it will be redelivered."
+    );
+    ack.send(AckKind::Nak(Some(Duration::from_secs(1)))).await;
     false
 }
 
