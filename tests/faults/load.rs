@@ -491,3 +491,110 @@ fn ws_url(shared: &Shared, gw: usize, ticket: &Value, after: u64) -> String {
         ticket["epoch"].as_str().unwrap_or_default()
     )
 }
+
+/// A socket of the test's own on a gateway about to drain: an idle chat (no message), opened
+/// and live before the SIGTERM, so that the drain has a socket to close with 1012 whatever the
+/// clients happen to be doing at that moment.
+pub struct DrainObserver {
+    pub record: ChatRecord,
+    ticket: Value,
+    reader: tokio::task::JoinHandle<(Vec<Value>, String, Option<u16>)>,
+}
+
+impl DrainObserver {
+    /// Starts an idle chat and connects to gateway `gw`; returns once its first event arrived.
+    pub async fn open(shared: &Shared, gw: usize, name: &str) -> DrainObserver {
+        let chat_id = uuid::Uuid::now_v7().simple().to_string();
+        let token = Fleet::token(name, "default", &["user"]);
+        let r = shared
+            .http
+            .post(format!("{}/api/sessions", shared.gateways[gw]))
+            .bearer_auth(&token)
+            .json(&json!({ "app_id": "default", "workflow_name": "hello", "chat_id": chat_id }))
+            .send()
+            .await
+            .expect("the drain observer's session");
+        assert!(r.status().is_success(), "drain observer: {}", r.status());
+        let ticket: Value = r.json().await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(shared, gw, &ticket, 0))
+            .await
+            .expect("the drain observer's socket");
+        // Live: its session.started came.
+        let first = loop {
+            match read(&mut ws).await {
+                Read::Frame(f) if f["seq"].is_u64() => break f,
+                Read::Frame(_) | Read::Idle => continue,
+                Read::Ended(why, _) => panic!("the drain observer's socket ended: {why}"),
+            }
+        };
+        let reader = tokio::spawn(async move {
+            let mut frames = vec![first];
+            loop {
+                match read(&mut ws).await {
+                    Read::Frame(f) => frames.push(f),
+                    Read::Idle => continue,
+                    Read::Ended(why, code) => return (frames, why, code),
+                }
+            }
+        });
+        let mut record = ChatRecord {
+            index: usize::MAX,
+            chat_id,
+            ..Default::default()
+        };
+        record.conns.push(Conn {
+            gw,
+            after: 0,
+            end: String::new(),
+        });
+        DrainObserver {
+            record,
+            ticket,
+            reader,
+        }
+    }
+
+    /// Waits (up to 60 s) for the socket to end, then resumes on gateway `other` with `after`.
+    /// Returns the close code and the record of both connections.
+    pub async fn finish(mut self, shared: &Shared, other: usize) -> (Option<u16>, ChatRecord) {
+        let (frames, why, code) = tokio::time::timeout(Duration::from_secs(60), self.reader)
+            .await
+            .expect("the drained gateway closed the observer's socket within 60 s")
+            .expect("the observer's reader");
+        let mut last = 0;
+        for f in frames.iter().filter(|f| f["seq"].is_u64()) {
+            last = f["seq"].as_u64().unwrap();
+            self.record.frames.push(Got {
+                seq: last,
+                id: f["id"].as_str().unwrap_or_default().to_string(),
+                kind: f["type"].as_str().unwrap_or_default().to_string(),
+                conn: 0,
+            });
+        }
+        self.record.conns[0].end = why;
+        // Resume elsewhere: the socket opens and brings nothing new (the chat is idle).
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(ws_url(shared, other, &self.ticket, last))
+                .await
+                .expect("the observer resumes on the other gateway");
+        self.record.conns.push(Conn {
+            gw: other,
+            after: last,
+            end: "client".into(),
+        });
+        loop {
+            match read(&mut ws).await {
+                Read::Frame(f) if f["seq"].is_u64() => self.record.frames.push(Got {
+                    seq: f["seq"].as_u64().unwrap(),
+                    id: f["id"].as_str().unwrap_or_default().to_string(),
+                    kind: f["type"].as_str().unwrap_or_default().to_string(),
+                    conn: 1,
+                }),
+                Read::Frame(_) => continue,
+                Read::Idle | Read::Ended(..) => break,
+            }
+        }
+        let _ = ws.close(None).await;
+        (code, self.record)
+    }
+}
