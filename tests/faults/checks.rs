@@ -37,22 +37,29 @@ impl Report {
         self.failures.push(what);
     }
 
-    /// Panics with every failure (the first 40) and the facts.
+    /// Panics with the failures and the facts: every fleet-wide failure, then the first 25 of a
+    /// chat (there may be thousands of those).
     pub fn assert_clean(&self, context: &str) {
         let facts = self.facts.join("\n  ");
         if self.failures.is_empty() {
             eprintln!("{context}: every check holds\n  {facts}");
             return;
         }
-        let shown: Vec<&String> = self.failures.iter().take(40).collect();
+        let (chats, fleet): (Vec<&String>, Vec<&String>) =
+            self.failures.iter().partition(|f| f.starts_with("chat "));
+        let mut shown: Vec<&str> = fleet.iter().map(|s| s.as_str()).collect();
+        shown.extend(chats.iter().take(25).map(|s| s.as_str()));
+        let more = chats.len().saturating_sub(25);
         panic!(
-            "{context}: {} failure(s):\n- {}\n(facts)\n  {facts}",
+            "{context}: {} failure(s), {} of them in chats{}:\n- {}\n(facts)\n  {facts}",
             self.failures.len(),
-            shown
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join("\n- ")
+            chats.len(),
+            if more > 0 {
+                format!(" ({more} not shown)")
+            } else {
+                String::new()
+            },
+            shown.join("\n- ")
         );
     }
 }

@@ -158,6 +158,7 @@ async fn a_three_node_cluster_loses_nothing_when_a_node_dies_and_catches_it_up()
         states.first()
     ));
     if !report.failures.is_empty() {
+        report.facts.push(crate::disk_space());
         report.facts.push(format!("process logs:\n{}", h.logs()));
     }
     report.assert_clean("three-node cluster");

@@ -295,6 +295,15 @@ impl Drop for Harness {
             }
         }
         if std::thread::panicking() {
+            // The test kit removes its servers' directories: keep their logs with ours.
+            for (log, name) in [
+                (self.servers.nats_log(), "nats-server.log"),
+                (self.servers.mongo_log(), "mongo.log"),
+            ] {
+                if let Some(log) = log {
+                    let _ = std::fs::copy(log, self.dir.join(name));
+                }
+            }
             eprintln!("process logs kept in {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);

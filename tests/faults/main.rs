@@ -69,3 +69,15 @@ impl Mode {
         }
     }
 }
+
+/// Free space where the servers keep their data (a full disk on a shared machine stalls
+/// JetStream; worth knowing when a run fails).
+pub fn disk_space() -> String {
+    let out = std::process::Command::new("df")
+        .args(["-h", &std::env::temp_dir().to_string_lossy()])
+        .output();
+    match out {
+        Ok(o) => format!("df: {}", String::from_utf8_lossy(&o.stdout).trim()),
+        Err(e) => format!("df: {e}"),
+    }
+}
