@@ -106,10 +106,35 @@ async fn acknowledged_commands_survive_a_nats_restart_and_readiness_tells_the_tr
         }
     }
 
-    // Every acknowledged start produced its run, whichever worker took it.
+    // Every acknowledged start produced its run, whichever worker took it. A command in a
+    // worker's hands when NATS died is redelivered after `ack_wait` (30 s: its nak was lost with
+    // the connection), so a chat may take that long; the client reconnects with `after` and reads on.
     for (i, ticket) in acked.iter().enumerate() {
-        let mut ws = fleet.connect(0, ticket, 0).await;
-        let frames = until_completed(&mut ws).await;
+        let mut frames: Vec<Value> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !frames.iter().any(|f| f["type"] == "run.completed") {
+            assert!(
+                Instant::now() < deadline,
+                "session {i} never completed: {frames:#?}"
+            );
+            let mut ws = fleet.connect(0, ticket, frames.len() as u64).await;
+            while let Ok(Some(Ok(m))) =
+                tokio::time::timeout(Duration::from_secs(10), ws.next()).await
+            {
+                let tokio_tungstenite::tungstenite::Message::Text(t) = m else {
+                    continue;
+                };
+                let f: Value = serde_json::from_str(t.as_str()).unwrap();
+                assert_ne!(f["type"], "error", "session {i} got an error: {f}");
+                let done = f["type"] == "run.completed";
+                if !f["seq"].is_null() {
+                    frames.push(f);
+                }
+                if done {
+                    break;
+                }
+            }
+        }
         assert!(
             frames.iter().all(|f| f["type"] != "error"),
             "session {i} got an error: {frames:#?}"
