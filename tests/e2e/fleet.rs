@@ -45,7 +45,12 @@ pub fn command(servers: &TestServers, role: &str, log: &std::path::Path) -> Comm
             "MOZAIKS_WORKFLOWS_DIR",
             concat!(env!("CARGO_MANIFEST_DIR"), "/workflows"),
         )
-        .env("LOG_LEVEL", "info,async_nats=warn")
+        // MOZAIKS_TEST_LOG_LEVEL gives the processes another filter (to debug a test).
+        .env(
+            "LOG_LEVEL",
+            std::env::var("MOZAIKS_TEST_LOG_LEVEL")
+                .unwrap_or_else(|_| "info,async_nats=warn".into()),
+        )
         .stdout(out.try_clone().unwrap())
         .stderr(out);
     cmd

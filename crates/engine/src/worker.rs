@@ -178,6 +178,7 @@ impl Worker {
                 }
                 Some(req) = forwarded.next() => {
                     let answer = accept_forwarded(&sh, &mut actors, &req);
+                    debug!(answer, "Forwarded command.");
                     metrics::counter!(m::FORWARDS_RECEIVED, "outcome" => answer).increment(1);
                     if answer == forward::ACCEPTED {
                         sh.perf.ownership(|o| o.forwards_received += 1);

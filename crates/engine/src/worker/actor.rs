@@ -209,7 +209,10 @@ pub(super) async fn actor(
             let retry = order.retry_at();
             tokio::select! {
                 job = inbox.recv() => match job {
-                    Some(job) => queue.push_back(job),
+                    Some(job) => {
+                        debug!(seq = job.seq, command = job.cmd.command.type_name(), leased, "Command taken.");
+                        queue.push_back(job)
+                    }
                     None => break,
                 },
                 // The run's time is up: drive it (it fails with `timeout`).
@@ -304,7 +307,9 @@ pub(super) async fn actor(
                     leased = false;
                 }
             }
-            Drive::Waiting => {}
+            Drive::Waiting => {
+                debug!(pending = !order.is_empty(), "The run waits.");
+            }
             Drive::GaveUp => {
                 // Redelivered later, to this worker or another, which retries the run from the log.
                 held.release(Some(AckKind::Nak(Some(Duration::from_secs(5)))))
@@ -427,6 +432,11 @@ async fn take(sh: &Shared, owned: &mut Owned, job: Job, order: &mut Order, held:
 async fn process(sh: &Shared, owned: &mut Owned, order: &mut Order, held: &mut Held) {
     while let Some(job) = order.next(sh).await {
         let seq = job.seq;
+        debug!(
+            seq,
+            command = job.cmd.command.type_name(),
+            "Applying a command."
+        );
         if apply(sh, owned, job, held).await {
             order.handled(seq);
         } else {
@@ -650,12 +660,8 @@ async fn drive(
         }
     };
     let mut conflicts = 0;
-    let mut early = Vec::new();
     loop {
         // Commands that arrived meanwhile (cancel, more messages) go first.
-        for job in early.drain(..) {
-            order.push(job);
-        }
         while let Some(job) = inbox.try_recv() {
             order.push(job);
         }
@@ -682,8 +688,10 @@ async fn drive(
                     r = &mut fut => break Some(r),
                     job = inbox.recv(), if inbox.open => {
                         if let Some(job) = job {
+                            // Into the chat's order at once: whatever this step leaves, the
+                            // command is applied (before the next step, or by the actor's loop).
                             let cancel = matches!(job.cmd.command, Command::Cancel { .. });
-                            early.push(job);
+                            order.push(job);
                             if cancel {
                                 info!("Cancel arrived mid-step; interrupting the step.");
                                 break None;

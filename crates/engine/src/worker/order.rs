@@ -123,9 +123,14 @@ impl Order {
         self.pending.is_empty()
     }
 
-    /// When the actor should look again at a command that waits (`None`: none waits).
+    /// When the actor should look at its pending commands: at once when one was not looked at
+    /// yet, when its retry is due when one waits for an earlier command, `None` when none is
+    /// pending.
     pub(super) fn retry_at(&self) -> Option<tokio::time::Instant> {
-        self.retry.filter(|_| !self.pending.is_empty())
+        if self.pending.is_empty() {
+            return None;
+        }
+        Some(self.retry.unwrap_or_else(tokio::time::Instant::now))
     }
 
     /// Records that the command with stream sequence `seq` was applied (or refused, or dropped).
