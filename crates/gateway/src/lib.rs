@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod notify;
 pub mod openapi;
 pub mod ops;
+pub mod page;
 pub mod presence;
 pub mod sessions;
 pub mod storage;
@@ -277,6 +278,7 @@ pub fn router(state: State) -> Router {
             "/ws/{workflow}/{app_id}/{chat_id}/{user_id}",
             get(ws::upgrade),
         )
+        .merge(page::routes())
         .fallback(|| async { error::ApiError::not_found("not_found", "no such endpoint") })
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))

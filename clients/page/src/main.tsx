@@ -1,0 +1,7 @@
+import "@mozaiks/chatui-react/styles.css";
+import "./page.css";
+import { createRoot } from "react-dom/client";
+import { App } from "./app.js";
+
+const root = document.getElementById("root");
+if (root) createRoot(root).render(<App />);
