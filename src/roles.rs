@@ -166,6 +166,12 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
     } else {
         None
     };
+    // Model prices (config/prices.yaml or MOZAIKS_PRICES_FILE): a bad file stops the start.
+    let prices = if roles.worker || roles.billing {
+        Some(mozaiks_control::prices::Prices::load()?)
+    } else {
+        None
+    };
     // Listen before anything starts: a second instance on a busy port fails here, before it
     // joins the fleet (no presence snapshot, no consumer, nothing to undo).
     let listener = match (&gw, roles.gateway) {
@@ -311,7 +317,8 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
             model(g)?,
             opts,
             instance.clone(),
-        );
+        )
+        .with_prices(prices.clone().context("prices")?);
         let s = stopped();
         tasks.spawn(async move {
             w.run(s)

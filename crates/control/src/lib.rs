@@ -24,6 +24,7 @@ pub mod keys;
 pub mod lease;
 mod log;
 pub mod metrics;
+pub mod prices;
 pub mod ratelimit;
 pub mod tiers;
 

@@ -84,6 +84,8 @@ struct Shared {
     perf: Perf,
     /// The chats this worker owns.
     owners: Owners,
+    /// Model prices: each `usage.charged` is costed once, when appended.
+    prices: Arc<mozaiks_control::prices::Prices>,
 }
 
 /// The worker service. See the crate docs.
@@ -95,6 +97,7 @@ pub struct Worker {
     opts: Options,
     /// The process's id: this worker's `MZ_PERF` key, chat leases and forwarding inbox.
     instance: InstanceId,
+    prices: Arc<mozaiks_control::prices::Prices>,
 }
 
 impl Worker {
@@ -114,7 +117,14 @@ impl Worker {
             model,
             opts,
             instance,
+            prices: Arc::default(),
         }
+    }
+
+    /// Costs charges with `prices` (else the embedded `config/prices.yaml`).
+    pub fn with_prices(mut self, prices: mozaiks_control::prices::Prices) -> Worker {
+        self.prices = Arc::new(prices);
+        self
     }
 
     /// Pulls commands until `shutdown` resolves, then lets chat actors finish what they hold.
@@ -131,6 +141,7 @@ impl Worker {
             opts: self.opts,
             perf,
             owners,
+            prices: self.prices,
         });
         let consumer = sh.bus.durable("MZ_CMD", "workers").await?;
         // A command that starts or continues a run stays unacknowledged (with progress acks)
@@ -544,7 +555,10 @@ impl Owned {
         events: Vec<Event>,
         causation: Option<Uuid>,
     ) -> Result<(), Error> {
-        for event in events {
+        for mut event in events {
+            if let Event::UsageCharged(u) = &mut event {
+                sh.prices.cost_charge(u);
+            }
             let env = Envelope {
                 v: ENVELOPE_VERSION,
                 event_id: Uuid::now_v7(),

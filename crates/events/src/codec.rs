@@ -84,6 +84,11 @@ mod tests {
                 completion_tokens: 5,
                 total_tokens: 15,
                 purpose: None,
+                credits: Some(15),
+                price: Some(crate::ChargePrice {
+                    prompt: 1_000_000,
+                    completion: 1_000_000,
+                }),
             }),
         ] {
             let env = sample(event);

@@ -164,6 +164,31 @@ pub struct UsageCharged {
     /// `auto` pattern asking who speaks after `agent`). Absent for an agent's turn.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purpose: Option<String>,
+    /// What the charge costs in credits, computed once when it was appended at the price then in
+    /// force (`config/prices.yaml`): `ceil((prompt_tokens × price.prompt + completion_tokens ×
+    /// price.completion) / 1,000,000)`. Absent on charges appended before prices existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<u64>,
+    /// The price `credits` was computed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<ChargePrice>,
+}
+
+/// A model's price: credits per million prompt tokens and per million completion tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ChargePrice {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl ChargePrice {
+    /// The credits `prompt_tokens` and `completion_tokens` cost at this price, rounded up
+    /// (saturating at `u64::MAX`).
+    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> u64 {
+        let micro = u128::from(prompt_tokens) * u128::from(self.prompt)
+            + u128::from(completion_tokens) * u128::from(self.completion);
+        u64::try_from(micro.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+    }
 }
 
 /// An agent's turn ended.

@@ -21,9 +21,9 @@ pub mod subjects;
 
 pub use command::{Command, CommandEnvelope};
 pub use event::{
-    AgentMessage, ChildCompleted, ChildSpawned, ENVELOPE_VERSION, Envelope, Event, InputRequested,
-    MessageUser, RunCancelled, RunCompleted, RunFailed, RunStarted, SessionStarted, StepCompleted,
-    StepStarted, ToolCall, ToolResult, UsageCharged,
+    AgentMessage, ChargePrice, ChildCompleted, ChildSpawned, ENVELOPE_VERSION, Envelope, Event,
+    InputRequested, MessageUser, RunCancelled, RunCompleted, RunFailed, RunStarted, SessionStarted,
+    StepCompleted, StepStarted, ToolCall, ToolResult, UsageCharged,
 };
 pub use event::{ContextUpdated, InputReceived, ModelReplied, RequestedToolCall, SpeakerSelected};
 pub use frame::{AgentDelta, ClientFrame, DeltaMessage, ErrorFrame, Frame, FrameError};

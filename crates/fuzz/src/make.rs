@@ -134,6 +134,8 @@ pub fn event(u: &mut Unstructured) -> Result<Event> {
             completion_tokens: u.arbitrary()?,
             total_tokens: u.arbitrary()?,
             purpose: opt(u, string)?,
+            credits: opt(u, |u| u.arbitrary())?,
+            price: None,
         }),
         8 => Event::StepCompleted(StepCompleted {
             run_id,

@@ -33,6 +33,8 @@ fn charge(app: &str, run_id: Uuid, prompt: u64, completion: u64) -> Envelope {
             completion_tokens: completion,
             total_tokens: prompt + completion,
             purpose: None,
+            credits: None,
+            price: None,
         }),
     }
 }

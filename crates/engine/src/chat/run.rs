@@ -365,6 +365,8 @@ impl Chat {
                 completion_tokens: sel.completion_tokens,
                 total_tokens: sel.prompt_tokens + sel.completion_tokens,
                 purpose: Some("speaker_selection".into()),
+                credits: None,
+                price: None,
             })]);
         }
         if let Some(name) = named_agent(pack, &sel.text) {
@@ -483,6 +485,8 @@ fn derived_events(
             completion_tokens: round.completion_tokens,
             total_tokens: round.prompt_tokens + round.completion_tokens,
             purpose: None,
+            credits: None,
+            price: None,
         }));
     }
     for c in round.calls.iter().filter(|c| !c.called) {

@@ -490,6 +490,8 @@ fn a_log_from_before_model_replied_still_completes() {
             completion_tokens: 1,
             total_tokens: 2,
             purpose: None,
+            credits: None,
+            price: None,
         }),
     ]);
     let events = drive(given(&log), &p);
