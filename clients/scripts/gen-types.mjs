@@ -6,7 +6,7 @@ import { fileURLToPath } from "node:url";
 import { compile } from "json-schema-to-typescript";
 
 const here = dirname(fileURLToPath(import.meta.url));
-const schemas = join(here, "..", "..", "schemas");
+const schemas = process.env.MOZAIKS_SCHEMAS_DIR ?? join(here, "..", "..", "schemas");
 const out = join(here, "..", "client", "src", "generated", "schemas.ts");
 
 // The schemas of what crosses the WebSocket: events (the log's envelope, whose `type` and
