@@ -11,7 +11,7 @@
 //! `tool.result`. A new owner finishes the derived events from the record and never repeats a
 //! recorded model call or tool result, so nothing is charged twice.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use mozaiks_events::{
     ChildCompleted, Command, Event, InputReceived, MessageUser, RequestedToolCall, RunCancelled,
@@ -176,8 +176,9 @@ pub struct Chat {
     /// Last per-chat seq applied.
     pub seq: u64,
     pub context: serde_json::Map<String, serde_json::Value>,
-    /// Commands already applied (causation ids), for idempotency.
-    seen_commands: HashSet<Uuid>,
+    /// Commands already applied (causation ids) with how many of their events the log holds,
+    /// for idempotency.
+    seen_commands: HashMap<Uuid, usize>,
     seen_client_msg_ids: HashSet<String>,
     /// User messages not yet answered by a run, by seq.
     pub pending: VecDeque<(u64, String)>,
@@ -250,7 +251,7 @@ impl Chat {
     pub fn apply(&mut self, event: &Event, causation: Option<Uuid>) {
         self.seq += 1;
         if let Some(c) = causation {
-            self.seen_commands.insert(c);
+            *self.seen_commands.entry(c).or_default() += 1;
         }
         match event {
             Event::SessionStarted(s) => {
@@ -470,7 +471,32 @@ impl Chat {
         }
     }
 
-    /// Decides the events a command produces. An already-applied command produces none.
+    /// The events of a command of which the log holds only the first `applied`. A command's
+    /// events are appended one by one, and the worker can die or lose its connection between
+    /// two of them (an append whose acknowledgement was lost may also have landed): the command
+    /// is redelivered and produces the rest, so a session's first message is never lost behind
+    /// its `session.started`.
+    fn rest_of(&self, command_id: Uuid, command: &Command, applied: usize) -> Vec<Event> {
+        match command {
+            Command::StartSession {
+                message: Some(text),
+                ..
+            } if applied == 1 => vec![Event::MessageUser(MessageUser {
+                text: text.clone(),
+                client_msg_id: None,
+            })],
+            // The run a cancel started to cancel it at once (see `handle`).
+            Command::Cancel { reason }
+                if applied == 1 && self.run.as_ref().is_some_and(|r| r.run_id == command_id) =>
+            {
+                vec![cancelled(command_id, reason)]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Decides the events a command produces. An already-applied command produces only what
+    /// the log does not hold of it yet (see [`Chat::rest_of`]).
     pub fn handle(
         &self,
         command_id: Uuid,
@@ -478,8 +504,8 @@ impl Chat {
         pack: &Pack,
         app_context: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Vec<Event>, Refusal> {
-        if self.seen_commands.contains(&command_id) {
-            return Ok(Vec::new());
+        if let Some(&applied) = self.seen_commands.get(&command_id) {
+            return Ok(self.rest_of(command_id, command, applied));
         }
         match command {
             Command::StartSession {
@@ -520,14 +546,7 @@ impl Chat {
                 })])
             }
             Command::Cancel { reason } => match &self.run {
-                Some(run) => Ok(vec![Event::RunCancelled(RunCancelled {
-                    run_id: run.run_id,
-                    reason: if reason.is_empty() {
-                        "cancelled by the user".into()
-                    } else {
-                        reason.clone()
-                    },
-                })]),
+                Some(run) => Ok(vec![cancelled(run.run_id, reason)]),
                 // A run about to start (its message is queued: the run waits for a slot, or a
                 // child chat's cancel overtook its start) is cancelled before it does anything;
                 // the cancel's id is the run's id.
@@ -537,14 +556,7 @@ impl Chat {
                             run_id: command_id,
                             trigger_seq: *trigger_seq,
                         }),
-                        Event::RunCancelled(RunCancelled {
-                            run_id: command_id,
-                            reason: if reason.is_empty() {
-                                "cancelled by the user".into()
-                            } else {
-                                reason.clone()
-                            },
-                        }),
+                        cancelled(command_id, reason),
                     ]),
                     _ => Ok(Vec::new()),
                 },
@@ -601,4 +613,16 @@ impl Chat {
             }
         }
     }
+}
+
+/// A run cancelled, with the user's reason or the default one.
+fn cancelled(run_id: Uuid, reason: &str) -> Event {
+    Event::RunCancelled(RunCancelled {
+        run_id,
+        reason: if reason.is_empty() {
+            "cancelled by the user".into()
+        } else {
+            reason.to_string()
+        },
+    })
 }

@@ -716,3 +716,50 @@ fn ask_user_request_ids_differ_from_run_to_run() {
     };
     assert_eq!(t.result, "A-2");
 }
+
+/// A command's events are appended one by one: when only the first reached the log (the worker
+/// died, or the append's acknowledgement was lost with the connection), the redelivered command
+/// produces the rest, once.
+#[test]
+fn a_command_only_partly_in_the_log_produces_the_rest_when_redelivered() {
+    let p = two_agents();
+    let ctx = Default::default();
+    let rest_after_first = |chat: Chat, id: Uuid, cmd: &Command| {
+        let events = chat.handle(id, cmd, &p, &ctx).unwrap();
+        assert_eq!(events.len(), 2, "{events:?}");
+        let mut partial = chat.clone();
+        partial.apply(&events[0], Some(id));
+        let rest = partial.handle(id, cmd, &p, &ctx).unwrap();
+        assert_eq!(rest, events[1..], "the rest of the command");
+        partial.apply(&rest[0], Some(id));
+        assert!(
+            partial.handle(id, cmd, &p, &ctx).unwrap().is_empty(),
+            "once"
+        );
+        partial
+    };
+
+    // A session's start and its first message.
+    let start = Command::StartSession {
+        context: Default::default(),
+        parent_chat_id: None,
+        message: Some("hello".into()),
+    };
+    let chat = rest_after_first(Chat::default(), Uuid::now_v7(), &start);
+    assert_eq!(chat.pending.len(), 1, "the message waits for its run");
+    assert_eq!(names(&drive(chat, &p)).last(), Some(&"run.completed"));
+
+    // A cancel that starts the queued run to cancel it.
+    let queued = given(&[
+        Event::SessionStarted(SessionStarted::default()),
+        Event::MessageUser(MessageUser {
+            text: "hi".into(),
+            client_msg_id: None,
+        }),
+    ]);
+    let cancel = Command::Cancel {
+        reason: String::new(),
+    };
+    let chat = rest_after_first(queued, Uuid::now_v7(), &cancel);
+    assert!(chat.run.is_none(), "cancelled");
+}
