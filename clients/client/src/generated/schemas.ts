@@ -215,6 +215,23 @@ export interface UsageCharged {
    * `auto` pattern asking who speaks after `agent`). Absent for an agent's turn.
    */
   purpose?: string | null;
+  /**
+   * What the charge costs in credits, computed once when it was appended at the price then in
+   * force (`config/prices.yaml`): `ceil((prompt_tokens × price.prompt + completion_tokens ×
+   * price.completion) / 1,000,000)`. Absent on charges appended before prices existed.
+   */
+  credits?: number | null;
+  /**
+   * The price `credits` was computed with.
+   */
+  price?: ChargePrice | null;
+}
+/**
+ * A model's price: credits per million prompt tokens and per million completion tokens.
+ */
+export interface ChargePrice {
+  prompt: number;
+  completion: number;
 }
 /**
  * An agent's turn ended.
