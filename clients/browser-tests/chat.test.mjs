@@ -7,7 +7,9 @@ import assert from "node:assert/strict";
 import { existsSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { after, afterEach, before, describe, it } from "node:test";
+import { ChatClient } from "@mozaiks/client";
 import { chromium } from "playwright-core";
+import WebSocket from "ws";
 import { Fleet, REPO, SECRET } from "./fleet.mjs";
 import { userToken, withExpiry } from "./jwt.mjs";
 import { replyFor, startModel } from "./model.mjs";
@@ -146,6 +148,39 @@ async function assertTranscriptEqualsLog(token) {
   }
   return client.stats;
 }
+
+describe("@mozaiks/client in Node (the ws package's WebSocket) on the fleet", { timeout: 60_000 }, () => {
+  it("starts a chat through the broker with a list of replicas, streams the reply, and the log is gapless", async () => {
+    const token = userToken(SECRET, "node-frank");
+    const client = new ChatClient({
+      appId: "default",
+      workflowName: "hello",
+      apiBaseUrl: fleet.gateways.map((g) => g.url),
+      token,
+      wsBaseUrl: fleet.gateways.map((g) => g.url.replace("http", "ws")),
+      createSocket: (url) => new WebSocket(url),
+    });
+    const deltas = [];
+    client.on("delta", (d) => deltas.push(d));
+    const done = new Promise((resolve) => client.on("event", (e) => e.type === "run.completed" && resolve()));
+    await client.start();
+    client.sendMessage("From Node");
+    await done;
+    client.close();
+    const seqs = client.log.map((e) => e.seq);
+    assert.deepEqual(
+      seqs,
+      Array.from({ length: seqs.length }, (_, i) => i + 1),
+    );
+    assert.ok(deltas.length > 1, `streamed in ${deltas.length} deltas`);
+    const reply = client.view.items.find((i) => i.kind === "assistant");
+    assert.equal(reply?.text, replyFor("From Node"));
+    assert.deepEqual(
+      client.view.items.map((i) => i.kind),
+      ["user", "assistant"],
+    );
+  });
+});
 
 describe("the chat page on a gateway fleet", { timeout: 170_000 }, () => {
   it("starts a session, streams the reply into the page, and lists the app's workflows", async () => {
