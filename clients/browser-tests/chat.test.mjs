@@ -4,7 +4,7 @@
 //
 // Run by scripts/test.sh (`npm run test:browser` in clients/ after `cargo build --bin mozaiks`).
 import assert from "node:assert/strict";
-import { existsSync, mkdirSync } from "node:fs";
+import { existsSync, mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { after, afterEach, before, describe, it } from "node:test";
 import { ChatClient } from "@mozaiks/client";
@@ -31,6 +31,7 @@ function log(msg) {
 }
 
 before(async () => {
+  rmSync(ARTIFACTS, { recursive: true, force: true });
   mkdirSync(ARTIFACTS, { recursive: true });
   if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} is missing: run scripts/browser.sh install`);
   model = await startModel({ delayMs: 120 });
@@ -253,6 +254,22 @@ describe("the chat page on a gateway fleet", { timeout: 170_000 }, () => {
       texts.some((t) => t.includes("Noted: A-100")),
       `the answer reached the agent: ${texts}`,
     );
+    await assertTranscriptEqualsLog(token);
+  });
+
+  it("shows child workflows' progress (research runs three research_topic children)", async () => {
+    const { token } = await openPage("page-gina");
+    await pick("research");
+    await type("boats");
+    const progress = page.getByTestId("child-progress");
+    await progress.waitFor({ timeout: WAIT });
+    assert.equal(await progress.getByTestId("child").count(), 3);
+    await page
+      .locator('[data-testid="child-progress"] [data-testid="child"][data-status="completed"]')
+      .nth(2)
+      .waitFor({ timeout: WAIT });
+    assert.match(await progress.textContent(), /3 of 3 finished/);
+    await waitRun("completed");
     await assertTranscriptEqualsLog(token);
   });
 
