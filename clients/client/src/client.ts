@@ -203,14 +203,33 @@ export class ChatClient extends Emitter<ChatClientEvents> {
     return this.transcript.log;
   }
 
-  /** Gets the first ticket and connects; resolves with the chat id once the ticket is there. */
-  async start(): Promise<string> {
-    if (!this.stopped) return this.chat ?? "";
-    this.stopped = false;
-    this.setState({ status: "connecting", attempt: 0 });
-    await this.connect();
-    if (!this.chat) throw new Error(this.status.error ?? "no ticket");
-    return this.chat;
+  /**
+   * Gets the first ticket (retrying while the provider is unavailable) and connects; resolves
+   * with the chat id once a ticket is there, rejects when the provider refuses (401, 403, 404…)
+   * or `close()` is called first.
+   */
+  start(): Promise<string> {
+    if (!this.stopped && this.chat) return Promise.resolve(this.chat);
+    const first = new Promise<string>((resolve, reject) => {
+      const offTicket = this.on("ticket", (t) => {
+        offTicket();
+        offState();
+        resolve(t.chat_id);
+      });
+      const offState = this.on("state", (s) => {
+        if (s.status === "failed" || s.status === "closed") {
+          offTicket();
+          offState();
+          reject(new Error(s.error ?? `chat ${s.status}`));
+        }
+      });
+    });
+    if (this.stopped) {
+      this.stopped = false;
+      this.setState({ status: "connecting", attempt: 0 });
+      void this.connect();
+    }
+    return first;
   }
 
   /** Stops: closes the socket and every timer. Pending messages stay pending. */

@@ -149,12 +149,17 @@ describe("start and resume", () => {
   it("retries the ticket provider with backoff while it is unavailable", async () => {
     const { client, sockets, tickets } = setup({ backoff: { initialMs: 100, jitter: 0 } });
     tickets.fail = new ApiError(503, "unavailable", "down", true);
-    const start = client.start().catch(() => undefined);
+    let chat: string | undefined;
+    const start = client.start().then((id) => {
+      chat = id;
+    });
     await settle(0);
     expect(client.state.status).toBe("reconnecting");
+    expect(chat).toBeUndefined();
     tickets.fail = undefined;
     await settle(100);
     await start;
+    expect(chat).toBe("chat1");
     expect(tickets.calls).toHaveLength(2);
     expect(sockets.all).toHaveLength(1);
   });
@@ -429,3 +434,18 @@ describe("backoff", () => {
 });
 
 export type { FakeSocket };
+
+describe("start", () => {
+  it("rejects when closed before the first ticket, and resolves at once when already started", async () => {
+    const { client, tickets } = setup();
+    tickets.fail = new ApiError(503, "unavailable", "down", true);
+    const start = client.start();
+    await settle(0);
+    client.close();
+    await expect(start).rejects.toThrow(/closed/);
+    const again = setup();
+    const id = await again.client.start();
+    expect(await again.client.start()).toBe(id);
+    expect(again.tickets.calls).toHaveLength(1);
+  });
+});
