@@ -1,6 +1,7 @@
 //! Leases: work that must run on exactly one replica of the fleet at a time.
 //!
-//! A lease is a key of the KV bucket `MZ_LEASES`, whose entries age out after the bucket's
+//! A lease is a key of the KV bucket `MZ_LEASES` holding a [`LeaseRecord`] (who, since when,
+//! what for), on the lease primitive [`mozaiks_bus::lease`]: entries age out after the bucket's
 //! `max_age` (its TTL, `streams/kv/MZ_LEASES.json`). A replica **acquires** a lease with `create`
 //! (refused while another holder's entry lives), **renews** it with `update` at the revision it
 //! last wrote (refused if anybody else wrote the key since, or if the entry aged out meanwhile),
@@ -12,14 +13,17 @@
 //! the lease well before its entry ages out and anybody else can take it. Work under a lease checks
 //! [`Lease::is_valid`] (or [`Leader::is_leader`]) before each step with effects; steps must stay
 //! idempotent, since a step already under way when the lease is lost still finishes.
+//!
+//! The holder is the process's [`InstanceId`](mozaiks_bus::fleet::InstanceId), made once by the
+//! binary.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use mozaiks_bus::Bus;
+use mozaiks_bus::lease::{Held, LeaseBucket, Renewal};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -28,6 +32,9 @@ use crate::Error;
 
 /// The bucket's base name (namespaced by the bus).
 pub const BUCKET: &str = "MZ_LEASES";
+
+/// The share of the TTL a successful write keeps a lease valid locally.
+pub const VALIDITY: f64 = 0.5;
 
 /// Gauge: 1 while this process holds the named lease (only fleet-wide singletons such as
 /// `retention`, never per-app leases: the label stays bounded).
@@ -49,7 +56,7 @@ pub fn describe() {
 /// What a lease's key holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {
-    /// Who holds it (`{host}-{pid}-{random}` for a process).
+    /// Who holds it (a process's instance id, `{host}-{pid}-{tag}`).
     pub holder: String,
     pub acquired_at: DateTime<Utc>,
     pub renewed_at: DateTime<Utc>,
@@ -61,42 +68,26 @@ pub struct LeaseRecord {
 /// The lease bucket, and who this process is. Cheap to clone.
 #[derive(Clone)]
 pub struct Leases {
-    kv: kv::Store,
+    bucket: LeaseBucket,
     holder: String,
-    ttl: Duration,
 }
 
-/// A process-unique holder id.
-pub fn holder_id() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    format!("{host}-{}-{}", std::process::id(), &tag[..8])
+fn unavailable(e: mozaiks_bus::Error) -> Error {
+    Error::Unavailable(e.to_string())
 }
 
 impl Leases {
-    /// Opens `MZ_LEASES` (applied from `streams/`); the TTL is the bucket's `max_age`.
+    /// Opens `MZ_LEASES` (applied from `streams/`) for `holder`; the TTL is the bucket's `max_age`
+    /// (a bucket without one is refused).
     pub async fn open(bus: &Bus, holder: impl Into<String>) -> Result<Leases, Error> {
         describe();
-        let unavailable = |e: String| Error::Unavailable(format!("lease bucket: {e}"));
-        let kv = bus
-            .jetstream()
-            .get_key_value(bus.subjects().name(BUCKET))
+        let bucket = LeaseBucket::open(bus, BUCKET, None)
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        let ttl = kv
-            .status()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?
-            .max_age();
-        if ttl.is_zero() {
-            return Err(unavailable(
-                "MZ_LEASES has no max_age: a dead holder's lease would never expire".into(),
-            ));
-        }
+            .map_err(unavailable)?
+            .with_validity(VALIDITY);
         Ok(Leases {
-            kv,
+            bucket,
             holder: holder.into(),
-            ttl,
         })
     }
 
@@ -107,12 +98,12 @@ impl Leases {
 
     /// How long an entry lives without renewal.
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        self.bucket.ttl()
     }
 
     /// How often a holder renews: a quarter of the TTL.
     pub fn renew_every(&self) -> Duration {
-        self.ttl / 4
+        self.bucket.renew_every()
     }
 
     /// Takes the lease `name` if nobody holds it; `Ok(None)` if somebody does.
@@ -128,30 +119,27 @@ impl Leases {
             renewed_at: now,
             purpose: purpose.map(str::to_string),
         };
-        let started = Instant::now();
-        match self.kv.create(name, encode(&record)).await {
-            Ok(revision) => Ok(Some(Lease {
-                kv: self.kv.clone(),
-                name: name.to_string(),
-                record,
-                revision,
-                valid_until: started + self.ttl / 2,
-                ttl: self.ttl,
-            })),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
-            Err(e) => Err(Error::Unavailable(format!("acquiring lease {name}: {e}"))),
-        }
+        let held = self
+            .bucket
+            .create(name, encode(&record))
+            .await
+            .map_err(unavailable)?;
+        Ok(held.map(|held| Lease {
+            bucket: self.bucket.clone(),
+            name: name.to_string(),
+            record,
+            held,
+        }))
     }
 
     /// Who holds `name` now, if anybody.
     pub async fn holder_of(&self, name: &str) -> Result<Option<LeaseRecord>, Error> {
-        match self.kv.entry(name).await {
-            Ok(Some(e)) if e.operation == kv::Operation::Put => {
-                Ok(serde_json::from_slice(&e.value).ok())
-            }
-            Ok(_) => Ok(None),
-            Err(e) => Err(Error::Unavailable(format!("reading lease {name}: {e}"))),
-        }
+        Ok(self
+            .bucket
+            .current(name)
+            .await
+            .map_err(unavailable)?
+            .and_then(|c| serde_json::from_slice(&c.value).ok()))
     }
 }
 
@@ -161,12 +149,10 @@ fn encode(r: &LeaseRecord) -> Bytes {
 
 /// A lease this process holds.
 pub struct Lease {
-    kv: kv::Store,
+    bucket: LeaseBucket,
     name: String,
     record: LeaseRecord,
-    revision: u64,
-    valid_until: Instant,
-    ttl: Duration,
+    held: Held,
 }
 
 impl Lease {
@@ -180,49 +166,40 @@ impl Lease {
 
     /// Whether this process may still act under the lease.
     pub fn is_valid(&self) -> bool {
-        Instant::now() < self.valid_until
+        self.held.is_valid()
     }
 
     /// When this process stops counting itself the holder unless it renews.
     pub fn valid_until(&self) -> Instant {
-        self.valid_until
+        self.held.valid_until
     }
 
     /// Renews the lease. `Ok(false)`: it was lost (taken over or aged out); stop the work.
     pub async fn renew(&mut self) -> Result<bool, Error> {
         let mut record = self.record.clone();
         record.renewed_at = Utc::now();
-        let started = Instant::now();
         match self
-            .kv
-            .update(&self.name, encode(&record), self.revision)
+            .bucket
+            .renew(&self.name, encode(&record), self.held.revision)
             .await
+            .map_err(unavailable)?
         {
-            Ok(revision) => {
-                self.revision = revision;
+            Renewal::Kept(held) => {
+                self.held = held;
                 self.record = record;
-                self.valid_until = started + self.ttl / 2;
                 Ok(true)
             }
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                self.valid_until = Instant::now();
+            Renewal::Lost => {
+                self.held.valid_until = Instant::now();
                 Ok(false)
             }
-            Err(e) => Err(Error::Unavailable(format!(
-                "renewing lease {}: {e}",
-                self.name
-            ))),
         }
     }
 
     /// Gives the lease up at once (only if still ours), so another replica need not wait for
     /// the TTL.
     pub async fn release(self) {
-        if let Err(e) = self
-            .kv
-            .delete_expect_revision(&self.name, Some(self.revision))
-            .await
-        {
+        if let Err(e) = self.bucket.release(&self.name, self.held.revision).await {
             warn!(lease = %self.name, error = %e, "Could not release a lease; it ages out.");
         }
     }

@@ -1,4 +1,5 @@
-//! Per-chat ownership leases across workers (`MZ_OWNERS`, `streams/kv/MZ_OWNERS.json`).
+//! Per-chat ownership leases across workers (`MZ_OWNERS`, `streams/kv/MZ_OWNERS.json`), on the
+//! lease primitive [`mozaiks_bus::lease`].
 //!
 //! A chat's key `{app_id}.{chat_id}` holds the id of the worker that owns it. A worker **claims**
 //! a chat with an atomic `create` before it handles the chat's commands or drives its run,
@@ -18,12 +19,12 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use bytes::Bytes;
 use futures::StreamExt;
 use mozaiks_bus::Bus;
+use mozaiks_bus::lease::{Held, LeaseBucket, Renewal};
 use tracing::{debug, warn};
 
 use crate::{Error, metrics as m};
@@ -38,14 +39,8 @@ const RENEW_CONCURRENCY: usize = 64;
 /// as its own (counted from when the request was sent).
 pub const VALIDITY: f64 = 0.7;
 
-/// A lease this worker holds.
-#[derive(Clone, Copy, Debug)]
-struct Lease {
-    /// The revision this worker last wrote.
-    revision: u64,
-    /// Until when this worker counts it as its own.
-    valid_until: Instant,
-}
+/// The TTL assumed for a bucket without `max_age` (its keys would never age out).
+const TTL_IF_UNSET: Duration = Duration::from_secs(5);
 
 /// Who owns a chat, as a claim found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,35 +53,21 @@ pub enum Claim {
 
 /// The leases of one worker.
 pub struct Owners {
-    kv: kv::Store,
+    bucket: LeaseBucket,
     me: String,
-    ttl: Duration,
     /// Key → the lease as this worker last wrote it.
-    held: Mutex<HashMap<String, Lease>>,
-}
-
-fn js(e: impl std::fmt::Display) -> Error {
-    Error::Bus(mozaiks_bus::Error::JetStream(e.to_string()))
+    held: Mutex<HashMap<String, Held>>,
 }
 
 impl Owners {
-    /// Opens the bucket for worker `me`.
+    /// Opens the bucket for worker `me` (the process's instance id).
     pub async fn open(bus: &Bus, me: &str) -> Result<Owners, Error> {
-        let kv = bus
-            .jetstream()
-            .get_key_value(bus.subjects().name(BUCKET))
-            .await
-            .map_err(js)?;
-        let ttl = kv.status().await.map_err(js)?.max_age();
-        let ttl = if ttl.is_zero() {
-            Duration::from_secs(5)
-        } else {
-            ttl
-        };
+        let bucket = LeaseBucket::open(bus, BUCKET, Some(TTL_IF_UNSET))
+            .await?
+            .with_validity(VALIDITY);
         Ok(Owners {
-            kv,
+            bucket,
             me: me.to_string(),
-            ttl,
             held: Mutex::new(HashMap::new()),
         })
     }
@@ -98,7 +79,7 @@ impl Owners {
 
     /// How long a lease lives without renewal.
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        self.bucket.ttl()
     }
 
     /// The key of a chat.
@@ -106,21 +87,14 @@ impl Owners {
         format!("{app_id}.{chat_id}")
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// How long a claim or renewal sent at `sent` keeps the lease this worker's.
-    fn valid_from(&self, sent: Instant) -> Instant {
-        sent + self.ttl.mul_f64(VALIDITY)
     }
 
     /// Whether this worker holds the lease of `key`: not lost at a renewal, and renewed recently
     /// enough (the local deadline; see the module docs).
     pub fn holds(&self, key: &str) -> bool {
-        self.held()
-            .get(key)
-            .is_some_and(|l| Instant::now() < l.valid_until)
+        self.held().get(key).is_some_and(Held::is_valid)
     }
 
     /// Leases held now.
@@ -128,11 +102,7 @@ impl Owners {
         self.held().len()
     }
 
-    fn keep(&self, key: &str, revision: u64, sent: Instant, event: &'static str) {
-        let lease = Lease {
-            revision,
-            valid_until: self.valid_from(sent),
-        };
+    fn keep(&self, key: &str, lease: Held, event: &'static str) {
         let n = {
             let mut held = self.held();
             held.insert(key.to_string(), lease);
@@ -151,34 +121,32 @@ impl Owners {
         let event = if takeover { "taken_over" } else { "acquired" };
         let me = Bytes::from(self.me.clone());
         for _ in 0..4 {
-            let sent = Instant::now();
-            match self.kv.create(key, me.clone()).await {
-                Ok(revision) => {
-                    self.keep(key, revision, sent, event);
-                    return Ok(Claim::Mine);
-                }
-                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
-                Err(e) => return Err(js(e)),
+            if let Some(lease) = self.bucket.create(key, me.clone()).await? {
+                self.keep(key, lease, event);
+                return Ok(Claim::Mine);
             }
-            match self.kv.entry(key).await.map_err(js)? {
-                Some(e) if e.operation == Operation::Put && e.value == me => {
+            match self.bucket.current(key).await? {
+                Some(c) if c.value == me => {
                     // Ours from an earlier claim whose release has not landed yet: write it again.
-                    let sent = Instant::now();
-                    if let Ok(revision) = self.kv.update(key, me.clone(), e.revision).await {
-                        self.keep(key, revision, sent, event);
+                    if let Ok(Renewal::Kept(lease)) =
+                        self.bucket.renew(key, me.clone(), c.revision).await
+                    {
+                        self.keep(key, lease, event);
                         return Ok(Claim::Mine);
                     }
                 }
-                Some(e) if e.operation == Operation::Put => {
+                Some(c) => {
                     return Ok(Claim::Theirs(
-                        String::from_utf8_lossy(&e.value).into_owned(),
+                        String::from_utf8_lossy(&c.value).into_owned(),
                     ));
                 }
                 // Deleted or aged out between the create and the read: try again.
-                _ => {}
+                None => {}
             }
         }
-        Err(js(format!("lease {key} changed hands too often to claim")))
+        Err(Error::Bus(mozaiks_bus::Error::JetStream(format!(
+            "lease {key} changed hands too often to claim"
+        ))))
     }
 
     /// Gives `key` up (when the chat settles). Best effort: a release that does not land ages out.
@@ -191,7 +159,7 @@ impl Owners {
         };
         let Some(revision) = revision else { return };
         metrics::counter!(m::LEASES, "event" => "released").increment(1);
-        if let Err(e) = self.kv.delete_expect_revision(key, Some(revision)).await {
+        if let Err(e) = self.bucket.release(key, revision).await {
             debug!(key, error = %e, "Lease release did not land; it ages out.");
         }
     }
@@ -207,19 +175,18 @@ impl Owners {
     /// One renewal pass over every lease held; returns the keys lost (somebody else wrote them,
     /// or they aged out and were deleted).
     pub async fn renew(&self) -> Vec<String> {
-        let sent = Instant::now();
         let snapshot: Vec<(String, u64)> = self
             .held()
             .iter()
             .map(|(k, l)| (k.clone(), l.revision))
             .collect();
         let me = Bytes::from(self.me.clone());
-        let results: Vec<(String, u64, Result<u64, kv::UpdateError>)> =
+        let results: Vec<(String, u64, Result<Renewal, mozaiks_bus::Error>)> =
             futures::stream::iter(snapshot)
                 .map(|(key, rev)| {
                     let me = me.clone();
                     async move {
-                        let r = self.kv.update(&key, me, rev).await;
+                        let r = self.bucket.renew(&key, me, rev).await;
                         (key, rev, r)
                     }
                 })
@@ -234,16 +201,10 @@ impl Owners {
                 continue;
             }
             match result {
-                Ok(new) => {
-                    held.insert(
-                        key,
-                        Lease {
-                            revision: new,
-                            valid_until: self.valid_from(sent),
-                        },
-                    );
+                Ok(Renewal::Kept(lease)) => {
+                    held.insert(key, lease);
                 }
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                Ok(Renewal::Lost) => {
                     held.remove(&key);
                     metrics::counter!(m::LEASES, "event" => "lost").increment(1);
                     lost.push(key);
@@ -257,7 +218,7 @@ impl Owners {
 
     /// Renews every quarter of the TTL until `stop` fires, then releases everything.
     pub async fn keep_renewing(&self, stop: &tokio::sync::Notify) {
-        let every = self.ttl / 4;
+        let every = self.bucket.renew_every();
         loop {
             tokio::select! {
                 _ = stop.notified() => break,
@@ -275,11 +236,10 @@ impl Owners {
 
     /// The owner of `key` now (`None`: nobody).
     pub async fn owner(&self, key: &str) -> Result<Option<String>, Error> {
-        Ok(match self.kv.entry(key).await.map_err(js)? {
-            Some(e) if e.operation == Operation::Put => {
-                Some(String::from_utf8_lossy(&e.value).into_owned())
-            }
-            _ => None,
-        })
+        Ok(self
+            .bucket
+            .current(key)
+            .await?
+            .map(|c| String::from_utf8_lossy(&c.value).into_owned()))
     }
 }
