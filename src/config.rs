@@ -323,6 +323,10 @@ pub struct GatewayArgs {
     /// Seconds a draining gateway waits for its sockets to close.
     #[arg(long, env = "MOZAIKS_DRAIN_SECONDS", default_value_t = 10)]
     pub drain_seconds: u64,
+    /// Browser origins allowed to call the HTTP API for every app, comma-separated (on top of
+    /// each app's allowed_origins), e.g. https://console.example.com.
+    #[arg(long, env = "MOZAIKS_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
 }
 
 #[derive(Args, Debug, Clone)]

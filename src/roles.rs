@@ -79,7 +79,8 @@ fn init_tracing(g: &Global) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     let _ = if g.log_format == "json" {
         builder
             .json()
@@ -345,6 +346,12 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
                 public_ws_url: args.public_ws_url.clone(),
                 max_frame_bytes: args.max_frame_bytes,
                 drain_timeout: Duration::from_secs(args.drain_seconds),
+                cors_origins: args
+                    .cors_origins
+                    .iter()
+                    .map(|o| o.trim().to_string())
+                    .filter(|o| !o.is_empty())
+                    .collect(),
             },
         )
         .await?;

@@ -489,7 +489,8 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
     .await;
     create_app(
         &fleet,
-        json!({"app_id": "tenant-b", "name": "B", "tier": "business", "workflows": ["hello", "triage_handoff"]}),
+        json!({"app_id": "tenant-b", "name": "B", "tier": "business", "workflows": ["hello", "triage_handoff"],
+               "limits": {"allowed_origins": [B_ORIGIN]}}),
     )
     .await;
     let b_user = Fleet::token("bob", "tenant-b", &["user"]);
@@ -706,5 +707,57 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
         .await;
         assert!(real == 401 || real == 403, "{real}");
         assert_eq!(real, twin);
+        // The AG-UI stream of B's chat: the same refusal as for a chat that does not exist.
+        let sse = |chat: String| {
+            let fleet = &fleet;
+            async move {
+                let r = fleet
+                    .http
+                    .get(format!(
+                        "{}/api/agui/tenant-b/{chat}?token={token}",
+                        fleet.gateways[0]
+                    ))
+                    .send()
+                    .await
+                    .unwrap();
+                let s = r.status().as_u16();
+                (s, code(&r.json().await.unwrap_or(Value::Null)).to_string())
+            }
+        };
+        let (real, twin) = (sse(b_chat.clone()).await, sse(missing_chat.into()).await);
+        assert!(real.0 == 401 || real.0 == 403, "{real:?}");
+        assert_eq!(real, twin);
     }
+
+    // B's browser origin is not A's: A's credentials from B's page get answers it cannot read,
+    // and a preflight for A's app from B's origin is refused.
+    for token in [&a_user, &a_admin, &a_runtime, &a_key] {
+        for (line, body) in [
+            ("GET /api/workflows", None),
+            ("GET /api/apps/tenant-a", None),
+            ("GET /api/usage/tenant-a", None),
+            (
+                "POST /api/sessions",
+                Some(json!({"app_id": "tenant-a", "workflow_name": "hello"})),
+            ),
+        ] {
+            let (s, h, _) =
+                crate::cors::with_origin(&fleet, 0, line, B_ORIGIN, Some(token), body, &[]).await;
+            assert_eq!(crate::cors::allow_origin(&h), None, "{line}: {s}");
+        }
+    }
+    let (s, _, v) = crate::cors::with_origin(
+        &fleet,
+        0,
+        "OPTIONS /api/apps/tenant-a",
+        B_ORIGIN,
+        None,
+        None,
+        &[("access-control-request-method", "PATCH")],
+    )
+    .await;
+    assert_eq!((s, code(&v)), (403, "origin_not_allowed"));
 }
+
+/// Tenant B's browser origin in the cross-tenant matrix.
+const B_ORIGIN: &str = "https://b.example.com";

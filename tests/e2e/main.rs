@@ -1,11 +1,13 @@
 //! End-to-end tests: real NATS, a real Mongo-wire server, real `mozaiks` processes, real HTTP and
 //! WebSocket clients.
 
+mod agui;
 mod bad_input;
 mod billing_stall;
 mod children;
 mod cli;
 mod control;
+mod cors;
 mod deltas;
 mod engine;
 mod expiry;

@@ -4,8 +4,10 @@
 //! log, reads from the Mongo projections. Nothing is kept between requests but caches of shared
 //! state (the app registry). See [`ws`] for the WebSocket protocol.
 
+pub mod agui;
 pub mod apps;
 pub mod auth;
+pub mod cors;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -52,6 +54,9 @@ pub struct Options {
     pub max_frame_bytes: usize,
     /// How long a draining replica waits for its sockets to close.
     pub drain_timeout: Duration,
+    /// Browser origins allowed to call the HTTP API for every app (`MOZAIKS_CORS_ORIGINS`), on top
+    /// of each app's `allowed_origins` ([`cors`]).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for Options {
@@ -61,6 +66,7 @@ impl Default for Options {
             public_ws_url: None,
             max_frame_bytes: 64 * 1024,
             drain_timeout: Duration::from_secs(10),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -278,10 +284,15 @@ pub fn router(state: State) -> Router {
             "/ws/{workflow}/{app_id}/{chat_id}/{user_id}",
             get(ws::upgrade),
         )
+        .route("/api/agui/{app_id}/{chat_id}", get(agui::stream))
         .merge(page::routes())
         .fallback(|| async { error::ApiError::not_found("not_found", "no such endpoint") })
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cors::guard,
+        ))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
                 // The token query parameter never reaches a log line.

@@ -33,8 +33,20 @@ pub const DELTAS_DROPPED: &str = "mozaiks_ws_deltas_dropped_total";
 pub const NATS_RECONNECTS: &str = "mozaiks_gateway_nats_reconnects_total";
 pub const RECONNECT_CHECKS: &str = "mozaiks_ws_reconnect_checks_total";
 pub const RECONNECT_EVENTS: &str = "mozaiks_ws_reconnect_recovered_events_total";
+pub const CORS_REFUSED: &str = "mozaiks_http_cors_refused_total";
+pub const AGUI_STREAMS: &str = "mozaiks_agui_streams";
+pub const AGUI_EVENTS_OUT: &str = "mozaiks_agui_events_out_total";
 
 pub fn describe() {
+    metrics::describe_counter!(
+        CORS_REFUSED,
+        "Cross-origin HTTP requests from an origin not allowed, by kind (preflight: refused with 403; request: answered without CORS headers)."
+    );
+    metrics::describe_gauge!(
+        AGUI_STREAMS,
+        "Open AG-UI event streams (SSE) on this replica."
+    );
+    metrics::describe_counter!(AGUI_EVENTS_OUT, "AG-UI events written to SSE streams.");
     metrics::describe_counter!(
         DELTAS_IN,
         "Token deltas received from the bus by this replica, by outcome (accepted, invalid)."

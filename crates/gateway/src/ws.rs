@@ -130,44 +130,7 @@ pub async fn upgrade(
         }
     }
     let (tx, rx) = mpsc::channel::<Utf8Bytes>(tuning.queue_frames);
-    // max_websockets is fleet-wide: the other replicas' last snapshots count (crate::presence).
-    let max_app = limits
-        .max_websockets
-        .unwrap_or(tuning.max_websockets_per_app);
-    let elsewhere = state.presence.other_sockets(&app_id);
-    let admission = state
-        .hub
-        .admit(
-            &app_id,
-            &user_id,
-            max_app.saturating_sub(elsewhere),
-            limits
-                .max_websockets_per_user
-                .unwrap_or(tuning.max_websockets_per_user),
-            tx.clone(),
-        )
-        .map_err(|r| {
-            let (reason, message) = match r {
-                Refused::App(_) => (
-                    "app_limit",
-                    format!(
-                        "the app has {max_app} WebSockets open across the fleet ({elsewhere} on other replicas), its limit"
-                    ),
-                ),
-                Refused::User(n) => (
-                    "user_limit",
-                    format!(
-                        "the user has {n} WebSockets open on this replica, the app's per-user limit"
-                    ),
-                ),
-            };
-            refuse(reason);
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_websockets",
-                message,
-            )
-        })?;
+    let admission = admit(&state, &app_id, &user_id, &limits, tx.clone())?;
     let fps = limits
         .max_frames_per_second
         .unwrap_or(tuning.max_frames_per_second)
@@ -193,6 +156,58 @@ pub async fn upgrade(
             conn.run(socket).instrument(span)
         })
         .into_response())
+}
+
+/// Counts a client (a WebSocket or an AG-UI stream, [`crate::agui`]) against the app's fleet-wide
+/// and per-user socket limits and registers it for notifications; 429 `too_many_websockets` over
+/// a limit.
+pub(crate) fn admit(
+    state: &State,
+    app_id: &str,
+    user_id: &str,
+    limits: &mozaiks_control::Limits,
+    tx: mpsc::Sender<Utf8Bytes>,
+) -> Result<Admission, ApiError> {
+    let tuning = state.hub.tuning();
+    // max_websockets is fleet-wide: the other replicas' last snapshots count (crate::presence).
+    let max_app = limits
+        .max_websockets
+        .unwrap_or(tuning.max_websockets_per_app);
+    let elsewhere = state.presence.other_sockets(app_id);
+    state
+        .hub
+        .admit(
+            app_id,
+            user_id,
+            max_app.saturating_sub(elsewhere),
+            limits
+                .max_websockets_per_user
+                .unwrap_or(tuning.max_websockets_per_user),
+            tx,
+        )
+        .map_err(|r| {
+            let (reason, message) = match r {
+                Refused::App(_) => (
+                    "app_limit",
+                    format!(
+                        "the app has {max_app} WebSockets open across the fleet ({elsewhere} on other replicas), its limit"
+                    ),
+                ),
+                Refused::User(n) => (
+                    "user_limit",
+                    format!(
+                        "the user has {n} WebSockets open on this replica, the app's per-user limit"
+                    ),
+                ),
+            };
+            metrics::counter!(m::WS_REFUSED, "app_id" => app_id.to_string(), "reason" => reason)
+                .increment(1);
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_websockets",
+                message,
+            )
+        })
 }
 
 struct Conn {
@@ -435,7 +450,7 @@ struct Cursor {
 }
 
 /// Why a pump stopped.
-enum Stop {
+pub(crate) enum Stop {
     /// The socket is gone.
     Gone,
     /// The log failed; the client should reconnect.
@@ -465,7 +480,10 @@ async fn pump(
     }
 }
 
-async fn stream_chat(
+/// Streams a chat's events to `tx` as JSON frames: the replay after `after`, then live events and
+/// token deltas, gapless and without duplicates (see the module's documentation). Shared by the
+/// WebSocket and the AG-UI stream ([`crate::agui`]).
+pub(crate) async fn stream_chat(
     state: &State,
     claims: &RuntimeClaims,
     after: Option<u64>,
