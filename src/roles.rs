@@ -245,7 +245,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
             .await
             .context("MongoDB")?;
         let reg = registry.as_ref().context("registry")?;
-        Some(store.with_resolver(mozaiks_gateway::storage::storage_resolver(reg)))
+        Some(store.with_resolver(mozaiks_admin::storage::resolver(reg)))
     } else {
         None
     };

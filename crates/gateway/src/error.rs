@@ -118,6 +118,68 @@ impl From<mozaiks_auth::Error> for ApiError {
     }
 }
 
+impl From<mozaiks_control::Error> for ApiError {
+    fn from(e: mozaiks_control::Error) -> ApiError {
+        use mozaiks_control::{Error as E, Rejection};
+        match e {
+            E::Rejected(r) => {
+                let status = match r {
+                    Rejection::AppExists => StatusCode::CONFLICT,
+                    Rejection::AppNotFound => StatusCode::NOT_FOUND,
+                    _ => StatusCode::UNPROCESSABLE_ENTITY,
+                };
+                ApiError::new(status, r.code(), r.to_string())
+            }
+            E::Conflict { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "concurrent_update", e.to_string())
+            }
+            E::Unavailable(_) => ApiError::unavailable(e.to_string()),
+            E::Corrupt { .. } | E::Tiers { .. } => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+impl From<mozaiks_control::keys::KeyError> for ApiError {
+    fn from(e: mozaiks_control::keys::KeyError) -> ApiError {
+        use mozaiks_control::keys::{KeyError, KeyRejection};
+        match e {
+            KeyError::Rejected(r) => {
+                let status = match r {
+                    KeyRejection::TooManyKeys => StatusCode::CONFLICT,
+                    _ => StatusCode::UNPROCESSABLE_ENTITY,
+                };
+                ApiError::new(status, r.code(), r.to_string())
+            }
+            KeyError::Registry(e) => e.into(),
+        }
+    }
+}
+
+impl From<mozaiks_admin::Error> for ApiError {
+    fn from(e: mozaiks_admin::Error) -> ApiError {
+        use mozaiks_admin::Error as E;
+        match e {
+            E::Control(e) => e.into(),
+            E::Bus(e) => e.into(),
+            E::Store(e) => e.into(),
+            E::AppNotFound => ApiError::not_found("app_not_found", e.to_string()),
+            E::InvalidStorage(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_storage",
+                e.to_string(),
+            ),
+            E::MoveInProgress => {
+                ApiError::new(StatusCode::CONFLICT, "move_in_progress", e.to_string())
+            }
+            E::MoveInterrupted => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "move_interrupted",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
 /// A JSON body whose rejections use [`ApiError`].
 #[derive(axum::extract::FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]

@@ -130,7 +130,7 @@ fn body_inner(kind: BodyKind, bytes: &[u8]) -> Result<(), ApiError> {
         BodyKind::CreateApp => {
             let req: crate::apps::CreateApp = parse(bytes)?;
             if let Some(id) = &req.app_id {
-                crate::apps::check_app_id(id)?;
+                crate::authz::check_app_id(id)?;
             }
             let limits = req
                 .limits

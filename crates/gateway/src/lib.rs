@@ -6,7 +6,7 @@
 
 pub mod agui;
 pub mod apps;
-pub mod auth;
+pub mod authz;
 pub mod cors;
 pub mod error;
 #[doc(hidden)]
@@ -95,6 +95,8 @@ pub struct Inner {
     pub presence: presence::Presence,
     /// The process's id: its presence key and the holder of the leases it takes (storage moves).
     pub instance: InstanceId,
+    /// The control plane's workflows: app creation and deletion, storage moves.
+    pub admin: mozaiks_admin::Admin,
 }
 
 impl std::ops::Deref for State {
@@ -157,6 +159,12 @@ impl Gateway {
             shutdown.clone(),
         )
         .await?;
+        let admin = mozaiks_admin::Admin::new(
+            parts.bus.clone(),
+            parts.store.clone(),
+            parts.registry.clone(),
+            parts.instance.clone(),
+        );
         let state = State(Arc::new(Inner {
             bus: parts.bus,
             store: parts.store,
@@ -171,6 +179,7 @@ impl Gateway {
             keys,
             presence,
             instance: parts.instance,
+            admin,
         }));
         Ok(Gateway { state, shutdown_tx })
     }

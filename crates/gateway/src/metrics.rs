@@ -23,8 +23,6 @@ pub const NOTIFICATIONS_SENT: &str = "mozaiks_notifications_sent_total";
 pub const NOTIFICATIONS_DELIVERED: &str = "mozaiks_notifications_delivered_total";
 pub const API_KEY_AUTH: &str = "mozaiks_api_key_auth_total";
 pub const API_KEYS_CREATED: &str = "mozaiks_api_keys_created_total";
-pub const STORAGE_MOVES: &str = "mozaiks_storage_moves_total";
-pub const STORAGE_MOVE_SECONDS: &str = "mozaiks_storage_move_seconds";
 pub const OPS_READ_SECONDS: &str = "mozaiks_ops_perf_read_seconds";
 pub const DELTAS_IN: &str = "mozaiks_ws_deltas_in_total";
 pub const DELTAS_OUT: &str = "mozaiks_ws_deltas_out_total";
@@ -82,15 +80,6 @@ pub fn describe() {
         "API keys presented, by outcome (accepted, malformed, unknown, mismatch, revoked)."
     );
     metrics::describe_counter!(API_KEYS_CREATED, "API keys created, by app_id.");
-    metrics::describe_counter!(
-        STORAGE_MOVES,
-        "Storage moves of an app's read models, by app_id and outcome."
-    );
-    metrics::describe_histogram!(
-        STORAGE_MOVE_SECONDS,
-        metrics::Unit::Seconds,
-        "Time to move an app's read models (copy, switch, settle, catch up)."
-    );
     metrics::describe_gauge!(ACTIVE_CONNECTIONS, "Open WebSockets, by app_id.");
     metrics::describe_counter!(FRAMES_IN, "Client frames received, by type.");
     metrics::describe_counter!(FRAMES_OUT, "Frames sent to clients.");

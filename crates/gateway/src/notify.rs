@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::State;
-use crate::auth::User;
+use crate::authz::User;
 use crate::error::{ApiError, Body};
 use crate::hub::Hub;
 use crate::metrics as m;

@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use tracing::debug;
 
 use crate::State;
-use crate::auth::User;
+use crate::authz::{User, ops_scope};
 use crate::error::{ApiError, Query};
 use crate::metrics as m;
 
@@ -61,24 +61,6 @@ fn counters_json(c: &Counters, active_runs: usize) -> Value {
         "turn_avg_ms": avg,
         "turn_max_ms": c.turn_ms_max,
     })
-}
-
-/// The app the caller may see (`None`: every app).
-fn scope(user: &User, q: Scope) -> Result<Option<String>, ApiError> {
-    if !user.0.is_admin() {
-        return Err(ApiError::forbidden(
-            "admin_required",
-            "ops endpoints need role admin (of the app) or superadmin",
-        ));
-    }
-    match q.app_id {
-        Some(app) => {
-            user.require_app(&app)?;
-            Ok(Some(app))
-        }
-        None if user.0.is_superadmin() => Ok(None),
-        None => Ok(Some(user.0.app_id.clone())),
-    }
 }
 
 /// Every live worker's snapshot, from this replica's memory.
@@ -176,30 +158,30 @@ pub(crate) fn chats_json<S: Borrow<WorkerSnapshot>>(snaps: &[S], app: Option<&st
 
 pub async fn active_runs(
     St(state): St<State>,
-    user: User,
+    User(user): User,
     Query(q): Query<Scope>,
 ) -> Result<Json<Value>, ApiError> {
-    let app = scope(&user, q)?;
+    let app = ops_scope(&user, q.app_id)?;
     let snaps = snapshots(&state);
     Ok(Json(active_runs_json(&snaps, app.as_deref())))
 }
 
 pub async fn perf_aggregate(
     St(state): St<State>,
-    user: User,
+    User(user): User,
     Query(q): Query<Scope>,
 ) -> Result<Json<Value>, ApiError> {
-    let app = scope(&user, q)?;
+    let app = ops_scope(&user, q.app_id)?;
     let snaps = snapshots(&state);
     Ok(Json(aggregate_json(&snaps, app.as_deref())))
 }
 
 pub async fn perf_chats(
     St(state): St<State>,
-    user: User,
+    User(user): User,
     Query(q): Query<Scope>,
 ) -> Result<Json<Value>, ApiError> {
-    let app = scope(&user, q)?;
+    let app = ops_scope(&user, q.app_id)?;
     let snaps = snapshots(&state);
     Ok(Json(chats_json(&snaps, app.as_deref())))
 }

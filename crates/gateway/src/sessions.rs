@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::extract::{Path, State as St};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use mozaiks_events::{Command, CommandEnvelope, ids};
 use serde::{Deserialize, Serialize};
@@ -13,9 +14,73 @@ use serde_json::{Value, json};
 use tracing::info;
 
 use crate::State;
+use crate::authz::{Caller, acting_user, admin_for, check_id, token_app};
 use crate::error::{ApiError, Body, Query};
-use crate::keys::Caller;
 use crate::metrics as m;
+
+/// Refusals of the session broker: an [`ApiError`], or a limit with its `Retry-After`.
+#[derive(Debug)]
+pub enum BrokerError {
+    Api(ApiError),
+    /// The app's `requests_per_minute` is reached.
+    RateLimited {
+        retry_after_secs: u64,
+    },
+    /// The app's runs in progress across every worker reached `max_concurrent_runs`.
+    TooManyRuns {
+        limit: u32,
+    },
+}
+
+impl From<ApiError> for BrokerError {
+    fn from(e: ApiError) -> BrokerError {
+        BrokerError::Api(e)
+    }
+}
+
+impl From<mozaiks_bus::Error> for BrokerError {
+    fn from(e: mozaiks_bus::Error) -> BrokerError {
+        BrokerError::Api(e.into())
+    }
+}
+
+impl From<mozaiks_auth::Error> for BrokerError {
+    fn from(e: mozaiks_auth::Error) -> BrokerError {
+        BrokerError::Api(e.into())
+    }
+}
+
+impl IntoResponse for BrokerError {
+    fn into_response(self) -> Response {
+        let (e, retry_after) = match self {
+            BrokerError::Api(e) => return e.into_response(),
+            BrokerError::RateLimited { retry_after_secs } => (
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!(
+                        "the app's requests_per_minute limit is reached; retry in {retry_after_secs} s"
+                    ),
+                ),
+                retry_after_secs,
+            ),
+            BrokerError::TooManyRuns { limit } => (
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_runs",
+                    format!(
+                        "the app has {limit} runs in progress across the fleet, its max_concurrent_runs; retry when one ends"
+                    ),
+                ),
+                2,
+            ),
+        };
+        let mut resp = e.into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        resp
+    }
+}
 
 /// `POST /api/sessions` body.
 #[derive(Debug, Deserialize)]
@@ -56,48 +121,12 @@ pub struct SessionTicket {
     pub epoch: String,
 }
 
-/// The user a session is started for: the token's `sub`, or for an API key the body's `user_id`.
-fn acting_user(caller: &Caller, asked: Option<&str>) -> Result<String, ApiError> {
-    match (caller, asked) {
-        (Caller::Key(_), Some(u)) => {
-            ids::check_user(u).map_err(|e| {
-                ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_id",
-                    e.to_string(),
-                )
-            })?;
-            Ok(u.to_string())
-        }
-        (Caller::Key(_), None) => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "user_id_required",
-            "an API key starts sessions on behalf of a user: name it in user_id",
-        )),
-        (Caller::User(u), Some(asked)) if asked != u.sub => Err(ApiError::forbidden(
-            "user_mismatch",
-            "user_id differs from the token's user",
-        )),
-        (Caller::User(u), _) => Ok(u.sub.clone()),
-    }
-}
-
-fn check_id(what: &'static str, value: &str) -> Result<(), ApiError> {
-    ids::check_token(what, value).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_id",
-            e.to_string(),
-        )
-    })
-}
-
 pub async fn start(
     St(state): St<State>,
     caller: Caller,
     headers: HeaderMap,
     Body(req): Body<StartSession>,
-) -> Result<(StatusCode, Json<SessionTicket>), crate::apps::BrokerError> {
+) -> Result<(StatusCode, Json<SessionTicket>), BrokerError> {
     let started = Instant::now();
     let user = caller.claims();
     check_id("app_id", &req.app_id)?;
@@ -105,11 +134,7 @@ pub async fn start(
     if let Some(c) = &req.chat_id {
         check_id("chat_id", c)?;
     }
-    if req.app_id != user.app_id {
-        return Err(
-            ApiError::forbidden("app_mismatch", "app_id differs from the token's app").into(),
-        );
-    }
+    token_app(&user, &req.app_id)?;
     if let Some(text) = &req.message
         && (text.trim().is_empty() || text.len() > mozaiks_events::frame_limits::MAX_TEXT_BYTES)
     {
@@ -152,7 +177,7 @@ pub async fn start(
         .check_rate_among(&app, state.presence.live_gateways())
     {
         info!(app_id = %req.app_id, "Session start refused: requests_per_minute reached.");
-        return Err(crate::apps::BrokerError::RateLimited {
+        return Err(BrokerError::RateLimited {
             retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
         });
     }
@@ -185,7 +210,7 @@ pub async fn start(
             info!(app_id = %req.app_id, limit, "Session start refused: max_concurrent_runs reached.");
             metrics::counter!(m::SESSIONS_REFUSED_RUNS, "app_id" => req.app_id.clone())
                 .increment(1);
-            return Err(crate::apps::BrokerError::TooManyRuns { limit });
+            return Err(BrokerError::TooManyRuns { limit });
         }
         let cmd = CommandEnvelope::new(
             &req.app_id,
@@ -310,12 +335,7 @@ pub async fn list_sessions(
 ) -> Result<Json<Value>, ApiError> {
     let user = caller.claims();
     check_id("app_id", &q.app_id)?;
-    if q.app_id != user.app_id {
-        return Err(ApiError::forbidden(
-            "app_mismatch",
-            "app_id differs from the token's app",
-        ));
-    }
+    token_app(&user, &q.app_id)?;
     let user_id = q.user_id.unwrap_or_else(|| user.sub.clone());
     if user_id != user.sub && !user.is_admin() {
         return Err(ApiError::forbidden(
@@ -395,7 +415,7 @@ pub async fn usage(
 ) -> Result<Json<Value>, ApiError> {
     let user = caller.claims();
     check_id("app_id", &app_id)?;
-    user.require_app_admin(&app_id)?;
+    admin_for(&user, &app_id)?;
     let u = state.store.usage(&app_id).await?;
     Ok(Json(json!({
         "app_id": u.app_id,
@@ -405,26 +425,4 @@ pub async fn usage(
         "charges": u.charges,
         "runs": u.runs,
     })))
-}
-
-trait AdminCheck {
-    fn require_app_admin(&self, app_id: &str) -> Result<(), ApiError>;
-}
-
-impl AdminCheck for mozaiks_auth::UserClaims {
-    fn require_app_admin(&self, app_id: &str) -> Result<(), ApiError> {
-        if self.is_superadmin() || (self.app_id == app_id && self.is_admin()) {
-            Ok(())
-        } else if self.app_id != app_id {
-            Err(ApiError::forbidden(
-                "app_mismatch",
-                "the token is not valid for this app_id",
-            ))
-        } else {
-            Err(ApiError::forbidden(
-                "admin_required",
-                "this endpoint needs the admin role",
-            ))
-        }
-    }
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-pub use model::{MessageDoc, SessionDoc, UsageDoc};
+pub use model::{ChatRef, MessageDoc, SessionDoc, UsageDoc};
 use mongodb::bson::{Document, doc};
 use mongodb::options::{ClientOptions, FindOptions, IndexOptions};
 use mongodb::{Client, Database, IndexModel};
@@ -219,6 +219,36 @@ impl Store {
             .try_collect()
             .await?;
         record("messages", started);
+        Ok(found)
+    }
+
+    /// The app's chats whose run may still go on ([`projection::status::UNFINISHED`]); session
+    /// documents without a chat, user or workflow are left out.
+    pub async fn unfinished_chats(&self, app_id: &str) -> Result<Vec<ChatRef>, Error> {
+        let started = Instant::now();
+        let mut open = self
+            .resolve_storage(app_id)
+            .await?
+            .collection::<Document>(SESSIONS)
+            .find(doc! { "app_id": app_id, "status": { "$in": projection::status::UNFINISHED.as_slice() } })
+            .projection(doc! { "chat_id": 1, "user_id": 1, "workflow_name": 1 })
+            .await?;
+        let mut found = Vec::new();
+        while open.advance().await? {
+            let d = open.deserialize_current()?;
+            if let (Ok(chat_id), Ok(user_id), Ok(workflow_name)) = (
+                d.get_str("chat_id"),
+                d.get_str("user_id"),
+                d.get_str("workflow_name"),
+            ) {
+                found.push(ChatRef {
+                    chat_id: chat_id.to_string(),
+                    user_id: user_id.to_string(),
+                    workflow_name: workflow_name.to_string(),
+                });
+            }
+        }
+        record("unfinished_chats", started);
         Ok(found)
     }
 }

@@ -23,6 +23,14 @@ pub struct SessionDoc {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A chat as its session document names it: enough to address a command to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatRef {
+    pub chat_id: String,
+    pub user_id: String,
+    pub workflow_name: String,
+}
+
 /// `chat_messages`: the transcript (user and agent messages, tool calls and results, input
 /// requests).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -12,15 +12,28 @@ use mozaiks_events::{Envelope, Event};
 
 use crate::{Error, MESSAGES, SESSIONS, Store, is_duplicate_key, metrics as m};
 
+/// The `status` of a chat in `chat_sessions`, as the projection writes it.
+pub mod status {
+    /// Started, no run yet.
+    pub const ACTIVE: &str = "active";
+    pub const RUNNING: &str = "running";
+    pub const WAITING_INPUT: &str = "waiting_input";
+    pub const COMPLETED: &str = "completed";
+    pub const FAILED: &str = "failed";
+    pub const CANCELLED: &str = "cancelled";
+    /// The statuses of a chat whose run may still go on (a deleted app's chats get `cancel`).
+    pub const UNFINISHED: [&str; 3] = [ACTIVE, RUNNING, WAITING_INPUT];
+}
+
 /// The status a chat has after an event, if the event changes it.
 pub fn status_after(event: &Event) -> Option<&'static str> {
     Some(match event {
-        Event::SessionStarted(_) => "active",
-        Event::RunStarted(_) | Event::MessageUser(_) => "running",
-        Event::InputRequested(_) => "waiting_input",
-        Event::RunCompleted(_) => "completed",
-        Event::RunFailed(_) => "failed",
-        Event::RunCancelled(_) => "cancelled",
+        Event::SessionStarted(_) => status::ACTIVE,
+        Event::RunStarted(_) | Event::MessageUser(_) => status::RUNNING,
+        Event::InputRequested(_) => status::WAITING_INPUT,
+        Event::RunCompleted(_) => status::COMPLETED,
+        Event::RunFailed(_) => status::FAILED,
+        Event::RunCancelled(_) => status::CANCELLED,
         _ => return None,
     })
 }
@@ -190,7 +203,7 @@ fn session_update(c: &SessionChange) -> Document {
         "created_at": bson::DateTime::from_chrono(c.first.ts),
     };
     if c.status.is_none() {
-        on_insert.insert("status", "active");
+        on_insert.insert("status", status::ACTIVE);
     }
     doc! {
         // Only move forward: a document already at or past this seq does not match, and the
