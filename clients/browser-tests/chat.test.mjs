@@ -104,7 +104,8 @@ function chatId() {
 async function readModel(token, chat, lastSeq) {
   const deadline = Date.now() + WAIT;
   for (;;) {
-    const r = await fetch(`${fleet.gateways.map((g) => g.url).find(Boolean)}/api/sessions/${chat}/messages`, {
+    // Through the proxy: any live replica answers.
+    const r = await fetch(`${proxy.url}/api/sessions/${chat}/messages`, {
       headers: { authorization: `Bearer ${token}` },
     }).catch(() => undefined);
     const body = r?.ok ? await r.json() : undefined;
@@ -186,9 +187,9 @@ describe("@mozaiks/client in Node (the ws package's WebSocket) on the fleet", { 
 describe("the chat page on a gateway fleet", { timeout: 170_000 }, () => {
   it("starts a session, streams the reply into the page, and lists the app's workflows", async () => {
     const { token } = await openPage("page-alice");
+    await pick("hello");
     const options = await page.getByTestId("workflow-picker").locator("option").allTextContents();
     assert.ok(options.includes("hello") && options.includes("support_triage"), `workflows: ${options}`);
-    await pick("hello");
     await type("Hi there");
     await page.locator('[data-testid="message"][data-role="user"]').first().waitFor({ timeout: WAIT });
     // The reply streams: a partial text first, then the final message.
