@@ -215,12 +215,19 @@ describe("the chat page on a gateway fleet", { timeout: 170_000 }, () => {
       .locator('[data-testid="message"][data-role="assistant"][data-streaming="true"]')
       .first()
       .waitFor({ timeout: WAIT });
+    // Every connection state the client goes through from here on (a short one is not missed).
+    await page.evaluate(() => {
+      window.states = [];
+      window.mozaiksChat.on("state", (s) => window.states.push(s.status));
+    });
     const serving = proxy.websocketBackends();
     assert.equal(serving.length, 1, "one WebSocket through the proxy");
     const victim = serving[0];
     log(`SIGKILL gateway ${victim} (it serves the page's socket) mid-reply`);
     fleet.kill(victim);
-    await page.locator('[data-testid="connection-status"][data-status="reconnecting"]').waitFor({ timeout: WAIT });
+    await page.waitForFunction(() => window.states.includes("reconnecting") && window.states.at(-1) === "open", null, {
+      timeout: WAIT,
+    });
     await page.locator('[data-testid="connection-status"][data-status="open"]').waitFor({ timeout: WAIT });
     assert.deepEqual(proxy.websocketBackends(), [1 - victim], "the page reconnected to the other replica");
     await waitRun("completed");
