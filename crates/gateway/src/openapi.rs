@@ -350,6 +350,34 @@ pub const OPERATIONS: &[Op] = &[
             &[401, 403],
         )
     },
+    Op {
+        query: &[
+            (
+                "token",
+                "The runtime token from POST /api/sessions (or Authorization: Bearer with it).",
+                false,
+            ),
+            (
+                "after",
+                "Replay every event with seq > after, then live; the Last-Event-ID header wins.",
+                false,
+            ),
+            (
+                "epoch",
+                "The log epoch from the ticket; a mismatch sends a CUSTOM resync event and replays from the start.",
+                false,
+            ),
+        ],
+        ..op(
+            "get",
+            "/api/agui/{app_id}/{chat_id}",
+            "websocket",
+            "The chat's events as AG-UI events (https://docs.ag-ui.com) over Server-Sent Events: the replay after Last-Event-ID (or after), then live, gapless and without duplicates on any replica. Each SSE message's data is one AG-UI event (RUN_STARTED, RUN_FINISHED, RUN_ERROR, STEP_STARTED, STEP_FINISHED, TEXT_MESSAGE_START/CONTENT/END, TOOL_CALL_START/ARGS/END/RESULT, STATE_SNAPSHOT, STATE_DELTA, CUSTOM for the rest); the last event of each durable event has `id: <seq>`. The stream ends with a CUSTOM event named close (reason restarting, token_expired, log_unavailable or slow_consumer). Counts against the app's socket limits.",
+            Auth::Runtime,
+            200,
+            &[400, 401, 403, 429],
+        )
+    },
 ];
 
 #[allow(clippy::too_many_arguments)]
@@ -395,10 +423,18 @@ fn operation(op: &Op) -> Value {
     } else {
         "Success."
     };
-    responses.insert(
-        op.ok.to_string(),
-        json!({"description": ok_description, "content": {"application/json": {"schema": {}}}}),
-    );
+    if op.path.starts_with("/api/agui/") {
+        params.push(json!({"name": "Last-Event-ID", "in": "header", "required": false, "description": "The seq of the last event received (sent by EventSource when it reconnects).", "schema": {"type": "string", "pattern": "^[0-9]+$"}}));
+        responses.insert(
+            op.ok.to_string(),
+            json!({"description": "An SSE stream of AG-UI events.", "content": {"text/event-stream": {"schema": {"type": "string"}}}}),
+        );
+    } else {
+        responses.insert(
+            op.ok.to_string(),
+            json!({"description": ok_description, "content": {"application/json": {"schema": {}}}}),
+        );
+    }
     if op.method == "post" && op.path == "/api/sessions" {
         responses.insert(
             "200".into(),
@@ -452,7 +488,7 @@ pub fn document() -> Value {
         "info": {
             "title": "Mozaiks Runtime",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Event-sourced, multi-tenant runtime for AI-agent chat apps. Every gateway replica serves every endpoint. Errors are {\"error\": {\"code\", \"message\"}} with a stable code.",
+            "description": "Event-sourced, multi-tenant runtime for AI-agent chat apps. Every gateway replica serves every endpoint. Errors are {\"error\": {\"code\", \"message\"}} with a stable code. Browsers on another origin (CORS): an origin listed in the app's allowed_origins (the app named by the path, else by the token's app_id) or in the fleet-wide MOZAIKS_CORS_ORIGINS gets Access-Control-Allow-Origin echoed (never *, no credentials); a preflight from any other origin gets 403 origin_not_allowed.",
         },
         "paths": paths,
         "components": {
