@@ -416,6 +416,11 @@ export function ChatWindow({ chat, title }: { chat: UseChat; title?: string }) {
         <RunStatus run={chat.view.run} />
       </div>
       <MessageList view={chat.view} onRespond={chat.respond} />
+      {chat.error && (
+        <p className="mz-error-line" role="alert" data-testid="chat-error" data-code={chat.error.code}>
+          {chat.error.message} ({chat.error.code})
+        </p>
+      )}
       <Composer
         onSend={(t) => chat.sendMessage(t)}
         onCancel={() => chat.cancel("cancelled by the user")}

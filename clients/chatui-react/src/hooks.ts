@@ -3,6 +3,7 @@ import {
   ChatClient,
   type ChatView,
   type ConnectionState,
+  type ErrorData,
   listWorkflows,
   type WorkflowInfo,
 } from "@mozaiks/client";
@@ -35,6 +36,8 @@ export interface UseChat {
   cancel: (reason?: string) => void;
   /** Closes the chat and forgets it: the next message starts a new one. */
   reset: () => void;
+  /** The last `error` frame (a refused message or answer), until the next message is sent. */
+  error: ErrorData | undefined;
   /** The underlying client (null before the chat starts). */
   client: ChatClient | null;
 }
@@ -55,6 +58,7 @@ export function useChat(opts: UseChatOptions = {}): UseChat {
   const [client, setClient] = useState<ChatClient | null>(null);
   const [view, setView] = useState<ChatView>(EMPTY);
   const [connection, setConnection] = useState<ConnectionState>(IDLE);
+  const [error, setError] = useState<ErrorData | undefined>();
   const [chatId, setChatId] = useState<string | undefined>(opts.chatId);
   const [workflow, setWorkflow] = useState<string | undefined>(opts.workflow ?? config.chat.defaultWorkflow);
   const clientRef = useRef<ChatClient | null>(null);
@@ -82,6 +86,7 @@ export function useChat(opts: UseChatOptions = {}): UseChat {
       });
       c.on("view", setView);
       c.on("state", setConnection);
+      c.on("error", setError);
       c.on("ticket", (t) => {
         setChatId(t.chat_id);
         onChatId.current?.(t.chat_id);
@@ -130,6 +135,7 @@ export function useChat(opts: UseChatOptions = {}): UseChat {
         c = make(workflow, chatId);
         c.start().catch(() => undefined);
       }
+      setError(undefined);
       return c.sendMessage(text);
     },
     [make, workflow, chatId],
@@ -144,9 +150,10 @@ export function useChat(opts: UseChatOptions = {}): UseChat {
     setView(EMPTY);
     setConnection(IDLE);
     setChatId(undefined);
+    setError(undefined);
   }, []);
 
-  return { view, connection, chatId, workflow, start, sendMessage, respond, cancel, reset, client };
+  return { view, connection, chatId, workflow, start, sendMessage, respond, cancel, reset, error, client };
 }
 
 /** The workflows the user's app may run (`GET /api/workflows`). */

@@ -42,6 +42,8 @@ export const CloseCode = {
 
 /** Longest text of a user message, in UTF-8 bytes (the gateway refuses longer). */
 export const MAX_TEXT_BYTES = 32 * 1024;
+/** Longest frame the gateway accepts by default, in bytes. */
+export const MAX_FRAME_BYTES = 64 * 1024;
 
 export interface ChatClientOptions {
   appId: string;
@@ -251,6 +253,11 @@ export class ChatClient extends Emitter<ChatClientEvents> {
     if (text.trim() === "") throw new Error("empty message");
     if (new TextEncoder().encode(text).length > MAX_TEXT_BYTES) {
       throw new Error(`message longer than ${MAX_TEXT_BYTES} bytes`);
+    }
+    // The gateway closes a socket on a frame over 64 KiB (1009): such a frame would be resent forever.
+    const frame = JSON.stringify({ type: "user.message", text, client_msg_id: clientMsgId });
+    if (new TextEncoder().encode(frame).length > MAX_FRAME_BYTES) {
+      throw new Error(`message frame longer than ${MAX_FRAME_BYTES} bytes`);
     }
     if (this.outbox.has(clientMsgId)) return clientMsgId;
     const out: Outgoing = { id: clientMsgId, text, acked: false, sentAt: 0 };

@@ -14,6 +14,7 @@ export {
   type ChatClientOptions,
   type ChatClientStats,
   CloseCode,
+  MAX_FRAME_BYTES,
   MAX_TEXT_BYTES,
 } from "./client.js";
 export { DeltaText } from "./deltas.js";

@@ -359,6 +359,8 @@ describe("sending", () => {
     const { client } = await started();
     expect(() => client.sendMessage("  ")).toThrow();
     expect(() => client.sendMessage("x".repeat(32 * 1024 + 1))).toThrow();
+    // Within 32 KiB of text, but over 64 KiB once escaped in JSON.
+    expect(() => client.sendMessage("\u0001".repeat(12 * 1024))).toThrow(/frame/);
   });
 });
 
