@@ -37,7 +37,7 @@ use mozaiks_store::mongodb::Database;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::storage::{is_dedicated, placement, target};
+use crate::storage::{placement, target};
 use crate::{Admin, Error, metrics as m};
 
 /// How long a move waits after the switch for every replica to apply it.
@@ -144,7 +144,7 @@ impl Admin {
         let shared = self.store.shared().name().to_string();
         let target = target(&shared, db_name, mongo_uri)?;
         let app = self.live_app(app_id).await?;
-        if target.is_some() && !is_dedicated(self.registry.tiers().tier_of(&app)) {
+        if target.is_some() && !self.registry.tiers().tier_of(&app).has_own_database() {
             return Err(Error::InvalidStorage(format!(
                 "tier {:?} uses the shared database",
                 app.tier

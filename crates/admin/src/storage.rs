@@ -5,13 +5,15 @@
 //! names its own database, else the shared one. Projector, billing and every read endpoint go
 //! through it, on every replica, within the registry's propagation time.
 //!
-//! **The tier → dedicated-database rule**: an app of a tier whose `database` is `dedicated` gets
-//! its own database when it is created ([`for_new_app`], named by [`default_db_name`]), and only
-//! such an app may be moved to a database other than the shared one ([`target`]).
+//! **The tier → dedicated-database rule** ([`Tier::has_own_database`](mozaiks_control::Tier)):
+//! an app of a tier whose `database` is `dedicated` gets its own database when it is created
+//! ([`for_new_app`], named by [`default_db_name`]), and only such an app may be moved to a
+//! database other than the shared one ([`crate::Admin::move_storage`]; the app aggregate refuses
+//! `app.storage_changed` for any other).
 
 use std::sync::Arc;
 
-use mozaiks_control::tiers::{DatabasePlacement, Tier, Tiers};
+use mozaiks_control::tiers::Tiers;
 use mozaiks_control::{AppStorage, Registry};
 use mozaiks_store::{Placement, Resolver, Route};
 
@@ -37,18 +39,13 @@ pub fn placement(s: &AppStorage) -> Placement {
     }
 }
 
-/// Whether apps of `tier` have a database of their own.
-pub fn is_dedicated(tier: &Tier) -> bool {
-    tier.database == DatabasePlacement::Dedicated
-}
-
 /// The database a new app of `tier` starts with: its own (on the shared deployment) when the
 /// tier has dedicated databases, else none (the shared one). An unknown tier gets none; the app
 /// aggregate refuses it anyway.
 pub fn for_new_app(tiers: &Tiers, shared: &str, tier: &str, app_id: &str) -> Option<AppStorage> {
     tiers
         .get(tier)
-        .filter(|t| is_dedicated(t))
+        .filter(|t| t.has_own_database())
         .map(|_| AppStorage {
             db_name: default_db_name(shared, app_id),
             mongo_uri: None,
@@ -95,7 +92,7 @@ mod tests {
         let tiers = Tiers::load().unwrap();
         let (dedicated, shared): (Vec<&str>, Vec<&str>) = tiers
             .names()
-            .partition(|n| is_dedicated(tiers.get(n).unwrap()));
+            .partition(|n| tiers.get(n).unwrap().has_own_database());
         assert!(!dedicated.is_empty() && !shared.is_empty());
         for t in dedicated {
             let s = for_new_app(&tiers, "mozaiks", t, "acme").unwrap();

@@ -422,12 +422,7 @@ fn check_workflows(known: &Known<'_>, list: &[String]) -> Result<Vec<String>, Re
 }
 
 fn check_storage(known: &Known<'_>, tier: &str, storage: &AppStorage) -> Result<(), Rejection> {
-    use crate::tiers::DatabasePlacement;
-    if !known
-        .tiers
-        .get(tier)
-        .is_some_and(|t| t.database == DatabasePlacement::Dedicated)
-    {
+    if !known.tiers.get(tier).is_some_and(|t| t.has_own_database()) {
         return Err(Rejection::InvalidStorage(format!(
             "tier {tier:?} uses the shared database; move the app to it first (POST /api/apps/{{app_id}}/storage)"
         )));

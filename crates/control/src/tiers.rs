@@ -50,6 +50,12 @@ impl Tier {
     pub fn has_own_runtime(&self) -> bool {
         self.runtime != RuntimePlacement::Shared
     }
+
+    /// Whether apps of this tier have a database of their own (given at creation; only they may
+    /// be moved to another database than the shared one).
+    pub fn has_own_database(&self) -> bool {
+        self.database == DatabasePlacement::Dedicated
+    }
 }
 
 /// Every tier, by name.
