@@ -47,6 +47,13 @@ const portOpen = (port) =>
     s.on("error", () => resolve(false));
   });
 
+// Processes of every fleet of this test process: killed when it exits, however it exits.
+const running = new Set();
+process.on("exit", () => {
+  for (const child of running) child.kill("SIGKILL");
+});
+for (const signal of ["SIGINT", "SIGTERM"]) process.once(signal, () => process.exit(130));
+
 export class Fleet {
   constructor(dir, logs) {
     this.dir = dir;
@@ -121,6 +128,8 @@ export class Fleet {
       env: { PATH: process.env.PATH ?? "", ...env },
       stdio: ["ignore", "pipe", "pipe"],
     });
+    running.add(child);
+    child.on("exit", () => running.delete(child));
     child.stdout.pipe(out);
     child.stderr.pipe(out);
     const proc = { name, child, log };
