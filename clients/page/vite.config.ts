@@ -5,9 +5,20 @@ import { defineConfig } from "vite";
 // them), one script and one stylesheet, nothing fetched from elsewhere at run time.
 const out = fileURLToPath(new URL("../../crates/gateway/assets/chat", import.meta.url));
 
+// `npm run dev`: the page with hot reload at http://127.0.0.1:5173/chat/#token=..., talking to the
+// runtime at MOZAIKS_URL (default the one ./scripts/dev.sh runs).
+const runtime = process.env.MOZAIKS_URL ?? "http://127.0.0.1:8000";
+
 export default defineConfig({
   root: fileURLToPath(new URL(".", import.meta.url)),
   base: "/chat/",
+  server: {
+    host: "127.0.0.1",
+    proxy: {
+      "/api": runtime,
+      "/ws": { target: runtime.replace(/^http/, "ws"), ws: true },
+    },
+  },
   build: {
     outDir: out,
     emptyOutDir: true,

@@ -227,6 +227,32 @@ describe("resync", () => {
   });
 });
 
+describe("resync from the read model", () => {
+  it("log_truncated with a user token: the missing messages are read from the transcript endpoint", async () => {
+    const requested: string[] = [];
+    const fetch = (async (url: string) => {
+      requested.push(url);
+      const messages = [
+        { seq: 2, id: "e2", type: "message.user", ts: "t", data: { text: "kept by the read model" } },
+        { seq: 3, id: "e3", type: "agent.message", ts: "t", data: { run_id: RUN, step: 1, agent: "a", text: "hi" } },
+        { seq: 5, id: "e5", type: "message.user", ts: "t", data: { text: "already live" } },
+      ];
+      return new Response(JSON.stringify({ chat_id: "chat1", last_seq: 5, messages }), { status: 200 });
+    }) as unknown as typeof globalThis.fetch;
+    const { client, sockets } = await started({ apiBaseUrl: "http://api", token: "jwt", fetch });
+    const s = sockets.last;
+    s.event(1, "session.started");
+    s.ephemeral("resync", { reason: "log_truncated", after: 1, first_seq: 4 });
+    s.event(4, "run.started", { run_id: RUN, trigger_seq: 2 });
+    await settle(0);
+    expect(requested).toEqual(["http://api/api/sessions/chat1/messages?after=1&limit=1000"]);
+    expect(seqs(client)).toEqual([1, 2, 3, 4]);
+    expect(client.view.items.map((i) => i.kind)).toEqual(["user", "assistant"]);
+    s.event(5, "message.user", { text: "already live" });
+    expect(client.lastSeq).toBe(5);
+  });
+});
+
 describe("streamed text", () => {
   it("assembles deltas by UTF-8 byte offset and replaces them with the agent.message", async () => {
     const { client, sockets } = await started();
