@@ -63,6 +63,11 @@ fn cases() -> Vec<(&'static str, Envelope)> {
                     completion_tokens: 57,
                     total_tokens: 469,
                     purpose: None,
+                    credits: Some(15),
+                    price: Some(mozaiks_events::ChargePrice {
+                        prompt: 10_000,
+                        completion: 30_000,
+                    }),
                 }),
             ),
         ),
