@@ -160,7 +160,12 @@ impl LeaseBucket {
                 revision,
                 valid_until: self.valid_until(sent),
             })),
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(Renewal::Lost),
+            Err(e)
+                if e.kind() == UpdateErrorKind::WrongLastRevision
+                    || crate::wrong_last_sequence_in(&e) =>
+            {
+                Ok(Renewal::Lost)
+            }
             Err(e) => Err(failed("renewing", key, e)),
         }
     }

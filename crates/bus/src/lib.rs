@@ -42,6 +42,34 @@ pub enum Error {
     Codec(#[from] mozaiks_events::Error),
 }
 
+/// Whether a publish was refused because its `Nats-Expected-Last-Subject-Sequence` (or
+/// `-Sequence`) did not hold: another writer appended first. nats-server answers with error code
+/// 10071 (`wrong last sequence: N`), which async-nats maps to
+/// [`PublishErrorKind::WrongLastSequence`](jetstream::context::PublishErrorKind), or, from a
+/// clustered stream's leader while an earlier write to the subject is still being proposed
+/// (2.12 and later), with 10164 (`wrong last sequence`, no number), which async-nats leaves as
+/// `Other`. Both are the same conflict.
+pub fn wrong_last_sequence(e: &jetstream::context::PublishError) -> bool {
+    e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence
+        || wrong_last_sequence_in(e)
+}
+
+/// [`wrong_last_sequence`] for any error wrapping a publish's (a KV update's, for example):
+/// whether a JetStream error with code 10071 or 10164 is in `e`'s source chain.
+pub fn wrong_last_sequence_in(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(js) = err.downcast_ref::<jetstream::Error>()
+            && (js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                || js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 impl Error {
     pub(crate) fn js(e: impl std::fmt::Display) -> Error {
         Error::JetStream(e.to_string())
@@ -151,5 +179,47 @@ impl Bus {
         let info = stream.info().await.map_err(Error::js)?;
         let created = info.created;
         Ok(format!("{}", created.unix_timestamp_nanos()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+    use async_nats::jetstream::kv::{UpdateError, UpdateErrorKind};
+
+    use super::*;
+
+    /// A JetStream API error as nats-server sends it.
+    fn api_error(code: u64, description: &str) -> jetstream::Error {
+        serde_json::from_value(serde_json::json!({
+            "code": 400, "err_code": code, "description": description
+        }))
+        .expect("a JetStream API error")
+    }
+
+    #[test]
+    fn both_wrong_last_sequence_codes_are_a_conflict_and_nothing_else_is() {
+        // 10071 as async-nats maps it; 10164 (a clustered leader's) as async-nats leaves it.
+        let mapped = PublishError::with_source(
+            PublishErrorKind::WrongLastSequence,
+            api_error(10071, "wrong last sequence: 4"),
+        );
+        let constant = PublishError::with_source(
+            PublishErrorKind::Other,
+            api_error(10164, "wrong last sequence"),
+        );
+        let other = PublishError::with_source(
+            PublishErrorKind::Other,
+            api_error(10077, "maximum messages per subject exceeded"),
+        );
+        assert!(wrong_last_sequence(&mapped));
+        assert!(wrong_last_sequence(&constant));
+        assert!(!wrong_last_sequence(&other));
+        assert!(!wrong_last_sequence(&PublishError::new(PublishErrorKind::TimedOut)));
+        // Wrapped once more, as a KV update wraps its publish.
+        let update = UpdateError::with_source(UpdateErrorKind::Other, constant);
+        assert!(wrong_last_sequence_in(&update));
+        let update = UpdateError::with_source(UpdateErrorKind::Other, other);
+        assert!(!wrong_last_sequence_in(&update));
     }
 }
