@@ -85,7 +85,7 @@ impl Bus {
                     stream_seq: ack.sequence,
                 })
             }
-            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+            Err(e) if crate::wrong_last_sequence(&e) => {
                 metrics::counter!(m::APPEND_CONFLICTS).increment(1);
                 Err(Error::Conflict {
                     chat_id: env.chat_id.clone(),
