@@ -172,8 +172,18 @@ pub struct Global {
         global = true
     )]
     pub app_archive_interval_seconds: u64,
+    /// Milliseconds between two evaluations of the ops rules by the ops leader (role `ops`).
+    #[arg(
+        long,
+        env = "MOZAIKS_OPS_EVALUATE_MS",
+        default_value_t = 5000,
+        global = true
+    )]
+    pub ops_evaluate_ms: u64,
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub metrics: crate::metrics_http::MetricsArgs,
 }
 
 /// The model provider: the OpenAI-compatible client when `OPENAI_API_KEY` or `OPENAI_BASE_URL`

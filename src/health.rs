@@ -6,7 +6,8 @@
 //!   up, every stream, consumer and bucket exists (see `mozaiks_bus::keeper`), no role reports a
 //!   problem (a worker whose command consumer fails, say), and Mongo answers when a role needs it;
 //!   503 otherwise, with the reasons.
-//! - `/metrics`: Prometheus exposition.
+//! - `/metrics`: Prometheus exposition, unless `MOZAIKS_METRICS_LISTEN` gives it a listener of
+//!   its own; behind `MOZAIKS_METRICS_TOKEN` when set (see [`crate::metrics_http`]).
 
 use std::time::Duration;
 
@@ -24,20 +25,24 @@ use serde_json::json;
 struct Probe {
     bus: Bus,
     store: Option<Store>,
-    prometheus: PrometheusHandle,
 }
 
-pub fn router(bus: Bus, store: Option<Store>, prometheus: PrometheusHandle) -> Router {
-    Router::new()
+/// `prometheus`: none when `/metrics` is served elsewhere; `token`: what `/metrics` asks for.
+pub fn router(
+    bus: Bus,
+    store: Option<Store>,
+    prometheus: Option<PrometheusHandle>,
+    token: Option<String>,
+) -> Router {
+    let probes = Router::new()
         .route("/health", get(live))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .with_state(Probe {
-            bus,
-            store,
-            prometheus,
-        })
+        .with_state(Probe { bus, store });
+    match prometheus {
+        Some(handle) => probes.merge(crate::metrics_http::router(handle, token)),
+        None => probes,
+    }
 }
 
 async fn live() -> axum::Json<serde_json::Value> {
@@ -69,17 +74,6 @@ async fn ready(State(p): State<Probe>) -> Response {
             "status": if ok { "ready" } else { "not_ready" },
             "problems": readiness.problems,
         })),
-    )
-        .into_response()
-}
-
-async fn metrics(State(p): State<Probe>) -> Response {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        p.prometheus.render(),
     )
         .into_response()
 }

@@ -3,16 +3,26 @@
 
 mod config;
 mod health;
+mod metrics_http;
+mod metrics_layer;
 mod roles;
 
 use clap::{Parser, Subcommand};
 
 use crate::config::Global;
 
+/// `mozaiks --version`: the version and the git commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("MOZAIKS_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "mozaiks",
-    version,
+    version = VERSION,
     about = "Mozaiks Runtime: an event-sourced, multi-tenant runtime for AI-agent chat apps.",
     long_about = "Mozaiks Runtime: an event-sourced, multi-tenant runtime for AI-agent chat apps.\n\n\
 Every role talks only to NATS JetStream (the event log) and MongoDB (read models), so any role can \
@@ -38,7 +48,15 @@ enum Cmd {
     Projector,
     /// Keeps the per-app usage ledger from usage.charged.
     Billing,
-    /// The ops agent (not built yet: see issue tracker).
+    /// The ops agent: watches the fleet (worker snapshots, presence, run outcomes, errors, token
+    /// use) and evaluates the ops policy's rules (noisy_neighbour, error_spike, cost_spike,
+    /// socket_share, slow_start), one replica at a time (the `ops` lease). A rule that holds for
+    /// its `for` duration fires an incident, a CloudEvent on mz.ops.incident.{rule}.{app_id}
+    /// (stream MZ_OPS), and takes the policy's safe actions (throttle, pause_runs, disable_pack,
+    /// notify), each an event on mz.ops.action.{kind}.{app_id} that reverts at its TTL; risky
+    /// actions are only proposed. The policy is edited with GET/PUT /api/ops/policy[/{app_id}]
+    /// and applies live. MOZAIKS_OPS_EVALUATE_MS sets the evaluation period; MOZAIKS_HEALTH_LISTEN
+    /// serves health and metrics.
     Ops,
     /// Mints a user token signed with JWT_SECRET (development and scripts).
     Token(config::TokenArgs),
@@ -67,12 +85,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Token(args) => roles::token(&cli.global, args),
             Cmd::Workflows(cmd) => roles::workflows(&cli.global, cmd),
             Cmd::Schemas(args) => roles::schemas(args),
-            Cmd::Ops => {
-                eprintln!(
-                    "mozaiks ops: the ops agent is not built yet; the other roles run without it."
-                );
-                Ok(std::process::ExitCode::from(2))
-            }
+            Cmd::Ops => roles::serve(&cli.global, roles::Roles::ops(), None).await,
             Cmd::All(args) => roles::serve(&cli.global, roles::Roles::all(), Some(args)).await,
             Cmd::Gateway(args) => {
                 roles::serve(&cli.global, roles::Roles::gateway(), Some(args)).await

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use mozaiks_bus::Bus;
 use mozaiks_bus::definitions::Definitions;
 use mozaiks_bus::fleet::InstanceId;
@@ -23,6 +23,7 @@ pub struct Roles {
     worker: bool,
     projector: bool,
     billing: bool,
+    ops: bool,
 }
 
 impl Roles {
@@ -32,6 +33,7 @@ impl Roles {
             worker: true,
             projector: true,
             billing: true,
+            ops: true,
         }
     }
     pub fn gateway() -> Roles {
@@ -58,6 +60,12 @@ impl Roles {
             ..Default::default()
         }
     }
+    pub fn ops() -> Roles {
+        Roles {
+            ops: true,
+            ..Default::default()
+        }
+    }
     fn names(&self) -> String {
         let mut v = Vec::new();
         for (on, name) in [
@@ -65,6 +73,7 @@ impl Roles {
             (self.worker, "worker"),
             (self.projector, "projector"),
             (self.billing, "billing"),
+            (self.ops, "ops"),
         ] {
             if on {
                 v.push(name);
@@ -77,6 +86,7 @@ impl Roles {
 fn init_tracing(g: &Global) {
     let filter = tracing_subscriber::EnvFilter::try_new(&g.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a log file or a pipe gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -92,10 +102,10 @@ fn init_tracing(g: &Global) {
     };
 }
 
-fn init_metrics() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .install_recorder()
-        .context("cannot install the metrics recorder")?;
+fn init_metrics(g: &Global) -> anyhow::Result<PrometheusHandle> {
+    // Prometheus behind the layer bounding app_id (crate::metrics_layer).
+    let handle = crate::metrics_http::install(&g.metrics)?;
+    mozaiks_gateway::health::protect_metrics(g.metrics.token());
     mozaiks_bus::metrics::describe();
     mozaiks_store::metrics::describe();
     Ok(handle)
@@ -156,7 +166,7 @@ fn load_catalog(g: &Global) -> anyhow::Result<Catalog> {
 /// Runs `roles` until SIGTERM.
 pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow::Result<ExitCode> {
     init_tracing(g);
-    let prometheus = init_metrics()?;
+    let prometheus = init_metrics(g)?;
     info!(roles = %roles.names(), version = env!("CARGO_PKG_VERSION"), "Mozaiks starting.");
     // Configuration errors first, before any connection is tried.
     let auth = if roles.gateway {
@@ -191,6 +201,8 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
         ),
         None => None,
     };
+
+    let metrics_listener = crate::metrics_http::bind(&g.metrics).await?;
 
     let bus = Bus::connect(
         &g.nats_url,
@@ -296,7 +308,11 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
         });
     }
     if roles.billing {
-        let b = mozaiks_billing::Billing::new(bus.clone(), store.clone().context("store")?);
+        let b = mozaiks_billing::Billing::new(bus.clone(), store.clone().context("store")?)
+            .with_credits(
+                registry.clone().context("registry")?,
+                prices.clone().context("prices")?,
+            );
         let s = stopped();
         tasks.spawn(async move {
             b.run(s)
@@ -328,6 +344,17 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
                 .context("worker")
         });
     }
+    if roles.ops {
+        let o = mozaiks_ops::Ops::new(
+            bus.clone(),
+            instance.clone(),
+            mozaiks_ops::Options {
+                evaluate_every: Duration::from_millis(g.ops_evaluate_ms.max(100)),
+            },
+        );
+        let s = stopped();
+        tasks.spawn(async move { o.run(s).await.map_err(anyhow::Error::from).context("ops") });
+    }
     if roles.gateway {
         let args = gw.context("gateway arguments")?;
         let auth = auth.clone().context("auth")?;
@@ -338,7 +365,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
                 auth,
                 registry: registry.clone().context("registry")?,
                 catalog: catalog.clone().context("catalog")?,
-                prometheus: Some(prometheus.clone()),
+                prometheus: g.metrics.on_shared_ports(&prometheus),
                 instance: instance.clone(),
             },
             mozaiks_gateway::Options {
@@ -367,7 +394,12 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
     }
 
     if let Some(listener) = health_listener {
-        let app = crate::health::router(bus.clone(), store.clone(), prometheus.clone());
+        let app = crate::health::router(
+            bus.clone(),
+            store.clone(),
+            g.metrics.on_shared_ports(&prometheus),
+            g.metrics.token(),
+        );
         let mut s = Box::pin(stopped());
         info!(addr = %listener.local_addr()?, "Health and metrics listener started.");
         tokio::spawn(async move {
@@ -378,6 +410,11 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
                 tracing::warn!(error = %e, "Health listener failed.");
             }
         });
+    }
+
+    if let Some(listener) = metrics_listener {
+        let app = crate::metrics_http::router(prometheus.clone(), g.metrics.token());
+        crate::metrics_http::serve(listener, app, stopped());
     }
 
     // Upkeep: render the prometheus histograms' buckets periodically.

@@ -364,7 +364,9 @@ async fn agui_takes_the_websockets_auth_and_refuses_bad_input() {
         Ok(_) => panic!("not refused"),
         Err((s, v)) => (s, code(&v).to_string()),
     };
-    let cases: Vec<(String, Vec<(&str, String)>, u16, &str)> = vec![
+    // (path and query, headers, status, code)
+    type Case<'a> = (String, Vec<(&'a str, String)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (path.clone(), vec![], 401, "token_missing"),
         (format!("{path}?token="), vec![], 401, "token_missing"),
         (
@@ -456,5 +458,64 @@ async fn agui_takes_the_websockets_auth_and_refuses_bad_input() {
             .any(|g| g.event["delta"] == "Hello! You said: once more"
                 || g.event["result"] == "Hello! You said: once more"),
         "{live:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_ends_its_agui_streams_and_they_resume_on_another() {
+    let fleet = Fleet::start(2).await;
+    let user = Fleet::token("eve", "default", &["user"]);
+    let ticket = fleet.session(0, &user, "hello", Some("hi")).await;
+    let (path, token) = (agui_path(&ticket), token_of(&ticket));
+    let mut s = Sse::open(&fleet, 1, &format!("{path}?token={token}"), &[])
+        .await
+        .expect("stream opens");
+    let first = s.until(|g| g.event["type"] == "RUN_FINISHED").await;
+    let k = assert_ids_gapless(&first, 1);
+
+    // SIGTERM: the stream says why it ends, then ends, and the replica stops (an SSE stream does
+    // not hold its drain).
+    let gw = fleet
+        .procs
+        .iter()
+        .filter(|p| p.role == "gateway")
+        .nth(1)
+        .unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    let close = s.until(|g| g.event["name"] == "close").await;
+    assert_eq!(close.last().unwrap().event["value"]["reason"], "restarting");
+    assert!(s.next().await.is_none(), "the stream goes on after close");
+    fleet
+        .eventually("the drained gateway to stop", || async {
+            std::fs::read_to_string(&gw.log)
+                .unwrap_or_default()
+                .contains("Gateway stopped.")
+                .then_some(())
+        })
+        .await;
+
+    // Resume on the other replica from the last id; the next run arrives live, gapless.
+    let mut s = Sse::open(
+        &fleet,
+        0,
+        &format!("{path}?token={token}"),
+        &[("Last-Event-ID", k.to_string())],
+    )
+    .await
+    .expect("resume opens");
+    let mut ws = fleet.connect(0, &ticket, k).await;
+    send_json(
+        &mut ws,
+        json!({"type": "user.message", "text": "again", "client_msg_id": "m2"}),
+    )
+    .await;
+    let rest = s.until(|g| g.event["type"] == "RUN_FINISHED").await;
+    assert_ids_gapless(&rest, k + 1);
+    assert_eq!(
+        rest.last().unwrap().event["result"],
+        "Hello! You said: again"
     );
 }

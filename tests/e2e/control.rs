@@ -638,6 +638,18 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
             "/api/apps/tenant-a/keys/0000000000000000".into(),
             None,
         ),
+        (
+            "GET",
+            "/api/apps/tenant-b/credits".into(),
+            "/api/apps/no-such-app/credits".into(),
+            None,
+        ),
+        (
+            "POST",
+            "/api/apps/tenant-b/credits".into(),
+            "/api/apps/no-such-app/credits".into(),
+            Some(json!({"amount": 1000, "reason": "stolen", "idempotency_key": "x"})),
+        ),
     ];
     for (who, token) in [
         ("A's user", &a_user),

@@ -67,6 +67,12 @@ pub fn free_port() -> u16 {
 impl Fleet {
     /// Servers, `gateways` gateway processes, and one worker, projector and billing process.
     pub async fn start(gateways: usize) -> Fleet {
+        Fleet::start_with(gateways, 1, &[]).await
+    }
+
+    /// Servers, `gateways` gateways, `workers` workers, one projector and one billing process,
+    /// every process with `env` too.
+    pub async fn start_with(gateways: usize, workers: usize, env: &[(&str, &str)]) -> Fleet {
         let servers = TestServers::start().await.expect("test servers");
         let dir =
             std::env::temp_dir().join(format!("mozaiks-e2e-{}", uuid::Uuid::now_v7().simple()));
@@ -79,12 +85,17 @@ impl Fleet {
             dir,
         };
         // Workers first: they apply the stream definitions too, but any role may.
-        for role in ["worker", "projector", "billing"] {
-            fleet.spawn(role, None);
+        let roles = std::iter::repeat_n("worker", workers.max(1)).chain(["projector", "billing"]);
+        let env: Vec<(&str, &str)> = [("MOZAIKS_DRAIN_SECONDS", "3")]
+            .into_iter()
+            .chain(env.iter().copied())
+            .collect();
+        for role in roles {
+            fleet.spawn_with(role, None, &env);
         }
         for _ in 0..gateways {
             let port = free_port();
-            fleet.spawn("gateway", Some(port));
+            fleet.spawn_with("gateway", Some(port), &env);
             fleet.gateways.push(format!("http://127.0.0.1:{port}"));
         }
         for gw in fleet.gateways.clone() {

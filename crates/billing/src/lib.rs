@@ -16,7 +16,9 @@
 //! still fail (their app's own database is down) are those handed back to JetStream with a
 //! growing delay, so the other apps' charges go on.
 
+pub mod credits;
 pub mod metrics;
+pub mod wallet;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -69,6 +71,8 @@ pub enum Error {
 pub struct Billing {
     bus: Bus,
     store: Store,
+    /// Wallets ([`credits`]), when billing keeps them.
+    credits: Option<credits::Credits>,
 }
 
 /// What applying a charge did.
@@ -87,12 +91,27 @@ struct Pending {
 impl Billing {
     pub fn new(bus: Bus, store: Store) -> Billing {
         describe();
-        Billing { bus, store }
+        Billing {
+            bus,
+            store,
+            credits: None,
+        }
+    }
+
+    /// Also keeps every app's wallet in `MZ_CREDITS` ([`credits`]), costing charges appended
+    /// before prices existed at `prices`.
+    pub fn with_credits(
+        mut self,
+        registry: mozaiks_control::Registry,
+        prices: mozaiks_control::prices::Prices,
+    ) -> Billing {
+        self.credits = Some(credits::Credits::new(registry, prices));
+        self
     }
 
     /// Applies charges until `shutdown` resolves. Stopping never waits for NATS or Mongo: a
     /// batch in flight is dropped unacknowledged and redelivered (writes are idempotent).
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let result = tokio::select! {
             _ = shutdown => Ok(()),
             r = self.work() => r,
@@ -101,7 +120,7 @@ impl Billing {
         result
     }
 
-    async fn work(&self) -> Result<(), Error> {
+    async fn work(&mut self) -> Result<(), Error> {
         // Mongo or NATS down at start is a wait, not a failure of the process.
         let mut backoff = Duration::from_millis(200);
         let consumer = loop {
@@ -119,6 +138,16 @@ impl Billing {
                 }
             }
         };
+        if let Some(c) = self.credits.as_mut() {
+            let mut backoff = Duration::from_millis(200);
+            while let Err(e) = c.start(&self.bus, &self.store).await {
+                warn!(error = %e, "Billing cannot keep wallets yet; retrying.");
+                self.bus
+                    .report(FETCH, Err(format!("cannot start wallets: {e}")));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
         self.bus.report(FETCH, Ok(()));
         info!("Billing started.");
         loop {
@@ -141,26 +170,47 @@ impl Billing {
                     continue;
                 }
             };
-            let mut charges = Vec::new();
-            while let Some(item) = batch.next().await {
-                let msg = match item {
-                    Ok(m) => m,
-                    Err(e) => {
-                        warn!(error = %e, "Charge fetch error.");
-                        continue;
-                    }
-                };
-                match codec::decode_event(&msg.payload) {
-                    Ok(env) => charges.push(Pending { msg, env }),
-                    Err(e) => {
-                        warn!(subject = %msg.subject, error = %e, "Charge does not decode; skipping it.");
-                        let _ = msg.ack_with(AckKind::Term).await;
+            // Whatever has arrived is written at once (a wallet must learn of a charge within
+            // moments), not when the pull request expires.
+            let mut chunks = (&mut batch).ready_chunks(BATCH);
+            while let Some(items) = chunks.next().await {
+                let mut charges = Vec::new();
+                for item in items {
+                    let msg = match item {
+                        Ok(m) => m,
+                        Err(e) => {
+                            warn!(error = %e, "Charge fetch error.");
+                            continue;
+                        }
+                    };
+                    match codec::decode_event(&msg.payload) {
+                        Ok(mut env) => {
+                            if let (Some(c), Event::UsageCharged(u)) =
+                                (&self.credits, &mut env.event)
+                            {
+                                // A charge appended before prices existed: costed now, once
+                                // (its ledger document keeps this cost).
+                                c.prices.cost_charge(u);
+                            }
+                            charges.push(Pending { msg, env })
+                        }
+                        Err(e) => {
+                            warn!(subject = %msg.subject, error = %e, "Charge does not decode; skipping it.");
+                            let _ = msg.ack_with(AckKind::Term).await;
+                        }
                     }
                 }
-            }
-            self.bus.report(FETCH, Ok(()));
-            if !charges.is_empty() {
-                self.settle(charges).await;
+                self.bus.report(FETCH, Ok(()));
+                if !charges.is_empty() {
+                    let apps: std::collections::BTreeSet<String> =
+                        charges.iter().map(|p| p.env.app_id.clone()).collect();
+                    self.settle(charges).await;
+                    if let Some(c) = &self.credits {
+                        for app in apps {
+                            c.touch(&app);
+                        }
+                    }
+                }
             }
         }
     }

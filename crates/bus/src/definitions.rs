@@ -62,6 +62,10 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("MZ_CTL.json", include_str!("../../../streams/MZ_CTL.json")),
     ("MZ_DLQ.json", include_str!("../../../streams/MZ_DLQ.json")),
     (
+        "MZ_BILLING.json",
+        include_str!("../../../streams/MZ_BILLING.json"),
+    ),
+    (
         "consumers/workers.json",
         include_str!("../../../streams/consumers/workers.json"),
     ),
@@ -72,6 +76,10 @@ const EMBEDDED: &[(&str, &str)] = &[
     (
         "consumers/billing.json",
         include_str!("../../../streams/consumers/billing.json"),
+    ),
+    (
+        "consumers/billing-grants.json",
+        include_str!("../../../streams/consumers/billing-grants.json"),
     ),
     (
         "kv/MZ_APPS.json",
@@ -96,6 +104,14 @@ const EMBEDDED: &[(&str, &str)] = &[
     (
         "kv/MZ_PRESENCE.json",
         include_str!("../../../streams/kv/MZ_PRESENCE.json"),
+    ),
+    (
+        "kv/MZ_OPS_STATE.json",
+        include_str!("../../../streams/kv/MZ_OPS_STATE.json"),
+    ),
+    (
+        "kv/MZ_CREDITS.json",
+        include_str!("../../../streams/kv/MZ_CREDITS.json"),
     ),
 ];
 
@@ -356,9 +372,9 @@ mod tests {
     #[test]
     fn embedded_definitions_parse() {
         let d = Definitions::embedded().unwrap();
-        assert_eq!(d.streams.len(), 6);
-        assert_eq!(d.consumers.len(), 3);
-        assert_eq!(d.buckets.len(), 6);
+        assert_eq!(d.streams.len(), 7);
+        assert_eq!(d.consumers.len(), 4);
+        assert_eq!(d.buckets.len(), 8);
         let evt = d.streams.iter().find(|s| s.name == "MZ_EVT").unwrap();
         assert_eq!(evt.duplicate_window, std::time::Duration::from_secs(120));
     }
@@ -369,11 +385,11 @@ mod tests {
         let from_dir = Definitions::load_dir(&dir).unwrap();
         assert_eq!(
             from_dir.streams.len(),
-            6,
+            7,
             "a new file in streams/ must be embedded too"
         );
-        assert_eq!(from_dir.consumers.len(), 3);
-        assert_eq!(from_dir.buckets.len(), 6);
+        assert_eq!(from_dir.consumers.len(), 4);
+        assert_eq!(from_dir.buckets.len(), 8);
     }
 
     #[test]

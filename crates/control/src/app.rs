@@ -37,7 +37,30 @@ pub struct Limits {
     /// Browser origins allowed to open WebSockets (`https://app.example.com`); `None` allows any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_origins: Option<Vec<String>>,
+    /// What happens when the period's credits are spent (with `MONETIZATION_ENABLED=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overage: Option<Overage>,
+    /// Credits an app may spend past its balance with `overage: allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overage_limit: Option<u64>,
+    /// Credits one user of the app may spend a day (UTC); `None`: no per-user budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_daily_credits: Option<u64>,
 }
+
+/// What happens when an app's credits for the period are spent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overage {
+    /// New sessions, runs and model calls are refused (`credits_exhausted`).
+    #[default]
+    Block,
+    /// Spending goes on up to `overage_limit` credits past the balance, reported as `overage`.
+    Allow,
+}
+
+/// The most credits a limit may name (included, overage, per-user budgets).
+pub const MAX_CREDITS: u64 = 1_000_000_000_000_000;
 
 impl Limits {
     /// The field names a client may send (anything else in a PATCH is refused).
@@ -51,6 +74,9 @@ impl Limits {
         "max_websockets_per_user",
         "max_frames_per_second",
         "allowed_origins",
+        "overage",
+        "overage_limit",
+        "user_daily_credits",
     ];
 
     /// Checks the overrides: counts that must be positive are, and nothing is absurdly large.
@@ -71,6 +97,18 @@ impl Limits {
                 }
                 _ => {}
             }
+        }
+        for (name, v) in [
+            ("included_credits", self.included_credits),
+            ("overage_limit", self.overage_limit),
+            ("user_daily_credits", self.user_daily_credits),
+        ] {
+            if v.is_some_and(|v| v > MAX_CREDITS) {
+                return Err(format!("{name} must be at most {MAX_CREDITS}"));
+            }
+        }
+        if self.user_daily_credits == Some(0) {
+            return Err("user_daily_credits must be at least 1 (omit it for no budget)".into());
         }
         if self.max_parallel_children.is_some_and(|v| v > 1024) {
             return Err("max_parallel_children must be at most 1024".into());
@@ -99,6 +137,14 @@ pub struct EffectiveLimits {
     pub requests_per_minute: u32,
     pub retention_days: u32,
     pub included_credits: u64,
+    /// `block` (the default) or `allow` spending past the balance, up to `overage_limit`.
+    #[serde(default)]
+    pub overage: Overage,
+    #[serde(default)]
+    pub overage_limit: u64,
+    /// Credits one user may spend a day (UTC); `None`: no per-user budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_daily_credits: Option<u64>,
 }
 
 impl EffectiveLimits {
@@ -113,6 +159,9 @@ impl EffectiveLimits {
             requests_per_minute: over.requests_per_minute.unwrap_or(self.requests_per_minute),
             retention_days: over.retention_days.unwrap_or(self.retention_days),
             included_credits: over.included_credits.unwrap_or(self.included_credits),
+            overage: over.overage.unwrap_or(self.overage),
+            overage_limit: over.overage_limit.unwrap_or(self.overage_limit),
+            user_daily_credits: over.user_daily_credits.or(self.user_daily_credits),
         }
     }
 }
@@ -233,16 +282,26 @@ mod tests {
             requests_per_minute: 600,
             retention_days: 30,
             included_credits: 1000,
+            overage: Overage::Block,
+            overage_limit: 0,
+            user_daily_credits: None,
         };
         let over = Limits {
             requests_per_minute: Some(5),
             included_credits: Some(0),
+            overage: Some(Overage::Allow),
+            overage_limit: Some(50),
+            user_daily_credits: Some(10),
             ..Default::default()
         };
         let eff = tier.overlay(&over);
         assert_eq!(eff.requests_per_minute, 5);
         assert_eq!(eff.included_credits, 0);
         assert_eq!(eff.max_websockets, 200);
+        assert_eq!(
+            (eff.overage, eff.overage_limit, eff.user_daily_credits),
+            (Overage::Allow, 50, Some(10))
+        );
     }
 
     #[test]
@@ -258,6 +317,21 @@ mod tests {
         };
         assert!(huge.validate().is_err());
         assert!(Limits::default().validate().is_ok());
+        let absurd = Limits {
+            overage_limit: Some(MAX_CREDITS + 1),
+            ..Default::default()
+        };
+        assert!(absurd.validate().unwrap_err().contains("overage_limit"));
+        let no_budget = Limits {
+            user_daily_credits: Some(0),
+            ..Default::default()
+        };
+        assert!(
+            no_budget
+                .validate()
+                .unwrap_err()
+                .contains("user_daily_credits")
+        );
     }
 
     #[test]

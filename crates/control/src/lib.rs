@@ -20,10 +20,12 @@
 
 pub mod aggregate;
 pub mod app;
+pub mod credits;
 pub mod keys;
 pub mod lease;
 mod log;
 pub mod metrics;
+pub mod ops_actions;
 pub mod prices;
 pub mod ratelimit;
 pub mod tiers;
@@ -38,7 +40,7 @@ use mozaiks_bus::Bus;
 use tracing::{info, warn};
 
 pub use aggregate::{AppCommand, AppEvent, AppPatch, AppRecord, Known, Rejection};
-pub use app::{App, AppStatus, AppStorage, EffectiveLimits, Limits};
+pub use app::{App, AppStatus, AppStorage, EffectiveLimits, Limits, Overage};
 pub use ratelimit::RateLimiter;
 pub use tiers::{Tier, Tiers};
 
@@ -73,6 +75,8 @@ pub struct Registry {
     apps: Arc<RwLock<AppMap>>,
     tiers: Arc<Tiers>,
     limiter: Arc<RateLimiter>,
+    /// The ops agent's actions in force (`MZ_OPS_STATE`, followed in the background).
+    ops: ops_actions::OpsActions,
 }
 
 impl Registry {
@@ -96,6 +100,7 @@ impl Registry {
             apps: Arc::default(),
             tiers: Arc::new(tiers),
             limiter: Arc::default(),
+            ops: ops_actions::OpsActions::follow(bus),
         };
         let mut watch = reg
             .kv
@@ -198,8 +203,31 @@ impl Registry {
     }
 
     /// The limits in force for `app`: its tier's defaults under its overrides.
+    /// An ops `throttle` in force lowers `max_concurrent_runs` (see [`ops_actions`]).
     pub fn effective_limits(&self, app: &App) -> EffectiveLimits {
-        self.tiers.effective_limits(app)
+        let mut limits = self.tiers.effective_limits(app);
+        if let Some(n) = self
+            .ops
+            .get(&app.app_id, "throttle")
+            .and_then(|a| a.max_concurrent_runs)
+        {
+            limits.max_concurrent_runs = limits.max_concurrent_runs.min(n);
+        }
+        limits
+    }
+
+    /// The `Retry-After` of an ops `pause_runs` in force for the app (its new runs are refused).
+    pub fn ops_paused(&self, app_id: &str) -> Option<Duration> {
+        self.ops
+            .get(app_id, "pause_runs")
+            .map(|a| Duration::from_secs(a.retry_after_seconds.unwrap_or(30).max(1)))
+    }
+
+    /// Whether an ops `disable_pack` in force took `workflow` off the app's allowlist.
+    pub fn ops_pack_disabled(&self, app_id: &str, workflow: &str) -> bool {
+        self.ops
+            .get(app_id, "disable_pack")
+            .is_some_and(|a| a.workflow.as_deref() == Some(workflow))
     }
 
     /// The WebSocket base of the app's own runtime, or `None` for the shared fleet.

@@ -118,6 +118,8 @@ impl Tiers {
                 requests_per_minute: Some(t.limits.requests_per_minute),
                 retention_days: Some(t.limits.retention_days),
                 included_credits: Some(t.limits.included_credits),
+                overage_limit: Some(t.limits.overage_limit),
+                user_daily_credits: t.limits.user_daily_credits,
                 ..Default::default()
             };
             as_overrides

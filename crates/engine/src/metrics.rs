@@ -19,8 +19,13 @@ pub const RUN_TIMEOUTS: &str = "mozaiks_worker_run_timeouts_total";
 pub const COMMAND_ORDER: &str = "mozaiks_worker_command_order_total";
 pub const CONSUMER_ERRORS: &str = "mozaiks_worker_consumer_errors_total";
 pub const DELTAS_PUBLISHED: &str = "mozaiks_worker_deltas_published_total";
+pub const CREDIT_REFUSALS: &str = "mozaiks_worker_credit_refusals_total";
 
 pub fn describe() {
+    metrics::describe_counter!(
+        CREDIT_REFUSALS,
+        "Model calls not made because the app's credits (credits_exhausted) or the user's daily budget (user_budget_exhausted) were spent; each ends its run. By app_id and code."
+    );
     metrics::describe_counter!(COMMANDS, "Commands handled, by type and outcome.");
     metrics::describe_counter!(
         COMMAND_ORDER,

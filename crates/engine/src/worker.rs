@@ -86,6 +86,8 @@ struct Shared {
     owners: Owners,
     /// Model prices: each `usage.charged` is costed once, when appended.
     prices: Arc<mozaiks_control::prices::Prices>,
+    /// Every app's wallet (followed in memory): checked before every model call.
+    wallets: mozaiks_control::credits::Wallets,
 }
 
 /// The worker service. See the crate docs.
@@ -131,6 +133,9 @@ impl Worker {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let perf = Perf::new(self.instance.as_str());
         let owners = Owners::open(&self.bus, self.instance.as_str()).await?;
+        let wallets = mozaiks_control::credits::Wallets::open(&self.bus)
+            .await
+            .map_err(|e| Error::Consumer(e.to_string()))?;
         let sh = Arc::new(Shared {
             runs: Semaphore::new(self.opts.max_concurrent_runs.max(1)),
             bus: self.bus,
@@ -142,6 +147,7 @@ impl Worker {
             perf,
             owners,
             prices: self.prices,
+            wallets,
         });
         let consumer = sh.bus.durable("MZ_CMD", "workers").await?;
         // A command that starts or continues a run stays unacknowledged (with progress acks)
@@ -669,6 +675,20 @@ async fn step(sh: &Shared, owned: &mut Owned, pack: &Pack) -> Result<bool, Error
                 .as_ref()
                 .map(|r| r.run_id)
                 .unwrap_or_default();
+            // Credits (MONETIZATION_ENABLED): no model call once the app's credits or the
+            // user's daily budget are spent; the run ends with the refusal's code.
+            if let Err(refusal) = sh.wallets.check(&owned.app_id, &owned.user_id) {
+                info!(step, round, agent = %agent, code = refusal.code(), "No model call: credits spent; the run fails.");
+                metrics::counter!(m::CREDIT_REFUSALS, "app_id" => owned.app_id.clone(), "code" => refusal.code())
+                    .increment(1);
+                let ev = Event::RunFailed(RunFailed {
+                    run_id,
+                    code: refusal.code().into(),
+                    reason: refusal.to_string(),
+                });
+                owned.append(sh, vec![ev], None).await?;
+                return Ok(true);
+            }
             let Some(agent_def) = pack.agent(&agent) else {
                 let ev = Event::RunFailed(RunFailed {
                     run_id,

@@ -8,6 +8,7 @@
 
 pub mod codec;
 mod command;
+pub mod credits;
 mod event;
 mod frame;
 /// Limits on client frames.

@@ -13,6 +13,9 @@
 //! | `{ns}mz.ctl.app.{app_id}` | `{NS}MZ_CTL` | the control plane's app events |
 //! | `{ns}mz.dlq.cmd.{app_id}.{chat_id}` | `{NS}MZ_DLQ` | dead letters: commands that can never apply |
 //! | `{ns}mz.own.{worker_id}` | core NATS | commands forwarded to the worker that owns their chat |
+//! | `{ns}mz.billing.grant.{app_id}.{key}` | `{NS}MZ_BILLING` | credit grants (one per idempotency key) |
+//! | `{ns}mz.billing.period.{app_id}.{period}` | `{NS}MZ_BILLING` | the start of an app's credit period |
+//! | `{ns}mz.billing.alert.{app_id}` | `{NS}MZ_BILLING` | credit alerts (`credits.low`, `credits.exhausted`) |
 //!
 //! `ns` is a namespace prefix (empty by default) so several installs or tests can share one
 //! NATS server.
@@ -143,6 +146,28 @@ impl Subjects {
             .strip_prefix("mz.ctl.app.")
     }
 
+    /// A credit grant of an app, one subject per idempotency key (`key` is a token derived from
+    /// it), so the first grant with a key is the only one (appended expecting none before).
+    pub fn credit_grant(&self, app_id: &str, key: &str) -> String {
+        format!("{}mz.billing.grant.{app_id}.{key}", self.prefix)
+    }
+
+    /// Every app's credit grants.
+    pub fn all_credit_grants(&self) -> String {
+        format!("{}mz.billing.grant.>", self.prefix)
+    }
+
+    /// The start of an app's credit period (`period`: the period's key), recorded once.
+    pub fn credit_period(&self, app_id: &str, period: &str) -> String {
+        format!("{}mz.billing.period.{app_id}.{period}", self.prefix)
+    }
+
+    /// Credit alerts of an app (`credits.low`, `credits.exhausted`), for ops agents and external
+    /// billing.
+    pub fn billing_alert(&self, app_id: &str) -> String {
+        format!("{}mz.billing.alert.{app_id}", self.prefix)
+    }
+
     /// Applies the namespace to a subject written without it in `streams/` files.
     pub fn apply(&self, subject: &str) -> String {
         format!("{}{subject}", self.prefix)
@@ -191,6 +216,10 @@ mod tests {
             assert_eq!(s.app_log("a"), with("mz.ctl.app.a"));
             assert_eq!(s.all_app_logs(), with("mz.ctl.app.>"));
             assert_eq!(s.ops("incident.x"), with("mz.ops.incident.x"));
+            assert_eq!(s.credit_grant("a", "k"), with("mz.billing.grant.a.k"));
+            assert_eq!(s.all_credit_grants(), with("mz.billing.grant.>"));
+            assert_eq!(s.credit_period("a", "p"), with("mz.billing.period.a.p"));
+            assert_eq!(s.billing_alert("a"), with("mz.billing.alert.a"));
         }
     }
 

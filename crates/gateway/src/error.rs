@@ -1,8 +1,17 @@
-//! HTTP errors in one place: `{"error": {"code": ..., "message": ...}}` with a stable code.
+//! HTTP errors in one place: `{"error": {"code": ..., "message": ...}}` with a stable code, and
+//! every conversion of another crate's error into one.
+//!
+//! A server error's body says what failed in general terms (`the event log is unavailable;
+//! retry`), never the internal error's text; that text rides on the response, out of the body, to
+//! [`log_server_errors`], the router's middleware that logs each 5xx answer once.
+
+use std::fmt::Display;
 
 use axum::Json;
+use axum::extract::Request;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -12,6 +21,15 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// What a server error's body does not say (the internal error's text), for the log.
+    pub detail: Option<String>,
+}
+
+/// A server error's code and internal text, carried by its response to [`log_server_errors`].
+#[derive(Clone, Debug)]
+struct Failure {
+    code: &'static str,
+    detail: String,
 }
 
 impl ApiError {
@@ -20,6 +38,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            detail: None,
         }
     }
 
@@ -39,13 +58,55 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
 
-    pub fn unavailable(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    /// 503 `unavailable`: something this request needs does not answer; `detail` (the internal
+    /// error) goes to the log, not to the body.
+    pub fn unavailable(detail: impl Into<String>) -> ApiError {
+        ApiError::unavailable_from("a service this request needs", detail.into())
     }
 
-    pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    /// 503 `unavailable` naming what does not answer (`the event log`), with the internal error
+    /// for the log.
+    pub fn unavailable_from(what: &str, detail: impl Display) -> ApiError {
+        ApiError {
+            detail: Some(format!("{what}: {detail}")),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("{what} is unavailable; retry"),
+            )
+        }
     }
+
+    /// 500 `internal`: a bug or corrupt state; `detail` goes to the log, not to the body.
+    pub fn internal(detail: impl Into<String>) -> ApiError {
+        ApiError {
+            detail: Some(detail.into()),
+            ..ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
+        }
+    }
+}
+
+/// Logs every 5xx answer once, with its code and the internal error its body does not carry
+/// (a router middleware, inside the request's span). 503 is a warning (a dependency is down),
+/// any other 5xx an error.
+pub async fn log_server_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if status.is_server_error() {
+        let failure = resp.extensions().get::<Failure>();
+        let code = failure.map_or("", |f| f.code);
+        let detail = failure.map_or("", |f| f.detail.as_str());
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(status = status.as_u16(), code, detail, "Request failed.");
+        } else {
+            tracing::error!(status = status.as_u16(), code, detail, "Request failed.");
+        }
+    }
+    resp
 }
 
 /// The answer to a known path with a method it does not take: 405 with the error envelope
@@ -60,11 +121,14 @@ pub async fn method_not_allowed(method: axum::http::Method) -> ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::error!(code = self.code, message = %self.message, "Request failed.");
-        }
         let body = Json(json!({ "error": { "code": self.code, "message": self.message } }));
         let mut resp = (self.status, body).into_response();
+        if self.status.is_server_error() {
+            resp.extensions_mut().insert(Failure {
+                code: self.code,
+                detail: self.detail.unwrap_or(self.message),
+            });
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
@@ -96,13 +160,13 @@ impl From<QueryRejection> for ApiError {
 
 impl From<mozaiks_bus::Error> for ApiError {
     fn from(e: mozaiks_bus::Error) -> ApiError {
-        ApiError::unavailable(format!("event log: {e}"))
+        ApiError::unavailable_from("the event log", e)
     }
 }
 
 impl From<mozaiks_store::Error> for ApiError {
     fn from(e: mozaiks_store::Error) -> ApiError {
-        ApiError::unavailable(format!("read models: {e}"))
+        ApiError::unavailable_from("the read models", e)
     }
 }
 
@@ -112,7 +176,9 @@ impl From<mozaiks_auth::Error> for ApiError {
             mozaiks_auth::ErrorKind::Unauthorized => {
                 ApiError::unauthorized(e.code(), e.to_string())
             }
-            mozaiks_auth::ErrorKind::Unavailable => ApiError::unavailable(e.to_string()),
+            mozaiks_auth::ErrorKind::Unavailable => {
+                ApiError::unavailable_from("the token issuer's keys", e)
+            }
             _ => ApiError::internal(e.to_string()),
         }
     }
@@ -133,7 +199,7 @@ impl From<mozaiks_control::Error> for ApiError {
             E::Conflict { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "concurrent_update", e.to_string())
             }
-            E::Unavailable(_) => ApiError::unavailable(e.to_string()),
+            E::Unavailable(_) => ApiError::unavailable_from("the app registry", e),
             E::Corrupt { .. } | E::Tiers { .. } => ApiError::internal(e.to_string()),
         }
     }
@@ -189,3 +255,49 @@ pub struct Body<T>(pub T);
 #[derive(axum::extract::FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct Query<T>(pub T);
+
+#[cfg(test)]
+mod tests {
+    use axum::body::to_bytes;
+
+    use super::*;
+
+    async fn body_of(resp: Response) -> serde_json::Value {
+        serde_json::from_slice(&to_bytes(resp.into_body(), 1 << 16).await.unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_server_errors_body_never_carries_the_internal_text() {
+        let secret = "nats://10.0.0.7:4222 timed out";
+        for (e, status, message) in [
+            (
+                ApiError::from(mozaiks_bus::Error::JetStream(secret.into())),
+                503,
+                "the event log is unavailable; retry",
+            ),
+            (
+                ApiError::unavailable(secret),
+                503,
+                "a service this request needs is unavailable; retry",
+            ),
+            (ApiError::internal(secret), 500, "internal error"),
+        ] {
+            let resp = e.into_response();
+            assert_eq!(resp.status().as_u16(), status);
+            let failure = resp.extensions().get::<Failure>().cloned().unwrap();
+            assert!(failure.detail.contains(secret), "{failure:?}");
+            let body = body_of(resp).await;
+            assert_eq!(body["error"]["message"], message, "{body}");
+            assert!(!body.to_string().contains("10.0.0.7"), "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_error_keeps_its_message_and_carries_nothing_to_log() {
+        let resp = ApiError::not_found("chat_not_found", "no such chat").into_response();
+        assert!(resp.extensions().get::<Failure>().is_none());
+        let body = body_of(resp).await;
+        assert_eq!(body["error"]["code"], "chat_not_found");
+        assert_eq!(body["error"]["message"], "no such chat");
+    }
+}

@@ -51,7 +51,46 @@ pub async fn ready(St(state): St<State>) -> Response {
         .into_response()
 }
 
-pub async fn metrics(St(state): St<State>) -> Response {
+/// The bearer token `/metrics` asks for (`MOZAIKS_METRICS_TOKEN`), set once by the binary.
+static METRICS_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Makes `/metrics` ask for `Authorization: Bearer <token>` (process-wide, like the recorder).
+pub fn protect_metrics(token: Option<String>) {
+    if let Some(t) = token.filter(|t| !t.is_empty()) {
+        let _ = METRICS_TOKEN.set(t);
+    }
+}
+
+fn metrics_authorized(headers: &axum::http::HeaderMap) -> bool {
+    let Some(token) = METRICS_TOKEN.get() else {
+        return true;
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant time in the token's content.
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+pub async fn metrics(St(state): St<State>, headers: axum::http::HeaderMap) -> Response {
+    if !metrics_authorized(&headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(
+                axum::http::header::WWW_AUTHENTICATE,
+                "Bearer realm=\"metrics\"",
+            )],
+            "metrics need a bearer token\n",
+        )
+            .into_response();
+    }
     match &state.prometheus {
         Some(h) => (
             [(

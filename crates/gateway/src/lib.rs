@@ -8,6 +8,7 @@ pub mod agui;
 pub mod apps;
 pub mod authz;
 pub mod cors;
+pub mod credits;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -91,6 +92,8 @@ pub struct Inner {
     pub hub: hub::Hub,
     /// API keys of app back-ends (a watched copy of `MZ_KEYS`).
     pub keys: mozaiks_control::keys::ApiKeys,
+    /// Every app's wallet (a watched copy of `MZ_CREDITS`) and whether it is enforced.
+    pub wallets: mozaiks_control::credits::Wallets,
     /// The other replicas' sockets and the workers' runs, for fleet-wide limits.
     pub presence: presence::Presence,
     /// The process's id: its presence key and the holder of the leases it takes (storage moves).
@@ -152,6 +155,9 @@ impl Gateway {
         let keys = mozaiks_control::keys::ApiKeys::open(&parts.bus)
             .await
             .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
+        let wallets = mozaiks_control::credits::Wallets::open(&parts.bus)
+            .await
+            .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
         let presence = presence::Presence::start(
             &parts.bus,
             parts.instance.clone(),
@@ -177,6 +183,7 @@ impl Gateway {
             shutdown,
             hub,
             keys,
+            wallets,
             presence,
             instance: parts.instance,
             admin,
@@ -285,6 +292,10 @@ pub fn router(state: State) -> Router {
             post(keys::create).get(keys::list),
         )
         .route("/api/apps/{app_id}/keys/{key_id}", delete(keys::revoke))
+        .route(
+            "/api/apps/{app_id}/credits",
+            get(credits::get_credits).post(credits::grant),
+        )
         .route("/health/active-runs", get(ops::active_runs))
         .route("/metrics/perf/aggregate", get(ops::perf_aggregate))
         .route("/metrics/perf/chats", get(ops::perf_chats))
@@ -298,6 +309,7 @@ pub fn router(state: State) -> Router {
         .fallback(|| async { error::ApiError::not_found("not_found", "no such endpoint") })
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
+        .layer(axum::middleware::from_fn(error::log_server_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             cors::guard,

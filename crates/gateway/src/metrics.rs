@@ -34,8 +34,13 @@ pub const RECONNECT_EVENTS: &str = "mozaiks_ws_reconnect_recovered_events_total"
 pub const CORS_REFUSED: &str = "mozaiks_http_cors_refused_total";
 pub const AGUI_STREAMS: &str = "mozaiks_agui_streams";
 pub const AGUI_EVENTS_OUT: &str = "mozaiks_agui_events_out_total";
+pub const CREDITS_REFUSED: &str = "mozaiks_credits_refusals_total";
 
 pub fn describe() {
+    metrics::describe_counter!(
+        CREDITS_REFUSED,
+        "Sessions and messages refused because the app's credits (credits_exhausted) or the user's daily budget (user_budget_exhausted) are spent, by app_id and code."
+    );
     metrics::describe_counter!(
         CORS_REFUSED,
         "Cross-origin HTTP requests from an origin not allowed, by kind (preflight: refused with 403; request: answered without CORS headers)."

@@ -92,7 +92,7 @@ pub async fn notify(
         .client()
         .publish(subject, payload.into())
         .await
-        .map_err(|e| ApiError::unavailable(format!("cannot publish the notification: {e}")))?;
+        .map_err(|e| ApiError::unavailable_from("the notification bus", e))?;
     let target = if wire.user_id.is_some() {
         "user"
     } else {

@@ -260,6 +260,27 @@ pub const OPERATIONS: &[Op] = &[
         200,
         &[401, 403, 404, 422, 503],
     ),
+    op(
+        "get",
+        "/api/apps/{app_id}/credits",
+        "credits",
+        "The app's wallet for the current period (its admins, its API keys, a superadmin): balance, included, granted, consumed, period_start, period_end, overage, state ok|low|exhausted, blocked, enforced (MONETIZATION_ENABLED).",
+        Auth::UserOrKey,
+        200,
+        &[401, 403, 404, 422, 503],
+    ),
+    Op {
+        body: Some(schemas::grant_credits),
+        ..op(
+            "post",
+            "/api/apps/{app_id}/credits",
+            "credits",
+            "Grant credits to the app (superadmin): a top-up with an optional expiry, spent before the period's included credits; the same idempotency_key grants once (200 with the first grant when repeated; 409 when the key was used for another grant). 422 invalid_body, invalid_amount, invalid_reason, invalid_idempotency_key, invalid_expires_at.",
+            Auth::User,
+            201,
+            &[400, 401, 403, 404, 409, 422, 503],
+        )
+    },
     Op {
         body: Some(schemas::move_storage),
         ..op(
@@ -565,6 +586,14 @@ mod schemas {
         }})
     }
 
+    pub fn grant_credits() -> Value {
+        json!({"type": "object", "required": ["amount", "reason", "idempotency_key"], "additionalProperties": false, "properties": {
+            "amount": {"type": "integer", "minimum": 1, "maximum": 1_000_000_000_000_u64, "description": "Credits to grant."},
+            "reason": {"type": "string", "maxLength": 500},
+            "expires_at": {"type": "string", "format": "date-time", "description": "When the grant's unspent credits expire (in the future)."},
+            "idempotency_key": {"type": "string", "maxLength": 200, "description": "The same key twice grants once."}
+        }})
+    }
     pub fn create_key() -> Value {
         json!({"type": "object", "additionalProperties": false, "required": ["name"], "properties": {
             "name": {"type": "string", "minLength": 1, "maxLength": 100, "description": "What the key is for, e.g. \"billing backend\"."},

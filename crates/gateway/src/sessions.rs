@@ -153,7 +153,7 @@ pub async fn start(
             .registry
             .read_through(&req.app_id)
             .await
-            .map_err(|e| ApiError::unavailable(format!("app registry: {e}")))?,
+            .map_err(|e| ApiError::unavailable_from("the app registry", e))?,
     };
     let app = app
         .filter(|a| a.status != mozaiks_control::AppStatus::Deleted)
@@ -204,6 +204,10 @@ pub async fn start(
         None => (ids::new_chat_id(), false, 0),
     };
     if !resumed {
+        // Credits (MONETIZATION_ENABLED): a blocked app or user starts nothing (crate::credits).
+        if let Err(r) = crate::credits::check(&state, &req.app_id, &user_id) {
+            return Err(crate::credits::payment_required(&r).into());
+        }
         // max_concurrent_runs across every worker (their MZ_PERF snapshots, crate::presence).
         let limit = state.registry.effective_limits(&app).max_concurrent_runs;
         if state.presence.active_runs(&req.app_id) >= limit {

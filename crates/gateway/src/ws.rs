@@ -406,11 +406,10 @@ impl Conn {
                         Some(Ok(Message::Close(_))) | None => break,
                         Some(Ok(_)) => {} // ping/pong: the library answers pings
                         Some(Err(e)) => {
-                            let text = e.to_string();
-                            if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
+                            debug!(error = %e, "WebSocket read failed.");
+                            if is_too_big(e) {
                                 let _ = close_tx.send((CLOSE_TOO_BIG, format!("frame larger than {} bytes", state.opts.max_frame_bytes)));
                             }
-                            debug!(error = %text, "WebSocket read failed.");
                             break;
                         }
                     }
@@ -440,6 +439,16 @@ impl Conn {
 
 fn send(tx: &mpsc::Sender<Utf8Bytes>, frame: &Frame) -> bool {
     tx.try_send(Utf8Bytes::from(frame.to_json())).is_ok()
+}
+
+/// Whether a read failed on a frame or message over the size limit (close 1009), by the kind of
+/// the WebSocket library's error that axum wraps.
+fn is_too_big(e: axum::Error) -> bool {
+    use tungstenite::error::{Error as WsError, ProtocolError};
+    matches!(
+        e.into_inner().downcast_ref::<WsError>(),
+        Some(WsError::Capacity(_) | WsError::Protocol(ProtocolError::ControlFrameTooBig))
+    )
 }
 
 /// How far one socket got: the last seq sent and its stream sequence (0: unknown).
@@ -774,6 +783,13 @@ async fn on_client_frame(
             text,
             client_msg_id,
         } => {
+            // A message starts (or queues) a run: refused while the app's credits, or the user's
+            // budget, are spent (MONETIZATION_ENABLED; crate::credits).
+            if let Err(r) = crate::credits::check(state, &claims.app_id, &claims.sub) {
+                metrics::counter!(m::FRAMES_IN, "type" => "user.message").increment(1);
+                send(tx, &Frame::error(r.code(), r.to_string()));
+                return;
+            }
             let msg_id = client_msg_id
                 .as_ref()
                 .map(|id| format!("msg:{}:{}:{id}", claims.app_id, claims.chat_id));

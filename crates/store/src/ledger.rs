@@ -261,6 +261,10 @@ impl Store {
 }
 
 fn charge_doc(env: &Envelope, u: &UsageCharged, now: bson::DateTime) -> Document {
+    let credits = u
+        .credits
+        .map(|c| i64::try_from(c).unwrap_or(i64::MAX))
+        .unwrap_or(0);
     let mut d = doc! {
         "app_id": &env.app_id,
         "event_id": env.event_id.to_string(),
@@ -277,6 +281,10 @@ fn charge_doc(env: &Envelope, u: &UsageCharged, now: bson::DateTime) -> Document
         "ts": bson::DateTime::from_chrono(env.ts),
         "billed_at": now,
         "rolled": false,
+        // Credits (see crate::credits): the charge's cost, its period and its UTC day.
+        "credits": credits,
+        "period": crate::credits::Period::containing(env.ts).key(),
+        "day": crate::credits::day_key(env.ts),
     };
     if let Some(p) = &u.purpose {
         d.insert("purpose", p);
@@ -360,7 +368,9 @@ async fn compact_batch(db: &Database, app_id: &str, max: usize) -> Result<Compac
     let charges: Vec<Document> = db
         .collection::<Document>(USAGE_EVENTS)
         .find(unrolled.clone())
-        .projection(doc! { "prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 1 })
+        .projection(doc! {
+            "prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 1, "credits": 1, "period": 1,
+        })
         .limit(max as i64)
         .await?
         .try_collect()
@@ -380,18 +390,30 @@ async fn compact_batch(db: &Database, app_id: &str, max: usize) -> Result<Compac
         docs.iter().filter_map(|d| d.get("_id").cloned()).collect()
     };
     let sum = |key: &str| charges.iter().map(|d| int(d, key)).sum::<i64>();
+    let mut inc = doc! {
+        "prompt_tokens": sum("prompt_tokens"),
+        "completion_tokens": sum("completion_tokens"),
+        "total_tokens": sum("total_tokens"),
+        "credits": sum("credits"),
+        "charges": charges.len() as i64,
+        "runs": runs.len() as i64,
+        "version": 1_i64,
+    };
+    // Credits per period (charges written before credits existed have no period).
+    let mut periods: BTreeMap<&str, i64> = BTreeMap::new();
+    for d in &charges {
+        if let Ok(p) = d.get_str("period") {
+            *periods.entry(p).or_default() += int(d, "credits");
+        }
+    }
+    for (p, credits) in periods {
+        inc.insert(format!("periods.{p}"), credits);
+    }
     let batch = Batch {
         app_id,
         charge_ids: ids(&charges),
         run_ids: ids(&runs),
-        inc: doc! {
-            "prompt_tokens": sum("prompt_tokens"),
-            "completion_tokens": sum("completion_tokens"),
-            "total_tokens": sum("total_tokens"),
-            "charges": charges.len() as i64,
-            "runs": runs.len() as i64,
-            "version": 1_i64,
-        },
+        inc,
     };
     let mut session = db.client().start_session().await?;
     session.start_transaction().await?;

@@ -13,6 +13,7 @@
 //!   `(app_id, rolled)`; `usage_runs`: unique `(app_id, run_id)`, `(app_id, rolled)` (see
 //!   [`ledger`])
 
+pub mod credits;
 pub mod ledger;
 pub mod metrics;
 mod model;

@@ -1,0 +1,372 @@
+//! Credits: `GET /api/apps/{app_id}/credits` (the app's admins, its API keys, a superadmin) and
+//! `POST /api/apps/{app_id}/credits` (superadmin: a grant), and the refusals of a blocked app
+//! (402 `credits_exhausted`, 402 `user_budget_exhausted`) used by the broker and the WebSocket.
+//!
+//! The wallet shown and enforced is the replica's copy of `MZ_CREDITS`
+//! ([`mozaiks_control::credits::Wallets`]), written by billing. A grant is appended to
+//! `MZ_BILLING` once per idempotency key ([`mozaiks_control::credits::append_grant`]); billing
+//! records it and rewrites the wallet, which every replica then sees.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State as St};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use mozaiks_control::credits::{Appended, Refusal, Wallet};
+use mozaiks_events::credits::CreditGrant;
+use mozaiks_store::credits::Period;
+use serde_json::{Map, Value, json};
+use tracing::info;
+
+use crate::State;
+use crate::authz::{Caller, User, admin_for, check_app_id, operator_for};
+use crate::error::ApiError;
+
+/// The largest grant, in credits.
+pub const MAX_GRANT: u64 = 1_000_000_000_000;
+/// The longest `reason` and `idempotency_key`.
+pub const MAX_REASON: usize = 500;
+pub const MAX_KEY: usize = 200;
+
+const FIELDS: &[&str] = &["amount", "reason", "expires_at", "idempotency_key"];
+
+/// The 402 of a refusal.
+pub fn payment_required(r: &Refusal) -> ApiError {
+    ApiError::new(StatusCode::PAYMENT_REQUIRED, r.code(), r.to_string())
+}
+
+/// Refuses spending by `user_id` of `app_id` when enforcement is on and the app's wallet (or the
+/// user's daily budget) is spent: from memory, no round trip.
+pub fn check(state: &State, app_id: &str, user_id: &str) -> Result<(), Refusal> {
+    let checked = state.wallets.check(app_id, user_id);
+    if let Err(r) = &checked {
+        ::metrics::counter!(crate::metrics::CREDITS_REFUSED, "app_id" => app_id.to_string(), "code" => r.code())
+            .increment(1);
+        info!(app_id, code = r.code(), "Spending refused.");
+    }
+    checked
+}
+
+/// The app, if it exists and is not deleted (else 404 `app_not_found`).
+async fn existing_app(
+    state: &State,
+    app_id: &str,
+) -> Result<std::sync::Arc<mozaiks_control::App>, ApiError> {
+    let app = match state.registry.get(app_id) {
+        Some(a) => Some(a),
+        None => state
+            .registry
+            .read_through(app_id)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("app registry: {e}")))?,
+    };
+    app.filter(|a| !a.is_deleted())
+        .ok_or_else(|| ApiError::not_found("app_not_found", "no such app"))
+}
+
+fn wallet_json(w: &Wallet, enforced: bool) -> Value {
+    json!({
+        "app_id": w.app_id,
+        "balance": w.balance,
+        "included": w.included,
+        "granted": w.granted,
+        "consumed": w.consumed,
+        "period_start": w.period_start,
+        "period_end": w.period_end,
+        "overage": w.overage,
+        "overage_policy": w.overage_policy,
+        "overage_limit": w.overage_limit,
+        "state": w.state.as_str(),
+        "blocked": w.blocked,
+        "enforced": enforced,
+        "updated_at": w.updated_at,
+    })
+}
+
+/// `GET /api/apps/{app_id}/credits`.
+pub async fn get_credits(
+    St(state): St<State>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    admin_for(&caller.claims(), &app_id)?;
+    check_app_id(&app_id)?;
+    let app = existing_app(&state, &app_id).await?;
+    let now = Utc::now();
+    let wallet = match state.wallets.get(&app_id) {
+        Some(w) if w.is_current(now) => (*w).clone(),
+        // Nothing charged or granted yet, or the period just ended and billing has not written
+        // the new one: the period's allowance, untouched.
+        stale => {
+            let limits = state.registry.effective_limits(&app);
+            let p = Period::containing(now);
+            let granted = stale.map(|w| w.granted).unwrap_or(0);
+            let total = limits.included_credits.saturating_add(granted);
+            Wallet {
+                app_id: app_id.clone(),
+                period: p.key(),
+                period_start: p.start,
+                period_end: p.end,
+                included: limits.included_credits,
+                granted,
+                consumed: 0,
+                balance: i64::try_from(total).unwrap_or(i64::MAX),
+                overage: 0,
+                overage_policy: limits.overage,
+                overage_limit: limits.overage_limit,
+                state: if total == 0 {
+                    mozaiks_control::credits::WalletState::Low
+                } else {
+                    mozaiks_control::credits::WalletState::Ok
+                },
+                blocked: false,
+                day: None,
+                users_over_budget: Vec::new(),
+                alerts: Vec::new(),
+                next_expiry: None,
+                updated_at: now,
+            }
+        }
+    };
+    Ok(Json(wallet_json(&wallet, state.wallets.enforcing())))
+}
+
+fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+}
+
+/// A grant's fields from a body, each checked with a stable code.
+struct GrantRequest {
+    amount: u64,
+    reason: String,
+    expires_at: Option<DateTime<Utc>>,
+    idempotency_key: String,
+}
+
+fn parse_grant(body: &[u8], now: DateTime<Utc>) -> Result<GrantRequest, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_body", format!("not JSON: {e}")))?;
+    let obj: Map<String, Value> = match v {
+        Value::Object(o) => o,
+        _ => return Err(invalid("invalid_body", "the body must be a JSON object")),
+    };
+    if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(invalid(
+            "unknown_field",
+            format!("unknown field {k:?}; known: {}", FIELDS.join(", ")),
+        ));
+    }
+    let amount = match obj.get("amount") {
+        None | Some(Value::Null) => return Err(invalid("invalid_amount", "amount is required")),
+        Some(Value::Number(n)) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+            (Some(0), _, _) => return Err(invalid("invalid_amount", "amount must be at least 1")),
+            (Some(a), _, _) if a > MAX_GRANT => {
+                return Err(invalid(
+                    "amount_too_large",
+                    format!("amount must be at most {MAX_GRANT} credits"),
+                ));
+            }
+            (Some(a), _, _) => a,
+            (None, Some(_), _) => {
+                return Err(invalid("invalid_amount", "amount must be positive"));
+            }
+            (None, None, Some(f)) if f.fract() == 0.0 && f > MAX_GRANT as f64 => {
+                return Err(invalid(
+                    "amount_too_large",
+                    format!("amount must be at most {MAX_GRANT} credits"),
+                ));
+            }
+            (None, None, Some(f)) if f < 0.0 => {
+                return Err(invalid("invalid_amount", "amount must be positive"));
+            }
+            _ => {
+                return Err(invalid(
+                    "invalid_amount",
+                    "amount must be a whole number of credits",
+                ));
+            }
+        },
+        Some(_) => {
+            return Err(invalid(
+                "invalid_amount",
+                "amount must be a whole number of credits (a JSON number)",
+            ));
+        }
+    };
+    let text = |field: &str, max: usize, code: &'static str| -> Result<String, ApiError> {
+        match obj.get(field) {
+            Some(Value::String(s))
+                if !s.trim().is_empty() && s.len() <= max && !s.chars().any(char::is_control) =>
+            {
+                Ok(s.clone())
+            }
+            _ => Err(invalid(
+                code,
+                format!("{field} must be 1 to {max} printable characters"),
+            )),
+        }
+    };
+    let reason = text("reason", MAX_REASON, "invalid_reason")?;
+    let idempotency_key = text("idempotency_key", MAX_KEY, "invalid_idempotency_key")?;
+    let expires_at = match obj.get("expires_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            let t = DateTime::parse_from_rfc3339(s)
+                .map_err(|e| {
+                    invalid(
+                        "invalid_expires_at",
+                        format!("expires_at must be an RFC 3339 time: {e}"),
+                    )
+                })?
+                .with_timezone(&Utc);
+            if t <= now {
+                return Err(invalid(
+                    "expires_at_in_past",
+                    "expires_at must be in the future",
+                ));
+            }
+            Some(t)
+        }
+        Some(_) => {
+            return Err(invalid(
+                "invalid_expires_at",
+                "expires_at must be an RFC 3339 time",
+            ));
+        }
+    };
+    Ok(GrantRequest {
+        amount,
+        reason,
+        expires_at,
+        idempotency_key,
+    })
+}
+
+fn grant_json(g: &CreditGrant, replayed: bool) -> Value {
+    json!({
+        "grant_id": g.grant_id,
+        "app_id": g.app_id,
+        "amount": g.amount,
+        "reason": g.reason,
+        "expires_at": g.expires_at,
+        "idempotency_key": g.idempotency_key,
+        "granted_at": g.granted_at,
+        "granted_by": g.granted_by,
+        "replayed": replayed,
+    })
+}
+
+/// `POST /api/apps/{app_id}/credits`: a grant (superadmin). 201 the grant; 200 the first grant
+/// with the same `idempotency_key` (`replayed: true`); 409 `idempotency_key_reused` when that
+/// first grant differs.
+pub async fn grant(
+    St(state): St<State>,
+    User(user): User,
+    Path(app_id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    operator_for(&user, &app_id, "granting credits")?;
+    check_app_id(&app_id)?;
+    existing_app(&state, &app_id).await?;
+    let now = Utc::now();
+    let req = parse_grant(&body, now)?;
+    let grant = CreditGrant {
+        grant_id: uuid::Uuid::now_v7().to_string(),
+        app_id: app_id.clone(),
+        amount: req.amount,
+        reason: req.reason,
+        expires_at: req.expires_at,
+        idempotency_key: req.idempotency_key,
+        granted_at: now,
+        granted_by: user.sub.clone(),
+    };
+    let appended = mozaiks_control::credits::append_grant(&state.bus, &grant)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    match appended {
+        Appended::New(g) => {
+            info!(app_id = %app_id, grant_id = %g.grant_id, amount = g.amount, by = %g.granted_by, "Credits granted.");
+            Ok((StatusCode::CREATED, Json(grant_json(&g, false))))
+        }
+        Appended::Existing(first) => {
+            let same = first.amount == grant.amount
+                && first.reason == grant.reason
+                && first.expires_at == grant.expires_at;
+            if !same {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_key_reused",
+                    "a different grant was made with this idempotency_key",
+                ));
+            }
+            Ok((StatusCode::OK, Json(grant_json(&first, true))))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_grants_get_stable_codes() {
+        let now = Utc::now();
+        let code = |body: &str| match parse_grant(body.as_bytes(), now) {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.code.to_string(),
+        };
+        let ok = r#"{"amount": 10, "reason": "top-up", "idempotency_key": "k1"}"#;
+        assert_eq!(code(ok), "ok");
+        assert_eq!(code("[1]"), "invalid_body");
+        assert_eq!(code("{"), "invalid_body");
+        for (body, want) in [
+            (
+                r#"{"amount": -5, "reason": "r", "idempotency_key": "k"}"#,
+                "invalid_amount",
+            ),
+            (
+                r#"{"amount": 0, "reason": "r", "idempotency_key": "k"}"#,
+                "invalid_amount",
+            ),
+            (
+                r#"{"amount": 1.5, "reason": "r", "idempotency_key": "k"}"#,
+                "invalid_amount",
+            ),
+            (
+                r#"{"amount": "10", "reason": "r", "idempotency_key": "k"}"#,
+                "invalid_amount",
+            ),
+            (
+                r#"{"reason": "r", "idempotency_key": "k"}"#,
+                "invalid_amount",
+            ),
+            (
+                r#"{"amount": 1e30, "reason": "r", "idempotency_key": "k"}"#,
+                "amount_too_large",
+            ),
+            (
+                r#"{"amount": 1000000000001, "reason": "r", "idempotency_key": "k"}"#,
+                "amount_too_large",
+            ),
+            (
+                r#"{"amount": 1, "reason": "r", "idempotency_key": "k", "currency": "eur"}"#,
+                "unknown_field",
+            ),
+            (
+                r#"{"amount": 1, "reason": "", "idempotency_key": "k"}"#,
+                "invalid_reason",
+            ),
+            (r#"{"amount": 1, "reason": "r"}"#, "invalid_idempotency_key"),
+            (
+                r#"{"amount": 1, "reason": "r", "idempotency_key": "k", "expires_at": "2001-01-01T00:00:00Z"}"#,
+                "expires_at_in_past",
+            ),
+            (
+                r#"{"amount": 1, "reason": "r", "idempotency_key": "k", "expires_at": "tomorrow"}"#,
+                "invalid_expires_at",
+            ),
+        ] {
+            assert_eq!(code(body), want, "{body}");
+        }
+    }
+}
