@@ -47,6 +47,12 @@ pub struct Global {
         global = true
     )]
     pub workflows_dir: PathBuf,
+    /// Another tiers file instead of the embedded config/tiers.yaml (read at start, validated).
+    #[arg(long, env = "MOZAIKS_TIERS_FILE", global = true)]
+    pub tiers_file: Option<PathBuf>,
+    /// Another prices file instead of the embedded config/prices.yaml (read at start, validated).
+    #[arg(long, env = "MOZAIKS_PRICES_FILE", global = true)]
+    pub prices_file: Option<PathBuf>,
     /// Folder of stream definitions (default: the ones built into the binary).
     #[arg(long, env = "MOZAIKS_STREAMS_DIR", global = true)]
     pub streams_dir: Option<PathBuf>,
@@ -337,6 +343,12 @@ pub struct GatewayArgs {
     /// each app's allowed_origins), e.g. https://console.example.com.
     #[arg(long, env = "MOZAIKS_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// Seconds between two pings of an idle WebSocket (default 20).
+    #[arg(long, env = "MOZAIKS_WS_PING_SECONDS")]
+    pub ws_ping_seconds: Option<u64>,
+    /// Seconds a WebSocket may stay silent (no frame, no pong) before it is closed (default 60).
+    #[arg(long, env = "MOZAIKS_WS_IDLE_SECONDS")]
+    pub ws_idle_seconds: Option<u64>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -179,7 +179,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
     };
     // Model prices (config/prices.yaml or MOZAIKS_PRICES_FILE): a bad file stops the start.
     let prices = if roles.worker || roles.billing {
-        Some(mozaiks_control::prices::Prices::load()?)
+        Some(mozaiks_control::prices::Prices::load(g.prices_file.as_deref())?)
     } else {
         None
     };
@@ -243,7 +243,10 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
     };
     // Every role but a lone worker resolves apps' databases through the registry.
     let registry = if roles.gateway || roles.worker || needs_store {
-        let reg = Registry::open(&bus).await.context("app registry")?;
+        let tiers = mozaiks_control::Tiers::load(g.tiers_file.as_deref())?;
+        let reg = Registry::open_with(&bus, tiers)
+            .await
+            .context("app registry")?;
         if roles.gateway || roles.worker {
             reg.ensure_app(&g.default_app_id, "Default app", "starter")
                 .await?;
@@ -379,6 +382,8 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
                     .map(|o| o.trim().to_string())
                     .filter(|o| !o.is_empty())
                     .collect(),
+                ws_ping: args.ws_ping_seconds.map(Duration::from_secs),
+                ws_idle: args.ws_idle_seconds.map(Duration::from_secs),
             },
         )
         .await?;

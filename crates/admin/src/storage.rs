@@ -89,7 +89,7 @@ mod tests {
 
     #[test]
     fn a_new_app_of_a_dedicated_tier_gets_its_own_database() {
-        let tiers = Tiers::load().unwrap();
+        let tiers = Tiers::embedded().unwrap();
         let (dedicated, shared): (Vec<&str>, Vec<&str>) = tiers
             .names()
             .partition(|n| tiers.get(n).unwrap().has_own_database());

@@ -80,10 +80,10 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Loads the tiers ([`Tiers::load`]), opens the `MZ_APPS` bucket, loads every app, follows
+    /// With the embedded tiers ([`Tiers::embedded`]): opens the `MZ_APPS` bucket, loads every app, follows
     /// changes in the background and starts the reconcile loop.
     pub async fn open(bus: &Bus) -> Result<Registry, Error> {
-        Registry::open_with(bus, Tiers::load()?).await
+        Registry::open_with(bus, Tiers::embedded()?).await
     }
 
     /// Like [`Registry::open`] with the given tiers.

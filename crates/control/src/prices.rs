@@ -15,7 +15,7 @@ use serde::Deserialize;
 /// The prices file shipped with the binary.
 pub const EMBEDDED: &str = include_str!("../../../config/prices.yaml");
 
-/// Environment variable naming another prices file.
+/// The configuration's environment variable naming another prices file (read by the binary).
 pub const PRICES_FILE_ENV: &str = "MOZAIKS_PRICES_FILE";
 
 /// The highest price accepted, in credits per million tokens (a typo guard: a thousand times
@@ -67,10 +67,10 @@ impl Default for Prices {
 }
 
 impl Prices {
-    /// `MOZAIKS_PRICES_FILE` if set, else the embedded file.
-    pub fn load() -> Result<Prices, Error> {
-        match std::env::var(PRICES_FILE_ENV) {
-            Ok(path) if !path.is_empty() => Prices::from_file(Path::new(&path)),
+    /// `file` (the configuration's `MOZAIKS_PRICES_FILE`) if given, else the embedded file.
+    pub fn load(file: Option<&Path>) -> Result<Prices, Error> {
+        match file {
+            Some(path) if !path.as_os_str().is_empty() => Prices::from_file(path),
             _ => Prices::parse("config/prices.yaml (embedded)", EMBEDDED),
         }
     }

@@ -11,7 +11,7 @@ use crate::app::{App, EffectiveLimits, Limits};
 /// The tiers file shipped with the binary.
 pub const EMBEDDED: &str = include_str!("../../../config/tiers.yaml");
 
-/// Environment variable naming another tiers file.
+/// The configuration's environment variable naming another tiers file (read by the binary).
 pub const TIERS_FILE_ENV: &str = "MOZAIKS_TIERS_FILE";
 
 /// Where an app's sessions run.
@@ -71,12 +71,17 @@ pub struct Tiers {
 }
 
 impl Tiers {
-    /// `MOZAIKS_TIERS_FILE` if set, else the embedded file.
-    pub fn load() -> Result<Tiers, Error> {
-        match std::env::var(TIERS_FILE_ENV) {
-            Ok(path) if !path.is_empty() => Tiers::from_file(Path::new(&path)),
-            _ => Tiers::parse("config/tiers.yaml (embedded)", EMBEDDED),
+    /// `file` (the configuration's `MOZAIKS_TIERS_FILE`) if given, else the embedded file.
+    pub fn load(file: Option<&Path>) -> Result<Tiers, Error> {
+        match file {
+            Some(path) if !path.as_os_str().is_empty() => Tiers::from_file(path),
+            _ => Tiers::embedded(),
         }
+    }
+
+    /// The embedded `config/tiers.yaml`.
+    pub fn embedded() -> Result<Tiers, Error> {
+        Tiers::parse("config/tiers.yaml (embedded)", EMBEDDED)
     }
 
     pub fn from_file(path: &Path) -> Result<Tiers, Error> {

@@ -109,7 +109,7 @@ pub fn control_record(data: &[u8]) {
     }
     if let Ok(app) = serde_json::from_slice::<App>(data) {
         let _ = app.allows_workflow("hello");
-        let _ = mozaiks_control::Tiers::load().map(|t| t.effective_limits(&app));
+        let _ = mozaiks_control::Tiers::embedded().map(|t| t.effective_limits(&app));
     }
     let _ = serde_json::from_slice::<KeyRecord>(data);
 }

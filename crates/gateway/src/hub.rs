@@ -92,20 +92,14 @@ impl Default for Tuning {
 }
 
 impl Tuning {
-    /// The defaults, with `MOZAIKS_WS_PING_SECONDS` and `MOZAIKS_WS_IDLE_SECONDS` applied when set.
-    pub fn from_env() -> Tuning {
-        let secs = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .filter(|s| *s > 0)
-                .map(Duration::from_secs)
-        };
+    /// The defaults with the configured ping interval and idle timeout, when given (and not
+    /// zero).
+    pub fn with(ping: Option<Duration>, idle: Option<Duration>) -> Tuning {
         let mut t = Tuning::default();
-        if let Some(d) = secs("MOZAIKS_WS_PING_SECONDS") {
+        if let Some(d) = ping.filter(|d| !d.is_zero()) {
             t.ping_interval = d;
         }
-        if let Some(d) = secs("MOZAIKS_WS_IDLE_SECONDS") {
+        if let Some(d) = idle.filter(|d| !d.is_zero()) {
             t.idle_timeout = d;
         }
         t

@@ -58,6 +58,10 @@ pub struct Options {
     /// Browser origins allowed to call the HTTP API for every app (`MOZAIKS_CORS_ORIGINS`), on top
     /// of each app's `allowed_origins` ([`cors`]).
     pub cors_origins: Vec<String>,
+    /// How often an idle socket is pinged (`MOZAIKS_WS_PING_SECONDS`; `None`: the default).
+    pub ws_ping: Option<Duration>,
+    /// How long a socket may stay silent before it is closed (`MOZAIKS_WS_IDLE_SECONDS`).
+    pub ws_idle: Option<Duration>,
 }
 
 impl Default for Options {
@@ -68,6 +72,8 @@ impl Default for Options {
             max_frame_bytes: 64 * 1024,
             drain_timeout: Duration::from_secs(10),
             cors_origins: Vec::new(),
+            ws_ping: None,
+            ws_idle: None,
         }
     }
 }
@@ -150,7 +156,7 @@ impl Gateway {
         metrics::describe();
         let epoch = parts.bus.log_epoch().await?;
         let (shutdown_tx, shutdown) = watch::channel(false);
-        let hub = hub::Hub::new(parts.bus.clone(), hub::Tuning::from_env());
+        let hub = hub::Hub::new(parts.bus.clone(), hub::Tuning::with(opts.ws_ping, opts.ws_idle));
         notify::listen(&parts.bus, hub.clone()).await?;
         let keys = mozaiks_control::keys::ApiKeys::open(&parts.bus)
             .await
