@@ -50,8 +50,7 @@ pub enum Error {
 /// (2.12 and later), with 10164 (`wrong last sequence`, no number), which async-nats leaves as
 /// `Other`. Both are the same conflict.
 pub fn wrong_last_sequence(e: &jetstream::context::PublishError) -> bool {
-    e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence
-        || wrong_last_sequence_in(e)
+    e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence || wrong_last_sequence_in(e)
 }
 
 /// [`wrong_last_sequence`] for any error wrapping a publish's (a KV update's, for example):
@@ -215,7 +214,9 @@ mod tests {
         assert!(wrong_last_sequence(&mapped));
         assert!(wrong_last_sequence(&constant));
         assert!(!wrong_last_sequence(&other));
-        assert!(!wrong_last_sequence(&PublishError::new(PublishErrorKind::TimedOut)));
+        assert!(!wrong_last_sequence(&PublishError::new(
+            PublishErrorKind::TimedOut
+        )));
         // Wrapped once more, as a KV update wraps its publish.
         let update = UpdateError::with_source(UpdateErrorKind::Other, constant);
         assert!(wrong_last_sequence_in(&update));
