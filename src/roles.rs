@@ -179,7 +179,9 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
     };
     // Model prices (config/prices.yaml or MOZAIKS_PRICES_FILE): a bad file stops the start.
     let prices = if roles.worker || roles.billing {
-        Some(mozaiks_control::prices::Prices::load(g.prices_file.as_deref())?)
+        Some(mozaiks_control::prices::Prices::load(
+            g.prices_file.as_deref(),
+        )?)
     } else {
         None
     };

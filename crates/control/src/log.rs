@@ -262,9 +262,7 @@ impl Registry {
             .await;
         match ack {
             Ok(ack) => Ok(Some(ack.sequence)),
-            Err(e) if mozaiks_bus::wrong_last_sequence(&e) => {
-                Ok(None)
-            }
+            Err(e) if mozaiks_bus::wrong_last_sequence(&e) => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
     }

@@ -156,7 +156,10 @@ impl Gateway {
         metrics::describe();
         let epoch = parts.bus.log_epoch().await?;
         let (shutdown_tx, shutdown) = watch::channel(false);
-        let hub = hub::Hub::new(parts.bus.clone(), hub::Tuning::with(opts.ws_ping, opts.ws_idle));
+        let hub = hub::Hub::new(
+            parts.bus.clone(),
+            hub::Tuning::with(opts.ws_ping, opts.ws_idle),
+        );
         notify::listen(&parts.bus, hub.clone()).await?;
         let keys = mozaiks_control::keys::ApiKeys::open(&parts.bus)
             .await

@@ -160,9 +160,7 @@ impl Journal {
             .await;
         match ack {
             Ok(a) => Ok(Appended::At(a.sequence)),
-            Err(e) if mozaiks_bus::wrong_last_sequence(&e) => {
-                Ok(Appended::Conflict)
-            }
+            Err(e) if mozaiks_bus::wrong_last_sequence(&e) => Ok(Appended::Conflict),
             Err(e) => Err(unavailable(e)),
         }
     }
