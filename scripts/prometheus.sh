@@ -50,7 +50,7 @@ cmd_test() {
     cmd_install
     local p="$REPO/deploy/prometheus"
     "$DIR/promtool" check rules "$p"/rules/*.yml
-    "$DIR/promtool" check config "$p/prometheus.yml"
+    "$DIR/promtool" check config --syntax-only "$p/prometheus.yml" "$p/prometheus-prod.yml"
     "$DIR/promtool" test rules "$p"/tests/*.yml
 }
 

@@ -15,6 +15,10 @@ step() { echo "test.sh: == $* ==" >&2; }
 step "servers and browser"
 scripts/servers.sh install
 scripts/browser.sh install
+scripts/prometheus.sh install
+
+step "deploy: alert rules (promtool test rules), compose schema, dashboards, Kubernetes manifests"
+scripts/deploy_check.sh
 
 command -v node >/dev/null 2>&1 || { echo "test.sh: node (20.19 or later) and npm are needed for clients/" >&2; exit 1; }
 step "clients: npm ci"
