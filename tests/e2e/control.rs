@@ -650,6 +650,61 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
             "/api/apps/no-such-app/credits".into(),
             Some(json!({"amount": 1000, "reason": "stolen", "idempotency_key": "x"})),
         ),
+        // The ops agent's API (issue 12): B's policy, incidents, actions and approvals.
+        (
+            "GET",
+            "/api/ops/policy/tenant-b".into(),
+            "/api/ops/policy/no-such-app".into(),
+            None,
+        ),
+        (
+            "PUT",
+            "/api/ops/policy/tenant-b".into(),
+            "/api/ops/policy/no-such-app".into(),
+            Some(json!({"rules": {"noisy_neighbour": {"enabled": false}}})),
+        ),
+        (
+            "PUT",
+            "/api/ops/policy".into(),
+            "/api/ops/policy".into(),
+            Some(json!({"rules": {"noisy_neighbour": {"enabled": false}}})),
+        ),
+        (
+            "GET",
+            "/api/ops/incidents?app_id=tenant-b".into(),
+            "/api/ops/incidents?app_id=no-such-app".into(),
+            None,
+        ),
+        (
+            "GET",
+            "/api/ops/actions?app_id=tenant-b".into(),
+            "/api/ops/actions?app_id=no-such-app".into(),
+            None,
+        ),
+        (
+            "GET",
+            "/api/ops/approvals?app_id=tenant-b".into(),
+            "/api/ops/approvals?app_id=no-such-app".into(),
+            None,
+        ),
+        (
+            "POST",
+            format!("/api/ops/actions/{missing_chat}/revert"),
+            "/api/ops/actions/0000000000000000/revert".into(),
+            None,
+        ),
+        (
+            "POST",
+            format!("/api/ops/approvals/{missing_chat}/approve"),
+            "/api/ops/approvals/0000000000000000/approve".into(),
+            Some(json!({})),
+        ),
+        (
+            "POST",
+            format!("/api/ops/approvals/{missing_chat}/reject"),
+            "/api/ops/approvals/0000000000000000/reject".into(),
+            Some(json!({})),
+        ),
     ];
     for (who, token) in [
         ("A's user", &a_user),

@@ -18,6 +18,7 @@ mod keys;
 mod leases;
 mod limits;
 mod mongo_uri;
+mod ops;
 mod reliability;
 mod slice;
 mod storage;

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod notify;
 pub mod openapi;
 pub mod ops;
+pub mod ops_api;
 pub mod page;
 pub mod presence;
 pub mod sessions;
@@ -32,7 +33,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::HeaderMap;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use metrics_exporter_prometheus::PrometheusHandle;
 use mozaiks_auth::Auth;
 use mozaiks_bus::Bus;
@@ -308,6 +309,27 @@ pub fn router(state: State) -> Router {
         .route("/health/active-runs", get(ops::active_runs))
         .route("/metrics/perf/aggregate", get(ops::perf_aggregate))
         .route("/metrics/perf/chats", get(ops::perf_chats))
+        .route(
+            "/api/ops/policy",
+            put(ops_api::put_policy).get(ops_api::get_policy),
+        )
+        .route(
+            "/api/ops/policy/{app_id}",
+            put(ops_api::put_app_policy).get(ops_api::get_app_policy),
+        )
+        .route("/api/ops/incidents", get(ops_api::list_incidents))
+        .route("/api/ops/incidents/{id}", get(ops_api::get_incident))
+        .route("/api/ops/actions", get(ops_api::list_actions))
+        .route(
+            "/api/ops/actions/{id}/revert",
+            post(ops_api::revert_action),
+        )
+        .route("/api/ops/approvals", get(ops_api::list_approvals))
+        .route(
+            "/api/ops/approvals/{id}/approve",
+            post(ops_api::approve),
+        )
+        .route("/api/ops/approvals/{id}/reject", post(ops_api::reject))
         .route("/openapi.json", get(openapi::serve))
         .route(
             "/ws/{workflow}/{app_id}/{chat_id}/{user_id}",

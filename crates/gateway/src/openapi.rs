@@ -18,6 +18,26 @@ const OPS_SCOPE: &[(&str, &str, bool)] = &[(
     false,
 )];
 
+/// `?status=&app_id=` of the ops agent's lists.
+const OPS_LIST: &[(&str, &str, bool)] = &[
+    ("status", "Only the entries of this status.", false),
+    (
+        "app_id",
+        "Only this app (superadmin); an app's admin always sees only its own app.",
+        false,
+    ),
+];
+
+/// `?status=&app_id=` of the approvals.
+const OPS_APPROVALS: &[(&str, &str, bool)] = &[
+    (
+        "status",
+        "approval_required, approved, rejected or expired.",
+        false,
+    ),
+    ("app_id", "Only this app.", false),
+];
+
 /// How an operation authenticates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Auth {
@@ -103,7 +123,7 @@ pub const OPERATIONS: &[Op] = &[
             "post",
             "/api/sessions",
             "sessions",
-            "Start or resume a session (the session broker): checks the app is active, the workflow allowlisted, the app's requests per minute shared among the live gateway replicas (429 rate_limited) and its runs in progress across every worker (429 too_many_runs, new sessions only); answers {chat_id, ws_url, runtime_token, expires_at, ...}. 201 new, 200 resumed (owner only).",
+            "Start or resume a session (the session broker): checks the app is active, the workflow allowlisted, the app's requests per minute shared among the live gateway replicas (429 rate_limited) and its runs in progress across every worker (429 too_many_runs, new sessions only) and the ops agent's actions in force (503 app_paused with Retry-After while a pause_runs lasts, 403 workflow_disabled while a disable_pack takes the workflow off); answers {chat_id, ws_url, runtime_token, expires_at, ...}. 201 new, 200 resumed (owner only).",
             Auth::UserOrKey,
             201,
             &[400, 401, 403, 404, 409, 422, 429, 503],
@@ -340,6 +360,126 @@ pub const OPERATIONS: &[Op] = &[
     },
     op(
         "get",
+        "/api/ops/policy",
+        "ops",
+        "The default ops policy in force (superadmin): {policy: {rules: {noisy_neighbour, error_spike, cost_spike, socket_share, slow_start: {enabled, threshold, min_total, for_seconds, keep_firing_seconds, window_seconds, severity, actions, propose}}, actions: {throttle, pause_runs, disable_pack, notify, approval}}, patch: the stored merge patch or null}.",
+        Auth::User,
+        200,
+        &[401, 403, 503],
+    ),
+    Op {
+        body: Some(schemas::ops_policy),
+        ..op(
+            "put",
+            "/api/ops/policy",
+            "ops",
+            "Replace the default policy's patch (superadmin): a JSON merge patch (RFC 7386) over the built-in policy, checked before it is stored in MZ_OPS_STATE and applied live by the ops agent. 422 invalid_policy (not an object, unknown field, wrong type), invalid_threshold, invalid_duration, invalid_webhook_url; 400 bad_json.",
+            Auth::User,
+            200,
+            &[400, 401, 403, 415, 422, 503],
+        )
+    },
+    op(
+        "get",
+        "/api/ops/policy/{app_id}",
+        "ops",
+        "An app's effective ops policy and its overrides (superadmin): {app_id, policy, patch}.",
+        Auth::User,
+        200,
+        &[401, 403, 422, 503],
+    ),
+    Op {
+        body: Some(schemas::ops_policy),
+        ..op(
+            "put",
+            "/api/ops/policy/{app_id}",
+            "ops",
+            "Replace an app's overrides (superadmin): a merge patch over the default policy; the same 422 codes as PUT /api/ops/policy, 404 app_not_found.",
+            Auth::User,
+            200,
+            &[400, 401, 403, 404, 415, 422, 503],
+        )
+    },
+    Op {
+        query: OPS_LIST,
+        ..op(
+            "get",
+            "/api/ops/incidents",
+            "ops",
+            "Incidents, newest first, each as its latest CloudEvent's data (role admin: its own app's; superadmin: every app's, or ?app_id=): {count, incidents: [{incident_id, rule, status firing|resolved, severity, app_id, labels, annotations {summary, description}, starts_at, ends_at, fingerprint, values, actions, proposed}]}. ?status=firing|resolved (else 422 invalid_status).",
+            Auth::User,
+            200,
+            &[400, 401, 403, 422, 503],
+        )
+    },
+    op(
+        "get",
+        "/api/ops/incidents/{id}",
+        "ops",
+        "One incident (role admin of its app, or superadmin); 404 incident_not_found, also for another app's incident.",
+        Auth::User,
+        200,
+        &[401, 403, 404, 422, 503],
+    ),
+    Op {
+        query: OPS_LIST,
+        ..op(
+            "get",
+            "/api/ops/actions",
+            "ops",
+            "The ops agent's actions, newest first (scoped like incidents): {count, actions: [{action_id, kind throttle|pause_runs|disable_pack|notify, app_id, incident_id, by, reason, created_at, expires_at, max_concurrent_runs, retry_after_seconds, workflow, status applied|reverted|expired, reverted_at, reverted_by}]}.",
+            Auth::User,
+            200,
+            &[400, 401, 403, 422, 503],
+        )
+    },
+    op(
+        "post",
+        "/api/ops/actions/{id}/revert",
+        "ops",
+        "End an action in force now, on every replica (superadmin). 404 action_not_found, 409 action_not_in_force (ended already, or a notification).",
+        Auth::User,
+        200,
+        &[401, 403, 404, 409, 422, 503],
+    ),
+    Op {
+        query: OPS_APPROVALS,
+        ..op(
+            "get",
+            "/api/ops/approvals",
+            "ops",
+            "Risky actions the ops agent proposed (superadmin): {count, approvals: [{approval_id, kind suspend_app|raise_limits|move_storage|scale, app_id, incident_id, rule, reason, requested_by, created_at, expires_at, status approval_required|approved|rejected|expired, decided_by, decided_at, comment, executed, outcome}]}.",
+            Auth::User,
+            200,
+            &[400, 401, 403, 422, 503],
+        )
+    },
+    Op {
+        body: Some(schemas::ops_decision),
+        ..op(
+            "post",
+            "/api/ops/approvals/{id}/approve",
+            "ops",
+            "Approve a proposal (superadmin): the decision is recorded first (once: a second decision gets 409 approval_not_pending), then the action runs as the approver: suspend_app, raise_limits (body limits, else 422 limits_required), move_storage (body db_name, else 422 db_name_required); scale is recorded, not executed (the deployment scales). 404 approval_not_found.",
+            Auth::User,
+            200,
+            &[400, 401, 403, 404, 409, 415, 422, 503],
+        )
+    },
+    Op {
+        body: Some(schemas::ops_decision),
+        ..op(
+            "post",
+            "/api/ops/approvals/{id}/reject",
+            "ops",
+            "Reject a proposal (superadmin): it is dropped, nothing runs. Body {comment}. 404 approval_not_found, 409 approval_not_pending.",
+            Auth::User,
+            200,
+            &[400, 401, 403, 404, 409, 415, 422, 503],
+        )
+    },
+    op(
+        "get",
         "/openapi.json",
         "meta",
         "This document.",
@@ -523,6 +663,14 @@ pub fn document() -> Value {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
                 "SessionTicket": schemas::session_ticket(),
                 "Limits": schemas::limits(),
+                "OpsRule": {"type": "object", "additionalProperties": false, "properties": {
+                    "enabled": {"type": "boolean"}, "threshold": {"type": "number", "exclusiveMinimum": 0},
+                    "min_total": {"type": "number", "minimum": 0}, "for_seconds": {"type": "number", "minimum": 0},
+                    "keep_firing_seconds": {"type": "number", "minimum": 0}, "window_seconds": {"type": "number", "minimum": 0},
+                    "severity": {"enum": ["info", "warning", "critical"]},
+                    "actions": {"type": "array", "items": {"enum": ["throttle", "pause_runs", "disable_pack", "notify"]}},
+                    "propose": {"type": "array", "items": {"enum": ["suspend_app", "raise_limits", "move_storage", "scale"]}},
+                }},
             },
         },
     })
@@ -604,6 +752,34 @@ mod schemas {
         json!({"type": "object", "additionalProperties": false, "properties": {
             "db_name": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9_-]{1,63}$", "description": "The target database; null or absent (or the shared database's name) moves the app back to the shared database."},
             "mongo_uri": {"type": "string", "description": "Another MongoDB deployment (mongodb:// or mongodb+srv://, no credentials: authenticate by certificate options or network policy)."},
+        }})
+    }
+
+    pub fn ops_policy() -> Value {
+        json!({"type": "object", "description": "A JSON merge patch over the built-in policy (null removes an override).", "properties": {
+            "rules": {"type": "object", "additionalProperties": false, "properties": {
+                "noisy_neighbour": {"$ref": "#/components/schemas/OpsRule"},
+                "error_spike": {"$ref": "#/components/schemas/OpsRule"},
+                "cost_spike": {"$ref": "#/components/schemas/OpsRule"},
+                "socket_share": {"$ref": "#/components/schemas/OpsRule"},
+                "slow_start": {"$ref": "#/components/schemas/OpsRule"},
+            }},
+            "actions": {"type": "object", "additionalProperties": false, "properties": {
+                "throttle": {"type": "object", "properties": {"ttl_seconds": {"type": "number"}, "factor": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}, "max_concurrent_runs": {"type": ["integer", "null"], "minimum": 1}}},
+                "pause_runs": {"type": "object", "properties": {"ttl_seconds": {"type": "number"}, "retry_after_seconds": {"type": "integer"}}},
+                "disable_pack": {"type": "object", "properties": {"ttl_seconds": {"type": "number"}}},
+                "notify": {"type": "object", "properties": {"webhook_url": {"type": ["string", "null"]}, "format": {"enum": ["slack", "alertmanager"]}}},
+                "approval": {"type": "object", "properties": {"ttl_seconds": {"type": "number"}}},
+            }},
+        }})
+    }
+
+    pub fn ops_decision() -> Value {
+        json!({"type": "object", "additionalProperties": false, "properties": {
+            "comment": {"type": "string", "maxLength": 1000},
+            "limits": {"$ref": "#/components/schemas/Limits"},
+            "db_name": {"type": "string"},
+            "mongo_uri": {"type": "string"},
         }})
     }
 

@@ -30,6 +30,10 @@ pub enum BrokerError {
     TooManyRuns {
         limit: u32,
     },
+    /// An ops `pause_runs` is in force for the app (`mozaiks_control::ops_actions`).
+    Paused {
+        retry_after_secs: u64,
+    },
 }
 
 impl From<ApiError> for BrokerError {
@@ -73,6 +77,16 @@ impl IntoResponse for BrokerError {
                     ),
                 ),
                 2,
+            ),
+            BrokerError::Paused { retry_after_secs } => (
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "app_paused",
+                    format!(
+                        "the operator paused the app's new runs; retry in {retry_after_secs} s"
+                    ),
+                ),
+                retry_after_secs,
             ),
         };
         let mut resp = e.into_response();
@@ -161,6 +175,21 @@ pub async fn start(
     if !app.is_active() {
         return Err(ApiError::forbidden("app_suspended", "the app is suspended").into());
     }
+    // An ops disable_pack in force takes the workflow off the allowlist on every replica.
+    if state
+        .registry
+        .ops_pack_disabled(&req.app_id, &req.workflow_name)
+    {
+        info!(app_id = %req.app_id, workflow = %req.workflow_name, "Session start refused: workflow disabled by an ops action.");
+        return Err(ApiError::forbidden(
+            "workflow_disabled",
+            format!(
+                "workflow {:?} is disabled for this app by the operator for a while",
+                req.workflow_name
+            ),
+        )
+        .into());
+    }
     if state.catalog.get(&req.workflow_name).is_none() || !app.allows_workflow(&req.workflow_name) {
         return Err(ApiError::forbidden(
             "workflow_not_allowed",
@@ -204,6 +233,13 @@ pub async fn start(
         None => (ids::new_chat_id(), false, 0),
     };
     if !resumed {
+        // An ops pause_runs in force: no new run of the app on any replica.
+        if let Some(wait) = state.registry.ops_paused(&req.app_id) {
+            info!(app_id = %req.app_id, "Session start refused: the app's runs are paused by an ops action.");
+            return Err(BrokerError::Paused {
+                retry_after_secs: wait.as_secs().max(1),
+            });
+        }
         // Credits (MONETIZATION_ENABLED): a blocked app or user starts nothing (crate::credits).
         if let Err(r) = crate::credits::check(&state, &req.app_id, &user_id) {
             return Err(crate::credits::payment_required(&r).into());

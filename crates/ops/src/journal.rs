@@ -140,11 +140,21 @@ impl Journal {
     ) -> Result<Appended, Error> {
         let inc = &ev.data;
         let subject = incident_subject(self.bus.subjects(), &inc.rule, &inc.app_id);
+        let id = format!("inc:{}:{expected}", inc.fingerprint);
+        self.append_expecting(subject, &id, expected, ev).await
+    }
+
+    /// Publishes `ev` on `subject` if the subject's last sequence is `expected`, deduplicated by
+    /// `msg_id` (a retried publish whose ack was lost).
+    pub(crate) async fn append_expecting<T: serde::Serialize>(
+        &self,
+        subject: String,
+        msg_id: &str,
+        expected: u64,
+        ev: &CloudEvent<T>,
+    ) -> Result<Appended, Error> {
         let mut h = HeaderMap::new();
-        h.insert(
-            "Nats-Msg-Id",
-            format!("inc:{}:{expected}", inc.fingerprint).as_str(),
-        );
+        h.insert("Nats-Msg-Id", msg_id);
         h.insert(
             "Nats-Expected-Last-Subject-Sequence",
             expected.to_string().as_str(),
@@ -186,7 +196,7 @@ impl Journal {
 
     /// Reads every message on `filter` (`last_per_subject`: only each subject's last), in order,
     /// with its sequence; messages that do not parse are skipped.
-    async fn read<T: DeserializeOwned>(
+    pub(crate) async fn read_events<T: DeserializeOwned>(
         &self,
         filter: String,
         last_per_subject: bool,
@@ -232,7 +242,8 @@ impl Journal {
 
     /// Each `(rule, app)`'s last incident event (a firing one is open), with its sequence.
     pub async fn incident_heads(&self) -> Result<Vec<(u64, CloudEvent<Incident>)>, Error> {
-        self.read(self.bus.subjects().ops("incident.>"), true).await
+        self.read_events(self.bus.subjects().ops("incident.>"), true)
+            .await
     }
 
     /// Every incident (of `app_id`, or of every app), each as its latest event, newest first.
@@ -241,7 +252,7 @@ impl Journal {
             .bus
             .subjects()
             .ops(&format!("incident.*.{}", app_id.unwrap_or("*")));
-        let all: Vec<(u64, CloudEvent<Incident>)> = self.read(filter, false).await?;
+        let all: Vec<(u64, CloudEvent<Incident>)> = self.read_events(filter, false).await?;
         let mut by_id: std::collections::HashMap<String, Incident> = Default::default();
         for (_, ev) in all {
             by_id.insert(ev.data.incident_id.clone(), ev.data);
@@ -370,7 +381,7 @@ impl Journal {
             .bus
             .subjects()
             .ops(&format!("action.*.{}", app_id.unwrap_or("*")));
-        let all: Vec<(u64, CloudEvent<ActionEvent>)> = self.read(filter, false).await?;
+        let all: Vec<(u64, CloudEvent<ActionEvent>)> = self.read_events(filter, false).await?;
         let mut by_id: std::collections::HashMap<String, ActionEvent> = Default::default();
         for (_, ev) in all {
             by_id.insert(ev.data.action.action_id.clone(), ev.data);

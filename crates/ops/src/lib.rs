@@ -19,6 +19,7 @@
 //! their actions the previous leader did not get to, under the same ids); every append expects
 //! its subject's last sequence, so two leaders never both record an incident.
 
+pub mod approvals;
 pub mod incident;
 pub mod inputs;
 pub mod journal;
@@ -297,6 +298,10 @@ impl Agent {
                 led.open.insert(inc.fingerprint.clone(), inc);
             }
         }
+        for inc in led.open.values() {
+            self.propose(inc, &self.policies.for_app(&inc.app_id))
+                .await?;
+        }
         if !led.open.is_empty() {
             let recorded: HashSet<String> = self
                 .journal
@@ -350,6 +355,15 @@ impl Agent {
         }
         if leader.is_leader() {
             self.expire(now).await?;
+            let n = self.journal.expire_approvals(&self.by).await?;
+            if n > 0 {
+                info!(
+                    approvals = n,
+                    "Proposals not decided within their TTL dropped."
+                );
+                ::metrics::counter!(m::APPROVALS, "kind" => "any", "event" => "expired")
+                    .increment(n as u64);
+            }
         }
         ::metrics::gauge!(m::OPEN_INCIDENTS).set(led.open.len() as f64);
         Ok(())
@@ -476,8 +490,41 @@ impl Agent {
                 for a in &actions {
                     self.take(a, &inc, &policy).await?;
                 }
+                self.propose(&inc, &policy).await?;
             }
             Appended::Conflict => self.adopt(led, f.rule, &f.app_id).await?,
+        }
+        Ok(())
+    }
+
+    /// Requests an approval for each risky action `inc` proposes (idempotent: a takeover that
+    /// proposes again records nothing new).
+    async fn propose(&self, inc: &Incident, policy: &Policy) -> Result<(), Error> {
+        let ttl =
+            chrono::Duration::milliseconds((policy.actions.approval.ttl_seconds * 1000.0) as i64);
+        for p in &inc.proposed {
+            let a = approvals::Approval {
+                approval_id: approvals::approval_id(&inc.incident_id, p.kind),
+                kind: p.kind,
+                app_id: p.app_id.clone(),
+                incident_id: Some(inc.incident_id.clone()),
+                rule: Some(inc.rule.clone()),
+                reason: p.reason.clone(),
+                requested_by: self.by.clone(),
+                created_at: inc.starts_at,
+                expires_at: inc.starts_at + ttl,
+                status: approvals::ApprovalStatus::Pending,
+                decided_by: None,
+                decided_at: None,
+                comment: None,
+                executed: false,
+                outcome: None,
+            };
+            if self.journal.request_approval(&a).await? {
+                info!(app_id = %a.app_id, kind = a.kind.as_str(), approval_id = %a.approval_id, "Risky action proposed; it waits for a superadmin's approval.");
+                ::metrics::counter!(m::APPROVALS, "kind" => a.kind.as_str(), "event" => "requested")
+                    .increment(1);
+            }
         }
         Ok(())
     }

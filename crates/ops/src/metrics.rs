@@ -8,6 +8,10 @@ pub const INCIDENTS: &str = "mozaiks_ops_incidents_total";
 pub const ACTIONS: &str = "mozaiks_ops_actions_total";
 /// Counter: webhook notifications by outcome (`sent`, `failed`).
 pub const NOTIFICATIONS: &str = "mozaiks_ops_notifications_total";
+/// Counter: approvals of risky actions by kind and event (`requested`, `expired`).
+pub const APPROVALS: &str = "mozaiks_ops_approvals_total";
+/// Counter: requests of the gateway's `/api/ops/*` endpoints, by endpoint and outcome.
+pub const API: &str = "mozaiks_ops_api_requests_total";
 /// Gauge: incidents open, as the leader sees them.
 pub const OPEN_INCIDENTS: &str = "mozaiks_ops_open_incidents";
 /// Counter: takeovers (this replica became the leader and adopted the open incidents).
@@ -23,6 +27,14 @@ pub fn describe() {
     metrics::describe_counter!(
         NOTIFICATIONS,
         "Webhook notifications of the ops agent, by outcome."
+    );
+    metrics::describe_counter!(
+        APPROVALS,
+        "Approvals of risky actions proposed by the ops agent, by kind and event."
+    );
+    metrics::describe_counter!(
+        API,
+        "Requests of the /api/ops endpoints, by endpoint and outcome."
     );
     metrics::describe_gauge!(
         OPEN_INCIDENTS,

@@ -57,6 +57,17 @@ pub enum ProposalKind {
     Scale,
 }
 
+impl ProposalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProposalKind::SuspendApp => "suspend_app",
+            ProposalKind::RaiseLimits => "raise_limits",
+            ProposalKind::MoveStorage => "move_storage",
+            ProposalKind::Scale => "scale",
+        }
+    }
+}
+
 /// One rule's settings. What `threshold` and `min_total` mean depends on the rule (see
 /// [`crate::rules`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -145,6 +156,15 @@ pub struct ActionSpecs {
     pub pause_runs: PauseSpec,
     pub disable_pack: DisablePackSpec,
     pub notify: NotifySpec,
+    /// Risky actions proposed by an incident: how long they wait for a decision.
+    pub approval: ApprovalSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalSpec {
+    /// A proposal not approved or rejected within this time is dropped (`expired`).
+    pub ttl_seconds: f64,
 }
 
 /// A complete policy (the default, or one app's after its overrides).
@@ -200,6 +220,9 @@ impl Default for Policy {
                 notify: NotifySpec {
                     webhook_url: None,
                     format: NotifyFormat::Slack,
+                },
+                approval: ApprovalSpec {
+                    ttl_seconds: 3600.0,
                 },
             },
         }
@@ -331,6 +354,11 @@ impl Policy {
         check_seconds(
             "actions.disable_pack.ttl_seconds",
             a.disable_pack.ttl_seconds,
+            false,
+        )?;
+        check_seconds(
+            "actions.approval.ttl_seconds",
+            a.approval.ttl_seconds,
             false,
         )?;
         if !(a.throttle.factor.is_finite() && a.throttle.factor > 0.0 && a.throttle.factor < 1.0) {
