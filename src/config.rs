@@ -186,6 +186,22 @@ pub struct Global {
         global = true
     )]
     pub ops_evaluate_ms: u64,
+    /// Enforce credits (the seeds' name): gateways refuse new sessions and messages, and workers
+    /// refuse the next model call, of an app whose credits (or a user whose daily budget) are
+    /// spent. Off (the development default): usage is metered and nothing is refused.
+    #[arg(
+        long,
+        env = "MONETIZATION_ENABLED",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new(),
+        global = true
+    )]
+    pub monetization_enabled: bool,
+    /// Credit periods of this many seconds instead of calendar months (tests and demos; every
+    /// role of a fleet must agree).
+    #[arg(long, env = "MOZAIKS_CREDITS_PERIOD_SECONDS", global = true)]
+    pub credits_period_seconds: Option<u64>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]

@@ -168,6 +168,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
     init_tracing(g);
     let prometheus = init_metrics(g)?;
     info!(roles = %roles.names(), version = env!("CARGO_PKG_VERSION"), "Mozaiks starting.");
+    mozaiks_store::credits::set_period_seconds(g.credits_period_seconds);
     // Configuration errors first, before any connection is tried.
     let auth = if roles.gateway {
         Some(
@@ -330,6 +331,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
         let opts = mozaiks_engine::Options {
             max_concurrent_runs: g.max_concurrent_workflows,
             run_timeout: Duration::from_secs(g.workflow_timeout_seconds.max(1)),
+            enforce_credits: g.monetization_enabled,
             ..Default::default()
         };
         let w = mozaiks_engine::Worker::new(
@@ -386,6 +388,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
                     .collect(),
                 ws_ping: args.ws_ping_seconds.map(Duration::from_secs),
                 ws_idle: args.ws_idle_seconds.map(Duration::from_secs),
+                enforce_credits: g.monetization_enabled,
             },
         )
         .await?;

@@ -22,3 +22,4 @@ mod ops;
 mod reliability;
 mod slice;
 mod storage;
+mod credits;

@@ -76,7 +76,8 @@ impl Credits {
 
     /// Opens the wallets and starts the refresher, the grant consumer and the sweep.
     pub(crate) async fn start(&mut self, bus: &Bus, store: &Store) -> Result<(), String> {
-        let wallets = Wallets::open(bus).await.map_err(|e| e.to_string())?;
+        // Billing writes wallets; it refuses nothing itself.
+        let wallets = Wallets::open(bus, false).await.map_err(|e| e.to_string())?;
         store
             .ensure_credit_indexes(store.shared())
             .await

@@ -1,7 +1,8 @@
 //! Every app's wallet as billing last computed it, followed in memory by every gateway and
 //! worker: the KV bucket `MZ_CREDITS` (key `app_id`, a JSON [`Wallet`]), written only by billing.
 //!
-//! With `MONETIZATION_ENABLED=true` ([`monetization_enabled`]) a gateway refuses a new session
+//! With `MONETIZATION_ENABLED=true` (read by the binary's configuration and passed to
+//! [`Wallets::open`] as `enforce`) a gateway refuses a new session
 //! and a message that would start a run, and a worker refuses the next model call, of an app whose
 //! wallet is `blocked` (or of a user over the app's daily budget), from this copy: a map lookup,
 //! no database round trip. A charge that exhausts the balance reaches every replica as fast as
@@ -26,22 +27,9 @@ use mozaiks_events::credits::CreditGrant;
 /// The bucket of wallets.
 pub const BUCKET: &str = "MZ_CREDITS";
 
-/// The environment variable that turns enforcement on (the seeds' name).
-pub const MONETIZATION_ENV: &str = "MONETIZATION_ENABLED";
-
 /// Refusal codes (HTTP 402 and `error` frames).
 pub const CREDITS_EXHAUSTED: &str = "credits_exhausted";
 pub const USER_BUDGET_EXHAUSTED: &str = "user_budget_exhausted";
-
-/// Whether `MONETIZATION_ENABLED` is `true` (or `1`, `yes`, `on`).
-pub fn monetization_enabled() -> bool {
-    std::env::var(MONETIZATION_ENV).is_ok_and(|v| {
-        matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "true" | "1" | "yes" | "on"
-        )
-    })
-}
 
 /// How an app stands in its period.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,13 +128,9 @@ pub struct Wallets {
 }
 
 impl Wallets {
-    /// Opens `MZ_CREDITS`, loads every wallet and follows changes in the background;
-    /// enforcement as `MONETIZATION_ENABLED` says.
-    pub async fn open(bus: &Bus) -> Result<Wallets, Error> {
-        Wallets::open_with(bus, monetization_enabled()).await
-    }
-
-    pub async fn open_with(bus: &Bus, enforce: bool) -> Result<Wallets, Error> {
+    /// Opens `MZ_CREDITS`, loads every wallet and follows changes in the background; refusals
+    /// are enforced when `enforce` (`MONETIZATION_ENABLED`), else only reported.
+    pub async fn open(bus: &Bus, enforce: bool) -> Result<Wallets, Error> {
         let unavailable = |e: String| Error::Unavailable(format!("{BUCKET}: {e}"));
         let kv = bus
             .jetstream()

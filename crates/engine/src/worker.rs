@@ -39,6 +39,9 @@ pub struct Options {
     pub run_timeout: Duration,
     /// A chat actor with nothing to do for this long is dropped (its state is in the log).
     pub idle_evict: Duration,
+    /// No model call for an app whose credits (or a user whose daily budget) are spent
+    /// (`MONETIZATION_ENABLED`); when false, usage is metered and nothing is refused.
+    pub enforce_credits: bool,
 }
 
 impl Default for Options {
@@ -47,6 +50,7 @@ impl Default for Options {
             max_concurrent_runs: 50,
             run_timeout: Duration::from_secs(300),
             idle_evict: Duration::from_secs(60),
+            enforce_credits: false,
         }
     }
 }
@@ -133,7 +137,7 @@ impl Worker {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let perf = Perf::new(self.instance.as_str());
         let owners = Owners::open(&self.bus, self.instance.as_str()).await?;
-        let wallets = mozaiks_control::credits::Wallets::open(&self.bus)
+        let wallets = mozaiks_control::credits::Wallets::open(&self.bus, self.opts.enforce_credits)
             .await
             .map_err(|e| Error::Consumer(e.to_string()))?;
         let sh = Arc::new(Shared {

@@ -63,6 +63,8 @@ pub struct Options {
     pub ws_ping: Option<Duration>,
     /// How long a socket may stay silent before it is closed (`MOZAIKS_WS_IDLE_SECONDS`).
     pub ws_idle: Option<Duration>,
+    /// Refuse sessions and messages of apps whose credits are spent (`MONETIZATION_ENABLED`).
+    pub enforce_credits: bool,
 }
 
 impl Default for Options {
@@ -75,6 +77,7 @@ impl Default for Options {
             cors_origins: Vec::new(),
             ws_ping: None,
             ws_idle: None,
+            enforce_credits: false,
         }
     }
 }
@@ -165,7 +168,7 @@ impl Gateway {
         let keys = mozaiks_control::keys::ApiKeys::open(&parts.bus)
             .await
             .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
-        let wallets = mozaiks_control::credits::Wallets::open(&parts.bus)
+        let wallets = mozaiks_control::credits::Wallets::open(&parts.bus, opts.enforce_credits)
             .await
             .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
         let presence = presence::Presence::start(

@@ -2,8 +2,9 @@
 //! the usage ledger, every charge counted once) and per user per day, and the grants billing
 //! recorded from the log.
 //!
-//! - A **period** is a calendar month in UTC, or, when `MOZAIKS_CREDITS_PERIOD_SECONDS` is set
-//!   (tests, demos), consecutive windows of that many seconds from the Unix epoch. Its key is its
+//! - A **period** is a calendar month in UTC, or, when the process sets it with
+//!   [`set_period_seconds`] (`MOZAIKS_CREDITS_PERIOD_SECONDS`, for tests and demos), consecutive
+//!   windows of that many seconds from the Unix epoch. Its key is its
 //!   start, `YYYYMMDDTHHMMSSZ`, so keys sort like periods.
 //! - Each charge document in `usage_events` carries its `credits`, its `period` key and its UTC
 //!   `day` (see [`crate::ledger`]); compactions add the credits to the app's `usage_ledger`
@@ -14,7 +15,7 @@
 //!   changes).
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
@@ -31,9 +32,6 @@ use crate::{DUPLICATE_KEY, Error, LEDGER, Store, USAGE_EVENTS};
 /// Grants recorded by billing (shared database).
 pub const GRANTS: &str = "credit_grants";
 
-/// Environment variable: periods of this many seconds instead of calendar months.
-pub const PERIOD_SECONDS_ENV: &str = "MOZAIKS_CREDITS_PERIOD_SECONDS";
-
 /// Reads repeated when a compaction commits during them.
 const READ_ATTEMPTS: usize = 5;
 
@@ -44,15 +42,22 @@ pub struct Period {
     pub end: DateTime<Utc>,
 }
 
+/// The process's period length in seconds; 0: calendar months.
+static PERIOD_SECONDS: AtomicI64 = AtomicI64::new(0);
+
+/// Makes periods `seconds` long for the whole process (`None` or 0: calendar months, the
+/// default). Set once at start, from configuration, by every role of a fleet alike.
+pub fn set_period_seconds(seconds: Option<u64>) {
+    let s = seconds
+        .and_then(|s| i64::try_from(s).ok())
+        .filter(|s| *s > 0)
+        .unwrap_or(0);
+    PERIOD_SECONDS.store(s, Ordering::Relaxed);
+}
+
 /// How long periods are: `None` for calendar months.
 fn period_seconds() -> Option<i64> {
-    static SECONDS: OnceLock<Option<i64>> = OnceLock::new();
-    *SECONDS.get_or_init(|| {
-        std::env::var(PERIOD_SECONDS_ENV)
-            .ok()
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .filter(|s| *s > 0)
-    })
+    Some(PERIOD_SECONDS.load(Ordering::Relaxed)).filter(|s| *s > 0)
 }
 
 impl Period {

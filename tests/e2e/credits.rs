@@ -1,0 +1,473 @@
+//! Credits end to end (issue 11): two gateways and two workers with `MONETIZATION_ENABLED=true`;
+//! an app with a small allowance runs until its credits are spent, then every replica refuses
+//! new sessions, a run waiting for input ends `credits_exhausted` before its next model call, a
+//! grant (idempotent on its key) restores service; billing SIGKILLed mid-stream, then two billing
+//! replicas at once, still count every charge's cost exactly once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use mozaiks_bus::Bus;
+use mozaiks_events::Event;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::fleet::{Fleet, code, events_until, next_frame, root, send_json};
+
+const APP: &str = "metered";
+const INCLUDED: u64 = 300;
+
+/// Σ credits and the number of charges of `app_id` on the log, in the period `period` (the
+/// wallet's key), and whether every charge carries its cost.
+async fn credits_on_the_log(bus: &Bus, app_id: &str, period: &str) -> (u64, u64, bool) {
+    let filter = format!("mz.evt.{app_id}.*.usage.charged");
+    let (mut credits, mut n, mut all_costed) = (0, 0, true);
+    let mut from = 1;
+    loop {
+        let batch = bus.replay("MZ_USAGE", &filter, from, 512).await.unwrap();
+        for env in &batch.events {
+            if let Event::UsageCharged(u) = &env.event {
+                let key = mozaiks_store::credits::Period::containing(env.ts).key();
+                if key != period {
+                    continue;
+                }
+                all_costed &= u.credits.is_some() && u.price.is_some();
+                credits += u.credits.unwrap_or(0);
+                n += 1;
+            }
+        }
+        from = batch.next;
+        if batch.done {
+            return (credits, n, all_costed);
+        }
+    }
+}
+
+/// Starts a session with a first message on gateway `gw`; `Err((status, code))` when refused,
+/// else reads its run to the end and answers the frames.
+async fn run_session(
+    fleet: &Fleet,
+    gw: usize,
+    token: &str,
+    workflow: &str,
+    message: &str,
+) -> Result<Vec<Value>, (u16, String)> {
+    let (s, ticket) = fleet
+        .post_session(
+            gw,
+            token,
+            json!({"app_id": APP, "workflow_name": workflow, "message": message}),
+        )
+        .await;
+    if s != 201 {
+        return Err((s, code(&ticket).to_string()));
+    }
+    let mut ws = fleet.connect(gw, &ticket, 0).await;
+    let mut frames = Vec::new();
+    loop {
+        let f = next_frame(&mut ws).await;
+        if f["seq"].is_null() {
+            continue;
+        }
+        let end = matches!(
+            f["type"].as_str(),
+            Some("run.completed" | "run.failed" | "run.cancelled")
+        );
+        frames.push(f);
+        if end {
+            return Ok(frames);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spent_credits_stop_every_replica_before_the_next_model_call_and_a_grant_restores_them() {
+    let fleet = Fleet::start_with(2, 2, &[("MONETIZATION_ENABLED", "true")]).await;
+    let bus = Bus::connect(&fleet.servers.nats_url, &fleet.servers.namespace, "e2e")
+        .await
+        .unwrap();
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps",
+            &root(),
+            Some(json!({
+                "app_id": APP, "name": "Metered", "tier": "starter",
+                "workflows": ["hello", "support_triage"],
+                "limits": {"included_credits": INCLUDED, "requests_per_minute": 100000},
+            })),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let user = Fleet::token("ann", APP, &["user"]);
+    let admin = Fleet::token("ada", APP, &["admin"]);
+    let credits = |gw: usize| {
+        let (fleet, admin) = (&fleet, admin.clone());
+        async move {
+            let (s, v) = fleet
+                .get(gw, &format!("/api/apps/{APP}/credits"), &admin)
+                .await;
+            assert_eq!(s, 200, "{v}");
+            v
+        }
+    };
+    for gw in 0..2 {
+        fleet
+            .eventually("the app on every gateway", || async {
+                let (s, _) = fleet.get(gw, &format!("/api/apps/{APP}"), &root()).await;
+                (s == 200).then_some(())
+            })
+            .await;
+    }
+    let fresh = credits(1).await;
+    assert_eq!(fresh["included"], INCLUDED);
+    assert_eq!(fresh["state"], "ok");
+    assert_eq!(fresh["enforced"], true);
+    for k in [
+        "balance",
+        "included",
+        "granted",
+        "consumed",
+        "period_start",
+        "period_end",
+        "overage",
+        "state",
+    ] {
+        assert!(fresh.get(k).is_some(), "{k} missing in {fresh}");
+    }
+
+    // A run that waits for its user (support_triage's general agent asks a question) while the
+    // app's credits run out elsewhere.
+    let (s, waiting) = fleet
+        .post_session(
+            0,
+            &user,
+            json!({"app_id": APP, "workflow_name": "support_triage", "message": "Where is my parcel?"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{waiting}");
+    let mut wws = fleet.connect(0, &waiting, 0).await;
+    let asked = events_until(&mut wws, "input.requested").await;
+    let request_id = asked.last().unwrap()["data"]["request_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Runs until the broker refuses: the small allowance is spent.
+    let mut refused = None;
+    for i in 0..80 {
+        match run_session(&fleet, i % 2, &user, "hello", &format!("hello {i}")).await {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the allowance was never spent");
+    assert_eq!(refused, (402, "credits_exhausted".to_string()));
+    // Every replica refuses a new session.
+    for gw in 0..2 {
+        fleet
+            .eventually("a refusal on every gateway", || async {
+                let (s, v) = fleet
+                    .post_session(
+                        gw,
+                        &user,
+                        json!({"app_id": APP, "workflow_name": "hello", "message": "more"}),
+                    )
+                    .await;
+                (s == 402 && code(&v) == "credits_exhausted").then_some(())
+            })
+            .await;
+    }
+    let spent = credits(1).await;
+    assert_eq!(spent["state"], "exhausted", "{spent}");
+    assert_eq!(spent["blocked"], true);
+    assert!(spent["consumed"].as_u64().unwrap() >= INCLUDED, "{spent}");
+    assert!(spent["balance"].as_i64().unwrap() <= 0, "{spent}");
+
+    // The waiting run gets its answer: it makes no further model call and ends
+    // credits_exhausted; nothing is charged after the refusal.
+    send_json(
+        &mut wws,
+        json!({"type": "input.response", "request_id": request_id, "text": "A-300"}),
+    )
+    .await;
+    let rest = events_until(&mut wws, "run.failed").await;
+    assert_eq!(rest[0]["type"], "input.received", "{rest:#?}");
+    let failed = rest.last().unwrap();
+    assert_eq!(failed["data"]["code"], "credits_exhausted", "{failed}");
+    for f in &rest {
+        assert!(
+            !matches!(
+                f["type"].as_str(),
+                Some("usage.charged" | "model.replied" | "agent.message")
+            ),
+            "a model call after the credits ran out: {rest:#?}"
+        );
+    }
+    // A message that would start a run on the existing chat starts nothing.
+    send_json(
+        &mut wws,
+        json!({"type": "user.message", "text": "hello?", "client_msg_id": "after-spent"}),
+    )
+    .await;
+    let err = loop {
+        let f = next_frame(&mut wws).await;
+        assert!(
+            f["seq"].is_null(),
+            "a durable event after a refused message: {f}"
+        );
+        if f["type"] == "error" {
+            break f;
+        }
+    };
+    assert_eq!(err["data"]["code"], "credits_exhausted");
+
+    // Bad grants get stable codes; only the operator may grant, only to an app that exists.
+    let grant_path = format!("/api/apps/{APP}/credits");
+    for (body, status, want) in [
+        (
+            json!({"amount": -5, "reason": "r", "idempotency_key": "k"}),
+            422,
+            "invalid_amount",
+        ),
+        (
+            json!({"amount": 0, "reason": "r", "idempotency_key": "k"}),
+            422,
+            "invalid_amount",
+        ),
+        (
+            json!({"amount": 2.5, "reason": "r", "idempotency_key": "k"}),
+            422,
+            "invalid_amount",
+        ),
+        (
+            json!({"amount": "100", "reason": "r", "idempotency_key": "k"}),
+            422,
+            "invalid_amount",
+        ),
+        (
+            json!({"amount": 1e30, "reason": "r", "idempotency_key": "k"}),
+            422,
+            "amount_too_large",
+        ),
+        (
+            json!({"amount": 1, "reason": "r", "idempotency_key": "k", "bonus": 1}),
+            422,
+            "unknown_field",
+        ),
+        (
+            json!({"amount": 1, "reason": "r", "idempotency_key": "k", "expires_at": "2020-01-01T00:00:00Z"}),
+            422,
+            "expires_at_in_past",
+        ),
+        (
+            json!({"amount": 1, "idempotency_key": "k"}),
+            422,
+            "invalid_reason",
+        ),
+        (
+            json!({"amount": 1, "reason": "r"}),
+            422,
+            "invalid_idempotency_key",
+        ),
+    ] {
+        let (s, v, _) = fleet
+            .call(0, "POST", &grant_path, &root(), Some(body.clone()))
+            .await;
+        assert_eq!((s, code(&v)), (status, want), "{body}: {v}");
+    }
+    let ok = json!({"amount": 100000, "reason": "top-up", "idempotency_key": "order-1"});
+    let (s, v, _) = fleet
+        .call(0, "POST", &grant_path, &admin, Some(ok.clone()))
+        .await;
+    assert_eq!((s, code(&v)), (403, "superadmin_required"), "{v}");
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps/no-such-app/credits",
+            &root(),
+            Some(ok.clone()),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (404, "app_not_found"), "{v}");
+
+    // A grant restores service on every replica; the same key twice grants once.
+    let (s, first, _) = fleet
+        .call(1, "POST", &grant_path, &root(), Some(ok.clone()))
+        .await;
+    assert_eq!(s, 201, "{first}");
+    assert_eq!(first["replayed"], false);
+    let (s, again, _) = fleet
+        .call(0, "POST", &grant_path, &root(), Some(ok.clone()))
+        .await;
+    assert_eq!(s, 200, "{again}");
+    assert_eq!(again["replayed"], true);
+    assert_eq!(again["grant_id"], first["grant_id"]);
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            &grant_path,
+            &root(),
+            Some(json!({"amount": 5, "reason": "top-up", "idempotency_key": "order-1"})),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (409, "idempotency_key_reused"), "{v}");
+    for gw in 0..2 {
+        fleet
+            .eventually("a session accepted again on every gateway", || async {
+                run_session(&fleet, gw, &user, "hello", "back again")
+                    .await
+                    .ok()
+            })
+            .await;
+    }
+    let restored = credits(0).await;
+    assert_eq!(restored["granted"], 100000, "granted once: {restored}");
+    assert_eq!(restored["state"], "ok", "{restored}");
+
+    // consumed is Σ cost over the log's charges of the period, each once.
+    let period = mozaiks_store::credits::Period::containing(chrono::Utc::now()).key();
+    let last = fleet
+        .eventually("the wallet equal to the log", || async {
+            let (on_log, n, costed) = credits_on_the_log(&bus, APP, &period).await;
+            assert!(costed, "a charge without its cost on the log");
+            let w = credits(1).await;
+            (n > 0 && w["consumed"].as_u64() == Some(on_log)).then_some(w)
+        })
+        .await;
+    let consumed = last["consumed"].as_i64().unwrap();
+    assert_eq!(
+        last["balance"].as_i64().unwrap(),
+        INCLUDED as i64 + 100000 - consumed,
+        "{last}"
+    );
+}
+
+/// One chat's client: a message after each run's end, until `stop`. Fails (never hangs) when a
+/// run does not end within [`RUN_DEADLINE`] (the gateway's pings would keep a per-frame timeout
+/// from ever firing), when a run fails, or when the gateway answers a message with an error.
+async fn drive(url: String, chat: usize, stop: Arc<AtomicBool>) -> u64 {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    let mut done = 0;
+    let mut deadline = tokio::time::Instant::now() + RUN_DEADLINE;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "chat {chat}: run {} did not end within {RUN_DEADLINE:?}",
+                    done + 1
+                )
+            })
+            .unwrap_or_else(|| panic!("chat {chat}: socket ended after {done} runs"))
+            .unwrap_or_else(|e| panic!("chat {chat}: socket error after {done} runs: {e}"));
+        let Message::Text(text) = frame else { continue };
+        let f: Value = serde_json::from_str(text.as_str()).unwrap();
+        match f["type"].as_str() {
+            Some("error" | "run.failed" | "run.cancelled") => {
+                panic!("chat {chat}: after {done} runs: {f}")
+            }
+            Some("run.completed") => {}
+            _ => continue,
+        }
+        done += 1;
+        if stop.load(Ordering::Relaxed) {
+            return done;
+        }
+        // Paced well under the gateway's 50 frames per second per socket: a faster client
+        // gets `rate_limited` and its message is dropped (the cause of the old hang).
+        tokio::time::sleep(PACE).await;
+        deadline = tokio::time::Instant::now() + RUN_DEADLINE;
+        send_json(
+            &mut ws,
+            json!({"type": "user.message", "text": format!("message {done}"),
+                   "client_msg_id": format!("c{chat}-m{done}")}),
+        )
+        .await;
+    }
+}
+
+/// The longest a driven run may take (runs of the offline model take moments).
+const RUN_DEADLINE: Duration = Duration::from_secs(30);
+/// The pause between a run's end and the next message.
+const PACE: Duration = Duration::from_millis(50);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_killed_mid_stream_counts_each_charges_cost_exactly_once() {
+    let mut fleet = Fleet::start(1).await;
+    let bus = Bus::connect(&fleet.servers.nats_url, &fleet.servers.namespace, "e2e")
+        .await
+        .unwrap();
+    let user = Fleet::token("kim", "default", &["user"]);
+    let admin = Fleet::token("ops", "default", &["admin"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut drivers = Vec::new();
+    for chat in 0..4 {
+        let ticket = fleet
+            .session(0, &user, "hello", Some(&format!("chat {chat}")))
+            .await;
+        drivers.push(tokio::spawn(drive(
+            fleet.ws_url(0, &ticket, 0),
+            chat,
+            stop.clone(),
+        )));
+    }
+    async fn credits(fleet: &Fleet, admin: &str) -> Option<Value> {
+        let (s, v) = fleet.get(0, "/api/apps/default/credits", admin).await;
+        (s == 200).then_some(v)
+    }
+    fleet
+        .eventually("charges in the wallet", || async {
+            credits(&fleet, &admin)
+                .await
+                .filter(|v| v["consumed"].as_u64() > Some(0))
+        })
+        .await;
+    // SIGKILL billing while charges stream in, then start another.
+    let billing = fleet
+        .procs
+        .iter()
+        .position(|p| p.role == "billing")
+        .unwrap();
+    fleet.procs[billing].child.kill().unwrap();
+    let _ = fleet.procs[billing].child.wait();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Two billing replicas at once from here on: both write ledgers and wallets.
+    fleet.spawn("billing", None);
+    fleet.spawn("billing", None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    for d in drivers {
+        assert!(d.await.unwrap() > 0);
+    }
+    let period = mozaiks_store::credits::Period::containing(chrono::Utc::now()).key();
+    let (on_log, n, costed) = credits_on_the_log(&bus, "default", &period).await;
+    assert!(costed && n > 0, "{n} charges, all costed: {costed}");
+    // Charges the killed billing had fetched and not acknowledged come back after the billing
+    // consumer's ack_wait (30 s, streams/consumers/billing.json): wait longer than that.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let wallet = credits(&fleet, &admin).await;
+        let consumed = wallet.as_ref().and_then(|v| v["consumed"].as_u64());
+        if consumed == Some(on_log) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumed {consumed:?} != Σ cost {on_log} over the log's {n} charges after 60 s: \
+             {wallet:?}; logs:\n{}",
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
