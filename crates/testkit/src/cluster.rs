@@ -324,6 +324,11 @@ impl NatsCluster {
         format!("http://127.0.0.1:{}", self.nodes[i].monitor_port)
     }
 
+    /// Node `i`'s pid (`None` while it is down).
+    pub fn node_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(Child::id)
+    }
+
     /// Node `i`'s log file.
     pub fn node_log(&self, i: usize) -> &Path {
         &self.nodes[i].log
