@@ -77,3 +77,39 @@ async fn ready(State(p): State<Probe>) -> Response {
     )
         .into_response()
 }
+
+/// `mozaiks probe [URL]`: exits 0 when `GET URL` answers 200 within 3 s, 1 otherwise. For
+/// container healthchecks in an image without a shell or curl (compose, `docker run`).
+pub async fn probe(url: &str) -> anyhow::Result<std::process::ExitCode> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow::anyhow!("only http:// URLs can be probed: {url}"))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(host).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+            .await?;
+        let mut head = vec![0u8; 64];
+        let n = s.read(&mut head).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&head[..n]).to_string())
+    };
+    let ok = match tokio::time::timeout(Duration::from_secs(3), exchange).await {
+        Ok(Ok(head)) => head
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|code| code == "200"),
+        _ => false,
+    };
+    if !ok {
+        eprintln!("mozaiks probe: {url} is not healthy");
+    }
+    Ok(if ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}

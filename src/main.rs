@@ -3,8 +3,10 @@
 
 mod config;
 mod health;
+mod lag;
 mod metrics_http;
 mod metrics_layer;
+mod rebuild;
 mod roles;
 
 use clap::{Parser, Subcommand};
@@ -65,6 +67,17 @@ enum Cmd {
     Workflows(config::WorkflowsCmd),
     /// Writes the JSON Schemas of events, commands, frames and packs (or checks them with --check).
     Schemas(config::SchemasArgs),
+    /// Drops and rebuilds the read models (sessions, messages, usage ledger, credit grants) of
+    /// an app (--app) or of every app from the event log while the fleet keeps running; with
+    /// --from SEQ, re-applies events from that stream sequence without dropping. Idempotent.
+    Rebuild(rebuild::RebuildArgs),
+    /// Exits 0 when `GET URL` answers 200 (container healthchecks without curl), e.g.
+    /// `mozaiks probe http://127.0.0.1:8000/health/ready`.
+    Probe {
+        /// The URL to probe (http:// only).
+        #[arg(default_value = "http://127.0.0.1:8000/health/ready")]
+        url: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -85,6 +98,8 @@ fn main() -> std::process::ExitCode {
             Cmd::Token(args) => roles::token(&cli.global, args),
             Cmd::Workflows(cmd) => roles::workflows(&cli.global, cmd),
             Cmd::Schemas(args) => roles::schemas(args),
+            Cmd::Probe { url } => health::probe(&url).await,
+            Cmd::Rebuild(args) => rebuild::run(&cli.global, args).await,
             Cmd::Ops => roles::serve(&cli.global, roles::Roles::ops(), None).await,
             Cmd::All(args) => roles::serve(&cli.global, roles::Roles::all(), Some(args)).await,
             Cmd::Gateway(args) => {

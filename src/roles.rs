@@ -108,6 +108,7 @@ fn init_metrics(g: &Global) -> anyhow::Result<PrometheusHandle> {
     mozaiks_gateway::health::protect_metrics(g.metrics.token());
     mozaiks_bus::metrics::describe();
     mozaiks_store::metrics::describe();
+    crate::lag::describe();
     Ok(handle)
 }
 
@@ -426,6 +427,12 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
         let app = crate::metrics_http::router(prometheus.clone(), g.metrics.token());
         crate::metrics_http::serve(listener, app, stopped());
     }
+    // Projector lag, billing lag, the workers' pending commands (crate::lag).
+    crate::lag::spawn(
+        bus.clone(),
+        crate::lag::consumers(roles.worker, roles.projector, roles.billing),
+        stopped(),
+    );
 
     // Upkeep: render the prometheus histograms' buckets periodically.
     let upkeep = prometheus.clone();
