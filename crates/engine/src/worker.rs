@@ -2,6 +2,7 @@
 
 mod actor;
 mod effects;
+pub mod fair;
 pub mod forward;
 pub mod lease;
 mod order;
@@ -19,7 +20,7 @@ use mozaiks_bus::fleet::InstanceId;
 use mozaiks_control::Registry;
 use mozaiks_events::{CommandEnvelope, ENVELOPE_VERSION, Envelope, Event, RunFailed, codec};
 use mozaiks_packs::{Catalog, Pack};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
@@ -82,7 +83,8 @@ struct Shared {
     model: Model,
     /// HTTP tools' client.
     http: reqwest::Client,
-    runs: Semaphore,
+    /// `MAX_CONCURRENT_WORKFLOWS` slots, shared fairly across apps ([`fair`]).
+    runs: fair::FairSlots,
     opts: Options,
     /// Live numbers for `MZ_PERF`.
     perf: Perf,
@@ -92,6 +94,24 @@ struct Shared {
     prices: Arc<mozaiks_control::prices::Prices>,
     /// Every app's wallet (followed in memory): checked before every model call.
     wallets: mozaiks_control::credits::Wallets,
+}
+
+impl Shared {
+    /// The app's weight in the fair share of run slots: its tier's default `max_concurrent_runs`
+    /// against the smallest tier's ([`fair::weight_for`]; an unknown app weighs 1).
+    fn fair_weight(&self, app_id: &str) -> u32 {
+        let tiers = self.registry.tiers();
+        let smallest = tiers
+            .tiers
+            .values()
+            .map(|t| t.limits.max_concurrent_runs)
+            .min()
+            .unwrap_or(1);
+        self.registry
+            .get(app_id)
+            .map(|a| fair::weight_for(tiers.tier_of(&a).limits.max_concurrent_runs, smallest))
+            .unwrap_or(1)
+    }
 }
 
 /// The worker service. See the crate docs.
@@ -141,7 +161,7 @@ impl Worker {
             .await
             .map_err(|e| Error::Consumer(e.to_string()))?;
         let sh = Arc::new(Shared {
-            runs: Semaphore::new(self.opts.max_concurrent_runs.max(1)),
+            runs: fair::FairSlots::new(self.opts.max_concurrent_runs.max(1)),
             bus: self.bus,
             registry: self.registry,
             catalog: self.catalog,

@@ -642,13 +642,15 @@ async fn drive(
     if owned.chat.next(&pack, Uuid::nil()) == Next::Idle {
         return settled_or_waiting(owned);
     }
-    // A run waits for a slot (MAX_CONCURRENT_WORKFLOWS); a cancel meanwhile is handled at once.
+    // A run waits for a slot (MAX_CONCURRENT_WORKFLOWS), shared fairly across apps
+    // (super::fair); a cancel meanwhile is handled at once.
+    // One place in the queue, kept while commands arrive.
+    let app_id = owned.app_id.clone();
+    let acquire = sh.runs.acquire(&app_id, sh.fair_weight(&app_id));
+    tokio::pin!(acquire);
     let _permit = loop {
         tokio::select! {
-            permit = sh.runs.acquire() => match permit {
-                Ok(p) => break p,
-                Err(_) => return Drive::GaveUp,
-            },
+            permit = &mut acquire => break permit,
             job = inbox.recv(), if inbox.open => {
                 if let Some(job) = job {
                     take(sh, owned, job, order, held).await;

@@ -1,0 +1,296 @@
+//! Fair run slots across apps (issue 12, item 7): a worker's `MAX_CONCURRENT_WORKFLOWS` slots are
+//! handed to the runs waiting for one by **deficit round robin over `app_id`, weighted by tier**,
+//! not first come first served. One app's backlog therefore cannot starve another's, however
+//! many runs it queues and however high its caps: each app with a run waiting gets its weight's
+//! worth of slots per round, before any rule of the ops agent fires.
+//!
+//! Per-key caps alone fail when a noisy tenant spreads its load (many chats, each under its cap);
+//! fair queueing does not, since it shares what is free among the apps waiting, by app.
+//!
+//! A slot is free at once when nobody waits ([`FairSlots::acquire`] does not queue then), and a
+//! released slot goes straight to the next waiter. A waiter that gives up (its future dropped: a
+//! cancel arrived) never loses a slot it was handed.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+/// The weight of an app of a tier whose default `max_concurrent_runs` is `tier_runs`, where the
+/// smallest tier's is `smallest`: its share of a worker's slots against the smallest tier's,
+/// between 1 and [`MAX_WEIGHT`] (a business app waits behind fewer starter apps).
+pub fn weight_for(tier_runs: u32, smallest: u32) -> u32 {
+    (tier_runs / smallest.max(1)).clamp(1, MAX_WEIGHT)
+}
+
+/// The largest weight: no tier takes more than this many slots per round.
+pub const MAX_WEIGHT: u32 = 8;
+
+struct AppQueue {
+    weight: u32,
+    /// Slots the app may still take in this round.
+    deficit: u32,
+    waiters: VecDeque<oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+struct State {
+    free: usize,
+    queues: HashMap<String, AppQueue>,
+    /// Apps with runs waiting, in round-robin order.
+    order: VecDeque<String>,
+}
+
+impl State {
+    /// The next waiter by deficit round robin (unit cost per run).
+    fn pick(&mut self) -> Option<oneshot::Sender<()>> {
+        loop {
+            let app = self.order.front()?.clone();
+            let Some(q) = self.queues.get_mut(&app) else {
+                self.order.pop_front();
+                continue;
+            };
+            let Some(w) = q.waiters.pop_front() else {
+                self.queues.remove(&app);
+                self.order.pop_front();
+                continue;
+            };
+            if q.deficit == 0 {
+                q.deficit = q.weight;
+            }
+            q.deficit -= 1;
+            if q.waiters.is_empty() {
+                self.queues.remove(&app);
+                self.order.pop_front();
+            } else if q.deficit == 0 {
+                self.order.rotate_left(1);
+            }
+            return Some(w);
+        }
+    }
+
+    fn waiting(&self) -> usize {
+        self.queues.values().map(|q| q.waiters.len()).sum()
+    }
+}
+
+/// A worker's run slots. Cheap to clone.
+#[derive(Clone)]
+pub struct FairSlots(Arc<Mutex<State>>);
+
+/// A slot, given back when dropped.
+pub struct Slot(FairSlots);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// A run waiting for a slot; if dropped after it was handed one, the slot goes back.
+struct Waiting {
+    rx: Option<oneshot::Receiver<()>>,
+    slots: FairSlots,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if rx.try_recv().is_ok() {
+                self.slots.release();
+            }
+        }
+    }
+}
+
+impl FairSlots {
+    pub fn new(slots: usize) -> FairSlots {
+        FairSlots(Arc::new(Mutex::new(State {
+            free: slots.max(1),
+            ..State::default()
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a slot for a run of `app_id` (of `weight`, see [`weight_for`]).
+    pub async fn acquire(&self, app_id: &str, weight: u32) -> Slot {
+        let rx = {
+            let mut st = self.lock();
+            if st.free > 0 && st.order.is_empty() {
+                st.free -= 1;
+                return Slot(self.clone());
+            }
+            let (tx, rx) = oneshot::channel();
+            let weight = weight.clamp(1, MAX_WEIGHT);
+            let fresh = !st.queues.contains_key(app_id);
+            let q = st
+                .queues
+                .entry(app_id.to_string())
+                .or_insert_with(|| AppQueue {
+                    weight,
+                    deficit: 0,
+                    waiters: VecDeque::new(),
+                });
+            q.weight = weight;
+            q.waiters.push_back(tx);
+            if fresh {
+                st.order.push_back(app_id.to_string());
+            }
+            // A slot may be free with others waiting only for an instant (a release racing an
+            // enqueue); hand it on now.
+            while st.free > 0 {
+                match st.pick() {
+                    Some(w) => {
+                        if w.send(()).is_ok() {
+                            st.free -= 1;
+                        }
+                    }
+                    None => break,
+                }
+            }
+            rx
+        };
+        let mut waiting = Waiting {
+            rx: Some(rx),
+            slots: self.clone(),
+        };
+        let got = waiting.rx.as_mut().expect("set above").await;
+        waiting.rx = None;
+        match got {
+            Ok(()) => Slot(self.clone()),
+            // The sender is only dropped without a send when the slots are dropped.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    fn release(&self) {
+        let mut st = self.lock();
+        while let Some(w) = st.pick() {
+            if w.send(()).is_ok() {
+                return;
+            }
+        }
+        st.free += 1;
+    }
+
+    /// Runs waiting for a slot.
+    pub fn waiting(&self) -> usize {
+        self.lock().waiting()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Queues `n` runs of `app` (each records its app when it gets a slot and holds it until
+    /// `release` is notified).
+    fn queue(
+        slots: &FairSlots,
+        app: &'static str,
+        weight: u32,
+        n: usize,
+        log: &Arc<Mutex<Vec<&'static str>>>,
+        set: &mut tokio::task::JoinSet<()>,
+        release: &Arc<tokio::sync::Semaphore>,
+    ) {
+        for _ in 0..n {
+            let (s, log, release) = (slots.clone(), log.clone(), release.clone());
+            set.spawn(async move {
+                let _slot = s.acquire(app, weight).await;
+                log.lock().unwrap().push(app);
+                release.acquire().await.unwrap().forget();
+            });
+        }
+    }
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    #[tokio::test]
+    async fn a_backlog_does_not_starve_another_app() {
+        let slots = FairSlots::new(1);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut set = tokio::task::JoinSet::new();
+        // X holds the slot and queues 20 more; Y queues 2 after them.
+        queue(&slots, "x", 1, 1, &log, &mut set, &release);
+        settle().await;
+        queue(&slots, "x", 1, 20, &log, &mut set, &release);
+        settle().await;
+        queue(&slots, "y", 1, 2, &log, &mut set, &release);
+        settle().await;
+        assert_eq!(slots.waiting(), 22);
+        for _ in 0..5 {
+            release.add_permits(1);
+            settle().await;
+        }
+        let got = log.lock().unwrap().clone();
+        // First in first out would give Y its turn after X's 20; round robin alternates.
+        assert_eq!(got, ["x", "x", "y", "x", "y", "x"]);
+        release.add_permits(100);
+        while set.join_next().await.is_some() {}
+        assert_eq!(log.lock().unwrap().len(), 23);
+        assert_eq!(slots.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn weights_share_slots_by_tier() {
+        let slots = FairSlots::new(1);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut set = tokio::task::JoinSet::new();
+        queue(&slots, "hold", 1, 1, &log, &mut set, &release);
+        settle().await;
+        queue(&slots, "small", 1, 10, &log, &mut set, &release);
+        settle().await;
+        queue(&slots, "big", 3, 10, &log, &mut set, &release);
+        settle().await;
+        for _ in 0..8 {
+            release.add_permits(1);
+            settle().await;
+        }
+        let got: Vec<&str> = log.lock().unwrap()[1..].to_vec();
+        assert_eq!(
+            got,
+            ["small", "big", "big", "big", "small", "big", "big", "big"]
+        );
+        release.add_permits(100);
+        while set.join_next().await.is_some() {}
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_never_loses_a_slot() {
+        let slots = FairSlots::new(1);
+        let held = slots.acquire("x", 1).await;
+        let s = slots.clone();
+        let gave_up = tokio::spawn(async move {
+            let _ = s.acquire("y", 1).await;
+        });
+        settle().await;
+        assert_eq!(slots.waiting(), 1);
+        gave_up.abort();
+        let _ = gave_up.await;
+        drop(held);
+        // The slot is free again: taken at once.
+        let again = tokio::time::timeout(Duration::from_secs(1), slots.acquire("z", 1)).await;
+        assert!(again.is_ok());
+    }
+
+    #[test]
+    fn weights_follow_the_tiers_runs() {
+        assert_eq!(weight_for(5, 5), 1);
+        assert_eq!(weight_for(10, 5), 2);
+        assert_eq!(weight_for(50, 5), MAX_WEIGHT);
+        assert_eq!(weight_for(1, 0), 1);
+    }
+}
