@@ -47,6 +47,14 @@ pub struct Global {
         global = true
     )]
     pub workflows_dir: PathBuf,
+    /// Folder of plugin packs (`<name>/plugin.yaml` + module) and `access.yaml` (tier → plugins).
+    #[arg(
+        long,
+        env = "MOZAIKS_PLUGINS_DIR",
+        default_value = "plugins",
+        global = true
+    )]
+    pub plugins_dir: PathBuf,
     /// Another tiers file instead of the embedded config/tiers.yaml (read at start, validated).
     #[arg(long, env = "MOZAIKS_TIERS_FILE", global = true)]
     pub tiers_file: Option<PathBuf>,
@@ -386,6 +394,13 @@ pub struct TokenArgs {
 #[derive(Subcommand, Debug, Clone)]
 pub enum WorkflowsCmd {
     /// Validates every pack in DIR (default: the workflows folder) and lists them.
+    Check { dir: Option<PathBuf> },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginsCmd {
+    /// Validates every plugin pack in DIR (default: the plugins folder): manifest, module
+    /// compiled and its imports and exports checked, access.yaml; lists them.
     Check { dir: Option<PathBuf> },
 }
 

@@ -65,6 +65,9 @@ enum Cmd {
     /// Workflow pack tools.
     #[command(subcommand)]
     Workflows(config::WorkflowsCmd),
+    /// Plugin pack tools.
+    #[command(subcommand)]
+    Plugins(config::PluginsCmd),
     /// Writes the JSON Schemas of events, commands, frames and packs (or checks them with --check).
     Schemas(config::SchemasArgs),
     /// Drops and rebuilds the read models (sessions, messages, usage ledger, credit grants) of
@@ -97,6 +100,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Cmd::Token(args) => roles::token(&cli.global, args),
             Cmd::Workflows(cmd) => roles::workflows(&cli.global, cmd),
+            Cmd::Plugins(cmd) => roles::plugins(&cli.global, cmd),
             Cmd::Schemas(args) => roles::schemas(args),
             Cmd::Probe { url } => health::probe(&url).await,
             Cmd::Rebuild(args) => rebuild::run(&cli.global, args).await,

@@ -245,6 +245,16 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
     } else {
         None
     };
+    // Plugins (gateways' /api/execute, workers' plugin tools): packs compiled once at start.
+    let plugins = if roles.gateway || roles.worker {
+        Some(
+            mozaiks_plugins::Plugins::open(&bus, &g.plugins_dir)
+                .await
+                .map_err(|e| anyhow::anyhow!("plugins: {e}"))?,
+        )
+    } else {
+        None
+    };
     // Every role but a lone worker resolves apps' databases through the registry.
     let registry = if roles.gateway || roles.worker || needs_store {
         let tiers = mozaiks_control::Tiers::load(g.tiers_file.as_deref())?;
@@ -344,6 +354,10 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
             instance.clone(),
         )
         .with_prices(prices.clone().context("prices")?);
+        let w = match plugins.clone() {
+            Some(p) => w.with_plugins(p),
+            None => w,
+        };
         let s = stopped();
         tasks.spawn(async move {
             w.run(s)
@@ -375,6 +389,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
                 catalog: catalog.clone().context("catalog")?,
                 prometheus: g.metrics.on_shared_ports(&prometheus),
                 instance: instance.clone(),
+                plugins: plugins.clone(),
             },
             mozaiks_gateway::Options {
                 listen: args.listen,
@@ -523,6 +538,35 @@ pub fn workflows(g: &Global, cmd: WorkflowsCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
+pub fn plugins(g: &Global, cmd: crate::config::PluginsCmd) -> anyhow::Result<ExitCode> {
+    let crate::config::PluginsCmd::Check { dir } = cmd;
+    let dir = dir.unwrap_or_else(|| g.plugins_dir.clone());
+    let checked = mozaiks_plugins::Packs::load_dir(&dir).and_then(|packs| {
+        mozaiks_plugins::Access::load(&dir)?;
+        let sandbox = mozaiks_plugins::Sandbox::new()?;
+        for (name, pack) in &packs.packs {
+            sandbox.compile(&pack.module).map_err(|e| {
+                mozaiks_plugins::Error::InvalidModule(format!("{name}: {}", e.message()))
+            })?;
+        }
+        Ok(packs)
+    });
+    match checked {
+        Ok(packs) => {
+            for (name, p) in &packs.packs {
+                let m = &p.manifest;
+                println!("ok  {name:<24} {:<10} {}", m.version, m.description);
+            }
+            println!("{} plugin(s) valid in {}", packs.packs.len(), dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 /// Every generated schema: `(file, text)`.
 pub fn generated_schemas() -> Vec<(String, String)> {
     let mut all: Vec<(String, String)> = mozaiks_events::schema::all()
@@ -530,6 +574,10 @@ pub fn generated_schemas() -> Vec<(String, String)> {
         .map(|(f, t)| (f.to_string(), t))
         .collect();
     all.push(("workflow-pack.schema.json".into(), mozaiks_packs::schema()));
+    all.push((
+        "plugin.executed.schema.json".into(),
+        mozaiks_plugins::schema(),
+    ));
     all
 }
 

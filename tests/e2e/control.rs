@@ -705,6 +705,31 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
             "/api/ops/approvals/0000000000000000/reject".into(),
             Some(json!({})),
         ),
+        // Plugins (issue 15): B's plugin list, upload and enabled list.
+        (
+            "GET",
+            "/api/apps/tenant-b/plugins".into(),
+            "/api/apps/no-such-app/plugins".into(),
+            None,
+        ),
+        (
+            "POST",
+            "/api/apps/tenant-b/plugins".into(),
+            "/api/apps/no-such-app/plugins".into(),
+            Some(json!({"name": "stolen", "version": "1", "wat": "(module)"})),
+        ),
+        (
+            "GET",
+            "/api/apps/tenant-b/plugins/enabled".into(),
+            "/api/apps/no-such-app/plugins/enabled".into(),
+            None,
+        ),
+        (
+            "PUT",
+            "/api/apps/tenant-b/plugins/enabled".into(),
+            "/api/apps/no-such-app/plugins/enabled".into(),
+            Some(json!({"plugins": []})),
+        ),
     ];
     for (who, token) in [
         ("A's user", &a_user),

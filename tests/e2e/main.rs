@@ -19,6 +19,7 @@ mod leases;
 mod limits;
 mod mongo_uri;
 mod ops;
+mod plugins;
 mod reliability;
 mod slice;
 mod storage;

@@ -49,6 +49,8 @@ pub struct Definitions {
     pub streams: Vec<stream::Config>,
     pub consumers: Vec<ConsumerDef>,
     pub buckets: Vec<BucketDef>,
+    /// Object stores (`objects/*.json`; `history` and `max_age` are not used).
+    pub objects: Vec<BucketDef>,
 }
 
 const EMBEDDED: &[(&str, &str)] = &[
@@ -113,6 +115,18 @@ const EMBEDDED: &[(&str, &str)] = &[
         "kv/MZ_CREDITS.json",
         include_str!("../../../streams/kv/MZ_CREDITS.json"),
     ),
+    (
+        "MZ_PLUGINS.json",
+        include_str!("../../../streams/MZ_PLUGINS.json"),
+    ),
+    (
+        "kv/MZ_PLUGIN_KV.json",
+        include_str!("../../../streams/kv/MZ_PLUGIN_KV.json"),
+    ),
+    (
+        "objects/MZ_PLUGIN_MODULES.json",
+        include_str!("../../../streams/objects/MZ_PLUGIN_MODULES.json"),
+    ),
 ];
 
 impl Definitions {
@@ -128,7 +142,7 @@ impl Definitions {
     /// Reads `*.json`, `consumers/*.json` and `kv/*.json` under `dir`.
     pub fn load_dir(dir: &Path) -> Result<Definitions, Error> {
         let mut defs = Definitions::default();
-        for sub in ["", "consumers", "kv"] {
+        for sub in ["", "consumers", "kv", "objects"] {
             let d = dir.join(sub);
             let Ok(entries) = std::fs::read_dir(&d) else {
                 continue;
@@ -172,7 +186,7 @@ impl Definitions {
         for s in &mut self.streams {
             s.num_replicas = replicas;
         }
-        for b in &mut self.buckets {
+        for b in self.buckets.iter_mut().chain(self.objects.iter_mut()) {
             b.num_replicas = replicas;
         }
         self
@@ -188,6 +202,8 @@ impl Definitions {
                 .push(serde_json::from_str(text).map_err(bad)?);
         } else if file.starts_with("kv/") {
             self.buckets.push(serde_json::from_str(text).map_err(bad)?);
+        } else if file.starts_with("objects/") {
+            self.objects.push(serde_json::from_str(text).map_err(bad)?);
         } else {
             let cfg: stream::Config = serde_json::from_str(text).map_err(bad)?;
             if cfg.name.is_empty() {
@@ -254,6 +270,18 @@ impl Bus {
             apply_bucket(self.jetstream(), cfg)
                 .await
                 .map_err(|e| Error::JetStream(format!("bucket {}: {e}", b.bucket)))?;
+        }
+        for o in &defs.objects {
+            let cfg = jetstream::object_store::Config {
+                bucket: s.name(&o.bucket),
+                description: Some(o.description.clone()).filter(|d| !d.is_empty()),
+                storage: o.storage,
+                num_replicas: o.num_replicas,
+                ..Default::default()
+            };
+            apply_object_store(self.jetstream(), cfg)
+                .await
+                .map_err(|e| Error::JetStream(format!("object store {}: {e}", o.bucket)))?;
         }
         info!(
             streams = defs.streams.len(),
@@ -332,6 +360,23 @@ async fn apply_bucket(js: &jetstream::Context, cfg: jetstream::kv::Config) -> Re
     }
 }
 
+/// Creates an object store unless it exists (its stream `OBJ_{bucket}`).
+async fn apply_object_store(
+    js: &jetstream::Context,
+    cfg: jetstream::object_store::Config,
+) -> Result<(), String> {
+    let stream_name = format!("OBJ_{}", cfg.bucket);
+    if js.get_stream(&stream_name).await.is_ok() {
+        return Ok(());
+    }
+    match js.create_object_store(cfg).await {
+        Ok(_) => Ok(()),
+        // Another replica created it between our get and create.
+        Err(_) if js.get_stream(&stream_name).await.is_ok() => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Whether the editable parts of a stream's configuration differ from its definition.
 fn differs(current: &stream::Config, wanted: &stream::Config) -> bool {
     // The server reports "unlimited" as -1 where a definition may leave 0.
@@ -372,9 +417,10 @@ mod tests {
     #[test]
     fn embedded_definitions_parse() {
         let d = Definitions::embedded().unwrap();
-        assert_eq!(d.streams.len(), 7);
+        assert_eq!(d.streams.len(), 8);
         assert_eq!(d.consumers.len(), 4);
-        assert_eq!(d.buckets.len(), 8);
+        assert_eq!(d.buckets.len(), 9);
+        assert_eq!(d.objects.len(), 1);
         let evt = d.streams.iter().find(|s| s.name == "MZ_EVT").unwrap();
         assert_eq!(evt.duplicate_window, std::time::Duration::from_secs(120));
     }
@@ -385,11 +431,12 @@ mod tests {
         let from_dir = Definitions::load_dir(&dir).unwrap();
         assert_eq!(
             from_dir.streams.len(),
-            7,
+            8,
             "a new file in streams/ must be embedded too"
         );
         assert_eq!(from_dir.consumers.len(), 4);
-        assert_eq!(from_dir.buckets.len(), 8);
+        assert_eq!(from_dir.buckets.len(), 9);
+        assert_eq!(from_dir.objects.len(), 1);
     }
 
     #[test]

@@ -132,6 +132,11 @@ impl Bus {
                 .iter()
                 .map(|b| format!("KV_{}", s.name(&b.bucket))),
         );
+        names.extend(
+            defs.objects
+                .iter()
+                .map(|b| format!("OBJ_{}", s.name(&b.bucket))),
+        );
         for name in names {
             if !self.stream_exists(&name).await? {
                 missing.push(name);

@@ -66,3 +66,47 @@ fn describe(e: &reqwest::Error, tool: &HttpTool) -> String {
         format!("request failed: {e}")
     }
 }
+
+/// Who a plugin tool runs for: the chat's app and user (the same `_context` as
+/// `POST /api/execute/{plugin}`, with the tool call's id as `request_id`).
+pub struct PluginTarget<'a> {
+    pub app_id: &'a str,
+    pub user_id: &'a str,
+    pub chat_id: &'a str,
+    pub call_id: &'a str,
+    pub plugin: &'a str,
+}
+
+/// Runs a pack tool declared `plugin: <name>`: the arguments are the plugin's input, its JSON
+/// answer the result; every refusal, trap or limit is a tool error with the plugin's code.
+pub async fn call_plugin(
+    plugins: Option<&mozaiks_plugins::Plugins>,
+    registry: &mozaiks_control::Registry,
+    target: PluginTarget<'_>,
+    arguments: Value,
+) -> Result<Value, String> {
+    let Some(plugins) = plugins else {
+        return Err("plugins are not enabled on this worker".into());
+    };
+    let Some(app) = registry.get(target.app_id) else {
+        return Err(format!(
+            "app {:?} is not known to this worker",
+            target.app_id
+        ));
+    };
+    let call = mozaiks_plugins::Call {
+        app_id: target.app_id.to_string(),
+        tier: app.tier.clone(),
+        user_id: target.user_id.to_string(),
+        roles: Vec::new(),
+        request_id: target.call_id.to_string(),
+        plugin: target.plugin.to_string(),
+        input: arguments,
+        via: mozaiks_plugins::Via::Tool,
+        chat_id: Some(target.chat_id.to_string()),
+    };
+    match plugins.execute(call).await {
+        Ok(done) => Ok(done.output),
+        Err(e) => Err(format!("{}: {}", e.code(), e.message())),
+    }
+}

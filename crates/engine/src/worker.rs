@@ -94,6 +94,8 @@ struct Shared {
     prices: Arc<mozaiks_control::prices::Prices>,
     /// Every app's wallet (followed in memory): checked before every model call.
     wallets: mozaiks_control::credits::Wallets,
+    /// Plugins for pack tools with `plugin:` (`None`: such a tool answers an error).
+    plugins: Option<mozaiks_plugins::Plugins>,
 }
 
 impl Shared {
@@ -124,6 +126,7 @@ pub struct Worker {
     /// The process's id: this worker's `MZ_PERF` key, chat leases and forwarding inbox.
     instance: InstanceId,
     prices: Arc<mozaiks_control::prices::Prices>,
+    plugins: Option<mozaiks_plugins::Plugins>,
 }
 
 impl Worker {
@@ -144,7 +147,14 @@ impl Worker {
             opts,
             instance,
             prices: Arc::default(),
+            plugins: None,
         }
+    }
+
+    /// Runs pack tools declared `plugin: <name>` with these plugins.
+    pub fn with_plugins(mut self, plugins: mozaiks_plugins::Plugins) -> Worker {
+        self.plugins = Some(plugins);
+        self
     }
 
     /// Costs charges with `prices` (else the embedded `config/prices.yaml`).
@@ -172,6 +182,7 @@ impl Worker {
             owners,
             prices: self.prices,
             wallets,
+            plugins: self.plugins,
         });
         let consumer = sh.bus.durable("MZ_CMD", "workers").await?;
         // A command that starts or continues a run stays unacknowledged (with progress acks)
@@ -773,9 +784,31 @@ async fn step(sh: &Shared, owned: &mut Owned, pack: &Pack) -> Result<bool, Error
             ..
         } => {
             let started = Instant::now();
-            let result = match pack.tool(&tool).and_then(|t| t.http.as_ref()) {
-                Some(http) => crate::tools::call_http(&sh.http, http, &arguments).await,
-                None => Err(format!("tool {tool:?} is not an HTTP tool of the pack")),
+            let declared = pack.tool(&tool);
+            let result = match (
+                declared.and_then(|t| t.http.as_ref()),
+                declared.and_then(|t| t.plugin.as_ref()),
+            ) {
+                (Some(http), _) => crate::tools::call_http(&sh.http, http, &arguments).await,
+                (None, Some(plugin)) => {
+                    let target = crate::tools::PluginTarget {
+                        app_id: &owned.app_id,
+                        user_id: &owned.user_id,
+                        chat_id: &owned.chat_id,
+                        call_id: &call_id,
+                        plugin,
+                    };
+                    crate::tools::call_plugin(
+                        sh.plugins.as_ref(),
+                        &sh.registry,
+                        target,
+                        arguments.clone(),
+                    )
+                    .await
+                }
+                (None, None) => Err(format!(
+                    "tool {tool:?} is not an HTTP or plugin tool of the pack"
+                )),
             };
             let outcome = if result.is_ok() { "ok" } else { "error" };
             metrics::histogram!(m::TOOL_SECONDS, "outcome" => outcome)

@@ -21,6 +21,7 @@ pub mod openapi;
 pub mod ops;
 pub mod ops_api;
 pub mod page;
+pub mod plugins;
 pub mod presence;
 pub mod sessions;
 pub mod storage;
@@ -110,6 +111,8 @@ pub struct Inner {
     pub instance: InstanceId,
     /// The control plane's workflows: app creation and deletion, storage moves.
     pub admin: mozaiks_admin::Admin,
+    /// Plugins (`None`: the plugin endpoints answer 503 `plugins_disabled`).
+    pub plugins: Option<mozaiks_plugins::Plugins>,
 }
 
 impl std::ops::Deref for State {
@@ -153,6 +156,8 @@ pub struct Parts {
     pub prometheus: Option<PrometheusHandle>,
     /// The process's id, shared by every role in it.
     pub instance: InstanceId,
+    /// The process's plugins, shared with its worker (workflow tools).
+    pub plugins: Option<mozaiks_plugins::Plugins>,
 }
 
 impl Gateway {
@@ -200,6 +205,7 @@ impl Gateway {
             presence,
             instance: parts.instance,
             admin,
+            plugins: parts.plugins,
         }));
         Ok(Gateway { state, shutdown_tx })
     }
@@ -339,6 +345,23 @@ pub fn router(state: State) -> Router {
             get(ws::upgrade),
         )
         .route("/api/agui/{app_id}/{chat_id}", get(agui::stream))
+        .route("/api/execute/{plugin}", post(plugins::execute))
+        .route(
+            "/api/plugins/{plugin}/settings",
+            get(plugins::get_settings).put(plugins::put_settings),
+        )
+        .route(
+            "/api/apps/{app_id}/plugins",
+            get(plugins::list)
+                .post(plugins::upload)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    plugins::MAX_UPLOAD_BODY,
+                )),
+        )
+        .route(
+            "/api/apps/{app_id}/plugins/enabled",
+            get(plugins::get_enabled).put(plugins::put_enabled),
+        )
         .merge(page::routes())
         .fallback(|| async { error::ApiError::not_found("not_found", "no such endpoint") })
         .method_not_allowed_fallback(error::method_not_allowed)

@@ -240,7 +240,7 @@ pub const SET_CONTEXT: &str = "set_context";
 /// `ask_user {question}`: asks the user (`input.requested`); the answer is the tool's result.
 pub const ASK_USER: &str = "ask_user";
 
-/// A tool declared in the pack: exactly one of `lookup` or `http`.
+/// A tool declared in the pack: exactly one of `lookup`, `http` or `plugin`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Tool {
@@ -256,6 +256,10 @@ pub struct Tool {
     /// An HTTP endpoint called with the arguments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpTool>,
+    /// A plugin (`plugins/<name>` or the app's upload) run with the arguments as its input and
+    /// the chat's app and user as its `_context`; its JSON answer is the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<String>,
     /// A successful result is also stored in this context variable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sets_context: Option<String>,

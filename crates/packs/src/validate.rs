@@ -256,11 +256,31 @@ fn tools(pack: &Pack) -> Result<(), Problem> {
         if let Some(var) = &t.sets_context {
             token(&at("sets_context"), "context variable", var)?;
         }
+        if let Some(p) = &t.plugin {
+            if t.lookup.is_some() || t.http.is_some() {
+                return fail(
+                    format!("tools[{i}]"),
+                    "expected exactly one of `lookup`, `http` or `plugin`",
+                );
+            }
+            let ok = !p.is_empty()
+                && p.len() <= 64
+                && p.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                });
+            if !ok {
+                return fail(
+                    at("plugin"),
+                    format!("{p:?} is not a plugin name (1 to 64 of a-z, 0-9, '_', '-')"),
+                );
+            }
+            continue;
+        }
         match (&t.lookup, &t.http) {
             (Some(_), Some(_)) | (None, None) => {
                 return fail(
                     format!("tools[{i}]"),
-                    "expected exactly one of `lookup` or `http`",
+                    "expected exactly one of `lookup`, `http` or `plugin`",
                 );
             }
             (Some(l), None) => {
