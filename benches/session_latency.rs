@@ -32,7 +32,6 @@ const WORKFLOWS: [&str; 2] = ["hello", "triage_handoff"];
 const WARMUP: usize = 5;
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
-
 fn profile_of(bin: &Path) -> &'static str {
     let parent = bin.parent().and_then(Path::file_name);
     match parent.and_then(|n| n.to_str()) {
@@ -42,9 +41,6 @@ fn profile_of(bin: &Path) -> &'static str {
         _ => "unknown",
     }
 }
-
-
-
 
 /// The gateway's open WebSockets (`mozaiks_active_connections`, summed over apps).
 async fn open_sockets(http: &reqwest::Client, base: &str) -> Option<f64> {
@@ -63,7 +59,6 @@ async fn open_sockets(http: &reqwest::Client, base: &str) -> Option<f64> {
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
 }
-
 
 /// One run's timings, from just before the POST (`t0`).
 ///
@@ -169,7 +164,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-
 struct Summary {
     row: String,
     phases: String,
@@ -229,7 +223,6 @@ async fn bench_workflow(
     );
     Ok(Summary { row, phases })
 }
-
 
 async fn run() -> anyhow::Result<()> {
     let bench_mode = std::env::args().any(|a| a == "--bench");

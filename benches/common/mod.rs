@@ -105,7 +105,12 @@ pub fn mozaiks_dev(bin: &Path, servers: &TestServers) -> Command {
     cmd
 }
 
-pub fn mint_token(bin: &Path, servers: &TestServers, sub: &str, roles: &str) -> anyhow::Result<String> {
+pub fn mint_token(
+    bin: &Path,
+    servers: &TestServers,
+    sub: &str,
+    roles: &str,
+) -> anyhow::Result<String> {
     let out = mozaiks_dev(bin, servers)
         .args(["token", "--sub", sub, "--roles", roles])
         .stderr(Stdio::inherit())

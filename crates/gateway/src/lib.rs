@@ -329,15 +329,9 @@ pub fn router(state: State) -> Router {
         .route("/api/ops/incidents", get(ops_api::list_incidents))
         .route("/api/ops/incidents/{id}", get(ops_api::get_incident))
         .route("/api/ops/actions", get(ops_api::list_actions))
-        .route(
-            "/api/ops/actions/{id}/revert",
-            post(ops_api::revert_action),
-        )
+        .route("/api/ops/actions/{id}/revert", post(ops_api::revert_action))
         .route("/api/ops/approvals", get(ops_api::list_approvals))
-        .route(
-            "/api/ops/approvals/{id}/approve",
-            post(ops_api::approve),
-        )
+        .route("/api/ops/approvals/{id}/approve", post(ops_api::approve))
         .route("/api/ops/approvals/{id}/reject", post(ops_api::reject))
         .route("/openapi.json", get(openapi::serve))
         .route(
