@@ -574,6 +574,11 @@ pub fn generated_schemas() -> Vec<(String, String)> {
         .map(|(f, t)| (f.to_string(), t))
         .collect();
     all.push(("workflow-pack.schema.json".into(), mozaiks_packs::schema()));
+    all.extend(
+        mozaiks_ops::schema::all()
+            .into_iter()
+            .map(|(f, t)| (f.to_string(), t)),
+    );
     all.push((
         "plugin.executed.schema.json".into(),
         mozaiks_plugins::schema(),

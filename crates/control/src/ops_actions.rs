@@ -36,7 +36,7 @@ pub fn action_key(app_id: &str, kind: &str) -> String {
 }
 
 /// An action as it is written to `MZ_OPS_STATE` and carried in its `mz.ops.action.*` events.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OpsAction {
     pub action_id: String,
     /// `throttle`, `pause_runs`, `disable_pack` or `notify`.

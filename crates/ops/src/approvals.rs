@@ -37,7 +37,7 @@ pub fn approval_id(incident_id: &str, kind: ProposalKind) -> String {
 }
 
 /// Where an approval stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ApprovalStatus {
     /// Waiting for a superadmin (`approval_required`).
@@ -72,7 +72,7 @@ impl ApprovalStatus {
 }
 
 /// An approval as recorded (the `data` of its events).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Approval {
     pub approval_id: String,
     /// The risky action proposed.

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use mozaiks_control::ops_actions::OpsAction;
 use mozaiks_events::subjects::Subjects;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -34,7 +35,7 @@ pub fn action_subject(s: &Subjects, kind: &str, app_id: &str) -> String {
 }
 
 /// A CloudEvents 1.0 envelope (structured JSON).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CloudEvent<T> {
     pub specversion: String,
     pub id: String,
@@ -63,21 +64,21 @@ impl<T> CloudEvent<T> {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Firing,
     Resolved,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Annotations {
     pub summary: String,
     pub description: String,
 }
 
 /// A risky action the agent proposes and never executes.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Proposal {
     pub kind: ProposalKind,
     pub app_id: String,
@@ -85,7 +86,7 @@ pub struct Proposal {
 }
 
 /// The `data` of an incident event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Incident {
     pub incident_id: String,
     pub rule: String,
@@ -117,7 +118,7 @@ pub fn action_id(incident_id: &str, kind: &str) -> String {
 }
 
 /// The `data` of an action event: the action and what became of it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ActionEvent {
     #[serde(flatten)]
     pub action: OpsAction,

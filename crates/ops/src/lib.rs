@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod rules;
+pub mod schema;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
