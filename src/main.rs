@@ -8,6 +8,7 @@ mod metrics_http;
 mod metrics_layer;
 mod rebuild;
 mod roles;
+mod storage_metrics;
 
 use clap::{Parser, Subcommand};
 

@@ -6,6 +6,8 @@
 //!   `Authorization: Bearer <token>` (401 without it).
 //! - `MOZAIKS_METRICS_TOP_APPS` / `MOZAIKS_METRICS_APPS_WINDOW_SECONDS`: how many apps keep their
 //!   own `app_id` label and how often they are ranked (see [`crate::metrics_layer`]).
+//! - `MOZAIKS_METRICS_STORAGE_SECONDS`: how often projectors count each app's documents (see
+//!   [`crate::storage_metrics`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -51,6 +53,15 @@ pub struct MetricsArgs {
         global = true
     )]
     pub metrics_apps_window_seconds: u64,
+    /// Seconds between two counts of every app's documents by a projector
+    /// (`mozaiks_storage_documents`); 0 turns them off.
+    #[arg(
+        long,
+        env = "MOZAIKS_METRICS_STORAGE_SECONDS",
+        default_value_t = 60,
+        global = true
+    )]
+    pub metrics_storage_seconds: u64,
 }
 
 impl MetricsArgs {

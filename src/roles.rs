@@ -109,6 +109,7 @@ fn init_metrics(g: &Global) -> anyhow::Result<PrometheusHandle> {
     mozaiks_bus::metrics::describe();
     mozaiks_store::metrics::describe();
     crate::lag::describe();
+    crate::storage_metrics::describe();
     Ok(handle)
 }
 
@@ -448,6 +449,17 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
         crate::lag::consumers(roles.worker, roles.projector, roles.billing),
         stopped(),
     );
+    // Documents per app and collection (crate::storage_metrics).
+    if roles.projector
+        && let (Some(store), Some(registry)) = (store.clone(), registry.clone())
+    {
+        crate::storage_metrics::spawn(
+            store,
+            registry,
+            Duration::from_secs(g.metrics.metrics_storage_seconds),
+            stopped(),
+        );
+    }
 
     // Upkeep: render the prometheus histograms' buckets periodically.
     let upkeep = prometheus.clone();

@@ -1,0 +1,351 @@
+//! The dashboards and alert rules of `deploy/` against a live fleet (issue 14, items 1 and 2): a
+//! real Prometheus (Debian's package, installed by scripts/prometheus.sh) scrapes a fleet under
+//! load, with `/metrics` behind the bearer token; every panel's query of
+//! `deploy/grafana/dashboards/*.json` and every alert rule of `deploy/prometheus/rules/` is
+//! evaluated through Prometheus's HTTP API and must return data.
+//!
+//! Alert expressions are evaluated with their comparisons turned into `bool` comparisons
+//! (`sum(x) > 5000` becomes `sum(x) > bool 5000`), so that a quiet fleet still returns a series:
+//! what is checked is that every metric the rule names exists, not that it fires.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::fleet::{Fleet, Ws, free_port, next_frame, send_json};
+
+const TOKEN: &str = "dashboards-metrics-token-0123456789";
+
+/// The directory holding `prometheus` (scripts/prometheus.sh path).
+fn prometheus_bin() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(repo.join("scripts/prometheus.sh"))
+        .arg("install")
+        .status()
+        .expect("scripts/prometheus.sh");
+    assert!(out.success(), "scripts/prometheus.sh install failed");
+    let dir = Command::new(repo.join("scripts/prometheus.sh"))
+        .arg("path")
+        .output()
+        .expect("scripts/prometheus.sh path");
+    PathBuf::from(String::from_utf8(dir.stdout).unwrap().trim()).join("prometheus")
+}
+
+struct Prometheus {
+    child: Child,
+    url: String,
+    dir: PathBuf,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("prometheus files kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// A Prometheus scraping `targets` (`job`, `host:port`) every second with the bearer token,
+/// with the alert rules of deploy/prometheus/rules loaded.
+fn start_prometheus(targets: &[(&str, String)]) -> Prometheus {
+    let bin = prometheus_bin();
+    let dir = std::env::temp_dir().join(format!("mozaiks-prom-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/rules");
+    let mut config = format!(
+        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [\"{}/*.yml\"]\nscrape_configs:\n",
+        rules.display()
+    );
+    for (job, target) in targets {
+        config.push_str(&format!(
+            "  - job_name: {job}-{port}\n    authorization: {{credentials_file: {token}}}\n    static_configs: [{{targets: [\"{target}\"]}}]\n",
+            port = target.rsplit(':').next().unwrap(),
+            token = dir.join("token").display(),
+        ));
+    }
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let child = Command::new(bin)
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start prometheus");
+    Prometheus {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        dir,
+    }
+}
+
+/// An OpenAI-compatible endpoint that refuses every call with 400: the runs of the worker
+/// pointed at it fail (the error-rate panels and the seeds' `mozaiks_workflow_errors_total`).
+async fn refusing_model() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+                let body =
+                    r#"{"error":{"message":"refused by the test","type":"invalid_request_error"}}"#;
+                let answer = format!(
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+/// Reads durable frames until the run ends; returns its last seq and whether it failed.
+async fn until_run_ends(ws: &mut Ws) -> (u64, bool) {
+    loop {
+        let f = next_frame(ws).await;
+        let t = f["type"].as_str().unwrap_or_default();
+        if t == "run.completed" || t == "run.failed" {
+            return (f["seq"].as_u64().unwrap(), t == "run.failed");
+        }
+    }
+}
+
+/// Every panel's queries of every dashboard: (dashboard file, panel title, expr).
+fn panel_queries() -> Vec<(String, String, String)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/dashboards");
+    let mut out = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "no dashboards in {}", dir.display());
+    for f in files {
+        let d: Value = serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        for p in d["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$__rate_interval", "30s")
+                    .replace("$app_id", ".*");
+                out.push((name.clone(), p["title"].as_str().unwrap().to_string(), expr));
+            }
+        }
+    }
+    out
+}
+
+/// `expr` with every comparison against a number made a `bool` comparison.
+fn comparisons_as_bool(expr: &str) -> String {
+    let mut out = String::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find(['>', '<', '=', '!']) {
+        let (head, tail) = rest.split_at(i);
+        out.push_str(head);
+        let op_len = if tail.len() > 1 && tail.as_bytes()[1] == b'=' {
+            2
+        } else {
+            1
+        };
+        let (op, after) = tail.split_at(op_len);
+        let trimmed = after.trim_start();
+        let is_comparison =
+            op != "=" && op != "!" && trimmed.starts_with(|c: char| c.is_ascii_digit());
+        out.push_str(op);
+        if is_comparison {
+            out.push_str(" bool ");
+            rest = trimmed;
+        } else {
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn comparisons_become_bool_and_matchers_stay() {
+    assert_eq!(
+        comparisons_as_bool(r#"sum(x{a!="b",c=~"d"}) > 5000 and on () (y >= 10) or up == 0"#),
+        r#"sum(x{a!="b",c=~"d"}) > bool 5000 and on () (y >= bool 10) or up == bool 0"#
+    );
+}
+
+/// The result of an instant query (the `data.result` array), or the error.
+async fn query(http: &reqwest::Client, prom: &str, expr: &str) -> Result<Vec<Value>, String> {
+    let r = http
+        .get(format!("{prom}/api/v1/query"))
+        .query(&[("query", expr)])
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let v: Value = r.json().await.map_err(|e| e.to_string())?;
+    if v["status"] != "success" {
+        return Err(v.to_string());
+    }
+    Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_panel_and_alert_returns_data_from_a_fleet_under_load() {
+    let token_env = [("MOZAIKS_METRICS_TOKEN", TOKEN)];
+    let mut fleet = Fleet::start_with(2, 1, &token_env).await;
+    let model = refusing_model().await;
+
+    // Processes with a health (and metrics) listener each: a worker on the offline model, a
+    // worker whose model refuses every call, a projector, billing.
+    let mut targets: Vec<(&str, String)> = fleet
+        .gateways
+        .iter()
+        .map(|g| {
+            (
+                "mozaiks-gateway",
+                g.trim_start_matches("http://").to_string(),
+            )
+        })
+        .collect();
+    for (role, extra) in [
+        ("worker", None),
+        ("worker", Some(model.as_str())),
+        ("projector", None),
+        ("billing", None),
+    ] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut env = vec![
+            ("MOZAIKS_METRICS_TOKEN", TOKEN),
+            ("MOZAIKS_HEALTH_LISTEN", addr.as_str()),
+            ("MOZAIKS_DRAIN_SECONDS", "3"),
+            // The projector counts every app's documents each second (storage panels).
+            ("MOZAIKS_METRICS_STORAGE_SECONDS", "1"),
+        ];
+        if let Some(url) = extra {
+            env.push(("OPENAI_BASE_URL", url));
+            env.push(("OPENAI_API_KEY", "sk-test"));
+        }
+        fleet.spawn_with(role, None, &env);
+        fleet.wait_ready(&format!("http://{addr}")).await;
+        targets.push((
+            match role {
+                "worker" => "mozaiks-worker",
+                "projector" => "mozaiks-projector",
+                _ => "mozaiks-billing",
+            },
+            addr,
+        ));
+    }
+    let prom = start_prometheus(&targets);
+
+    // Load: chats on both gateways, each run to its end, sockets resumed on the other replica
+    // and some left open while Prometheus scrapes.
+    let user = Fleet::token("lou", "default", &["user"]);
+    let mut open = Vec::new();
+    let started = Instant::now();
+    let mut chats = 0;
+    let mut failed = 0;
+    while chats < 12 || (failed == 0 && started.elapsed() < Duration::from_secs(60)) {
+        let gw = chats % 2;
+        let ticket = fleet.session(gw, &user, "hello", Some("hello there")).await;
+        let mut ws = fleet.connect(gw, &ticket, 0).await;
+        let (last, run_failed) = until_run_ends(&mut ws).await;
+        ws.close(None).await.ok();
+        // Resume on the other replica after the first event: a replay of the rest.
+        let mut again = fleet.connect(1 - gw, &ticket, 1).await;
+        for _ in 1..last {
+            next_frame(&mut again).await;
+        }
+        // A client frame (the frames-in panel): a ping, answered without a durable event.
+        send_json(&mut again, serde_json::json!({"type": "ping"})).await;
+        open.push(again);
+        failed += usize::from(run_failed);
+        chats += 1;
+    }
+
+    // Every panel's query and every alert rule's expression, until all return data.
+    let http = reqwest::Client::new();
+    let panels = panel_queries();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let missing = loop {
+        let mut missing = Vec::new();
+        for (file, title, expr) in &panels {
+            match query(&http, &prom.url, expr).await {
+                Ok(r) if !r.is_empty() => {}
+                Ok(_) => missing.push(format!("{file} / {title}: no data for {expr}")),
+                Err(e) => missing.push(format!("{file} / {title}: {e} in {expr}")),
+            }
+        }
+        match http.get(format!("{}/api/v1/rules", prom.url)).send().await {
+            Ok(r) => {
+                let v: Value = r.json().await.unwrap_or(Value::Null);
+                let groups = v["data"]["groups"].as_array().cloned().unwrap_or_default();
+                let rules: Vec<Value> = groups
+                    .iter()
+                    .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+                    .collect();
+                if rules.len() < 10 {
+                    missing.push(format!(
+                        "Prometheus loaded {} alert rules: {v}",
+                        rules.len()
+                    ));
+                }
+                for rule in rules {
+                    let name = rule["name"].as_str().unwrap_or_default().to_string();
+                    if rule["health"] == "err" {
+                        missing.push(format!("alert {name}: {}", rule["lastError"]));
+                    }
+                    let expr = comparisons_as_bool(rule["query"].as_str().unwrap_or_default());
+                    match query(&http, &prom.url, &expr).await {
+                        Ok(r) if !r.is_empty() => {}
+                        Ok(_) => missing.push(format!("alert {name}: no data for {expr}")),
+                        Err(e) => missing.push(format!("alert {name}: {e} in {expr}")),
+                    }
+                }
+            }
+            Err(e) => missing.push(format!("rules: {e}")),
+        }
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    let prom_log = std::fs::read_to_string(prom.dir.join("prometheus.log")).unwrap_or_default();
+    assert!(
+        missing.is_empty(),
+        "{} of {} queries return nothing ({chats} chats, {failed} failed):\n{}\nprometheus log tail:\n{}",
+        missing.len(),
+        panels.len(),
+        missing.join("\n"),
+        prom_log
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    drop(open);
+}

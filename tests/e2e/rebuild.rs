@@ -1,0 +1,231 @@
+//! `mozaiks rebuild` (issue 14, item 6): the read models it rebuilds from the log, while the
+//! fleet keeps running, equal the projections the live fleet wrote; it is idempotent, `--from`
+//! re-applies without dropping, and bad arguments are refused.
+
+use std::process::Output;
+
+use futures::TryStreamExt;
+use mongodb::bson::{Document, doc};
+use serde_json::json;
+
+use crate::fleet::*;
+
+/// `mozaiks rebuild {args}` against the fleet's servers.
+fn rebuild(fleet: &Fleet, args: &[&str]) -> Output {
+    let dir = std::env::temp_dir().join(format!("mozaiks-rebuild-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cmd = command(&fleet.servers, "rebuild", &dir.join("rebuild.log"));
+    cmd.args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = cmd.output().expect("run mozaiks rebuild");
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Every document of `coll` for `app`, without the fields that record when (not what) was
+/// written, sorted.
+async fn docs(db: &mongodb::Database, coll: &str, app: &str) -> Vec<String> {
+    let mut out: Vec<String> = db
+        .collection::<Document>(coll)
+        .find(doc! {"app_id": app})
+        .await
+        .unwrap()
+        .try_collect::<Vec<Document>>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|mut d| {
+            for f in ["_id", "billed_at", "rolled"] {
+                d.remove(f);
+            }
+            serde_json::to_string(&d).unwrap()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The read models of `app`: sessions, messages, charges, runs (in `db`), grants (shared).
+async fn snapshot(
+    db: &mongodb::Database,
+    shared: &mongodb::Database,
+    app: &str,
+) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for coll in [
+        "chat_sessions",
+        "chat_messages",
+        "usage_events",
+        "usage_runs",
+    ] {
+        out.push((coll.to_string(), docs(db, coll, app).await));
+    }
+    out.push((
+        "credit_grants".into(),
+        docs(shared, "credit_grants", app).await,
+    ));
+    out
+}
+
+/// Runs one chat of `app` to its end.
+async fn chat(fleet: &Fleet, token: &str, app: &str, text: &str) {
+    let (s, ticket) = fleet
+        .post_session(
+            0,
+            token,
+            json!({"app_id": app, "workflow_name": "hello", "message": text}),
+        )
+        .await;
+    assert_eq!(s, 201, "{ticket}");
+    let mut ws = fleet.connect(0, &ticket, 0).await;
+    events_until(&mut ws, "run.completed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuilt_read_models_equal_the_live_projections() {
+    let fleet = Fleet::start(1).await;
+    let mongo = mongodb::Client::with_uri_str(&fleet.servers.mongo_uri)
+        .await
+        .unwrap();
+    let shared = mongo.database(&fleet.servers.mongo_db);
+
+    // Two apps: the default one in the shared database, a business one in its own.
+    let (s, biz, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps",
+            &root(),
+            Some(
+                json!({"app_id": "biz", "name": "Biz", "tier": "business", "workflows": ["hello"]}),
+            ),
+        )
+        .await;
+    assert_eq!(s, 201, "{biz}");
+    let biz_db = mongo.database(biz["storage"]["db_name"].as_str().unwrap());
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps/biz/credits",
+            &root(),
+            Some(json!({"amount": 500, "reason": "rebuild test", "idempotency_key": "k-1"})),
+        )
+        .await;
+    assert!(s == 200 || s == 201, "grant: {s} {v}");
+
+    let dee = Fleet::token("dee", "default", &["user"]);
+    let bea = Fleet::token("bea", "biz", &["user"]);
+    for i in 0..3 {
+        chat(&fleet, &dee, "default", &format!("hello {i}")).await;
+    }
+    for i in 0..2 {
+        chat(&fleet, &bea, "biz", &format!("hi {i}")).await;
+    }
+
+    // The live projections, once they stop changing.
+    let live_default = settled(&shared, &shared, "default", false).await;
+    let live_biz = settled(&biz_db, &shared, "biz", true).await;
+    assert_eq!(live_default[0].1.len(), 3, "three sessions");
+    let (_, usage_before) = fleet
+        .get(0, "/api/usage/biz", &Fleet::token("bo", "biz", &["admin"]))
+        .await;
+    assert_nonempty(&live_biz);
+
+    // One app, from scratch: dropped, then rebuilt equal.
+    let out = rebuild(&fleet, &["--app", "biz"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("rebuilt 1 app(s)"), "{}", text(&out));
+    assert!(!stdout.contains(" 0 document(s) dropped"), "{}", text(&out));
+    assert_eq!(snapshot(&biz_db, &shared, "biz").await, live_biz);
+    let (_, usage_after) = fleet
+        .get(0, "/api/usage/biz", &Fleet::token("bo", "biz", &["admin"]))
+        .await;
+    assert_eq!(usage_after, usage_before);
+
+    // Every app, twice: idempotent.
+    for _ in 0..2 {
+        let out = rebuild(&fleet, &["--quiet"]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(snapshot(&shared, &shared, "default").await, live_default);
+        assert_eq!(snapshot(&biz_db, &shared, "biz").await, live_biz);
+    }
+
+    // --from: nothing dropped, the range re-applied.
+    let out = rebuild(&fleet, &["--app", "default", "--from", "3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(" 0 document(s) dropped"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(snapshot(&shared, &shared, "default").await, live_default);
+
+    // The fleet still works after the rebuilds, and its projector keeps writing.
+    chat(&fleet, &dee, "default", "after the rebuild").await;
+    fleet
+        .eventually("the new chat in the read model", || {
+            let shared = shared.clone();
+            async move {
+                let n = docs(&shared, "chat_sessions", "default").await.len();
+                (n == 4).then_some(())
+            }
+        })
+        .await;
+
+    // Refusals: an unknown app, a sequence of 0, an id that is a subject pattern.
+    for (args, want) in [
+        (vec!["--app", "no-such-app"], "no app no-such-app"),
+        (vec!["--from", "0"], "--from is a stream sequence"),
+        (vec!["--app", "a.>"], "is not an app id"),
+    ] {
+        let out = rebuild(&fleet, &args);
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{}",
+            text(&out)
+        );
+    }
+}
+
+/// The read models of `app` once two snapshots 700 ms apart agree and the charges (and grants)
+/// are in.
+async fn settled(
+    db: &mongodb::Database,
+    shared: &mongodb::Database,
+    app: &str,
+    grants: bool,
+) -> Vec<(String, Vec<String>)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut last = snapshot(db, shared, app).await;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        let now = snapshot(db, shared, app).await;
+        if now == last && !now[2].1.is_empty() && (!grants || !now[4].1.is_empty()) {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{app}'s read models do not settle: {now:?}"
+        );
+        last = now;
+    }
+}
+
+fn assert_nonempty(snap: &[(String, Vec<String>)]) {
+    for (coll, docs) in snap {
+        assert!(!docs.is_empty(), "no {coll} to compare: {snap:?}");
+    }
+}
