@@ -51,15 +51,31 @@ enum Cmd {
     Projector,
     /// Keeps the per-app usage ledger from usage.charged.
     Billing,
-    /// The ops agent: watches the fleet (worker snapshots, presence, run outcomes, errors, token
-    /// use) and evaluates the ops policy's rules (noisy_neighbour, error_spike, cost_spike,
-    /// socket_share, slow_start), one replica at a time (the `ops` lease). A rule that holds for
-    /// its `for` duration fires an incident, a CloudEvent on mz.ops.incident.{rule}.{app_id}
-    /// (stream MZ_OPS), and takes the policy's safe actions (throttle, pause_runs, disable_pack,
-    /// notify), each an event on mz.ops.action.{kind}.{app_id} that reverts at its TTL; risky
-    /// actions are only proposed. The policy is edited with GET/PUT /api/ops/policy[/{app_id}]
-    /// and applies live. MOZAIKS_OPS_EVALUATE_MS sets the evaluation period; MOZAIKS_HEALTH_LISTEN
-    /// serves health and metrics.
+    /// The ops agent: rules over the fleet's live state, incidents on NATS, safe actions.
+    ///
+    /// Watches the fleet (workers' snapshots in MZ_PERF, gateways' presence, run.failed, failed
+    /// tool results, usage.charged, session starts) and evaluates the ops policy's rules every
+    /// MOZAIKS_OPS_EVALUATE_MS (5000): noisy_neighbour (one app over 40 % of the active runs for
+    /// 5 min), error_spike, cost_spike, socket_share, slow_start. Run several: one replica
+    /// evaluates at a time (the `ops` lease); a takeover never duplicates an incident or action.
+    ///
+    /// Incidents: CloudEvents on mz.ops.incident.{rule}.{app_id} (stream MZ_OPS), types
+    /// mozaiks.ops.incident.firing / .resolved; GET /api/ops/incidents[?status=], /{id}.
+    ///
+    /// Safe actions, each an event on mz.ops.action.{kind}.{app_id} with who, why and until when,
+    /// applied on every gateway and worker within a second (MZ_OPS_STATE) and reverted at their
+    /// TTL: throttle (lower max_concurrent_runs), pause_runs (503 app_paused + Retry-After),
+    /// disable_pack (a workflow off the allowlist), notify (Slack or Alertmanager webhook).
+    /// GET /api/ops/actions; POST /api/ops/actions/{id}/revert ends one by hand.
+    ///
+    /// Risky actions (suspend_app, raise_limits, move_storage, scale) are only proposed:
+    /// GET /api/ops/approvals, POST /api/ops/approvals/{id}/approve or /reject (superadmin).
+    /// cost_spike's default is notify plus a proposal to suspend the app.
+    ///
+    /// The policy (thresholds, `for` durations, actions): GET/PUT /api/ops/policy and
+    /// /api/ops/policy/{app_id} (superadmin), applied live. Subscribers outside the runtime:
+    /// examples/ops-python, examples/ops-typescript, schemas/ops.*.schema.json. README:
+    /// "Operating the fleet". MOZAIKS_HEALTH_LISTEN serves health and metrics.
     Ops,
     /// Mints a user token signed with JWT_SECRET (development and scripts).
     Token(config::TokenArgs),
