@@ -59,6 +59,30 @@ def check_compose():
         print(f"deploy_check: ok {f.relative_to(REPO)} ({len(doc['services'])} services)")
 
 
+def check_dockerfile():
+    """The image's Dockerfile: multi-stage, pinned bases, a non-root numeric user, the binary as
+    entrypoint, the git commit passed to the build. (Building it needs a Docker daemon.)"""
+    lines = [l.strip() for l in (REPO / "Dockerfile").read_text().splitlines()]
+    froms = [l.split()[1] for l in lines if l.upper().startswith("FROM ")]
+    if len(froms) < 2:
+        fail("Dockerfile: not a multi-stage build")
+    for image in froms:
+        if ":" not in image or image.endswith(":latest"):
+            fail(f"Dockerfile: base image {image} is not pinned to a tag")
+    users = [l.split()[1] for l in lines if l.upper().startswith("USER ")]
+    if not users or users[-1].split(":")[0] in ("0", "root") or not users[-1].split(":")[0].isdigit():
+        fail("Dockerfile: the final stage does not run as a numeric non-root user")
+    if not any(l.startswith("ENTRYPOINT") and "mozaiks" in l for l in lines):
+        fail("Dockerfile: the entrypoint is not the mozaiks binary")
+    if not any(l.startswith("ARG MOZAIKS_GIT_COMMIT") for l in lines):
+        fail("Dockerfile: no MOZAIKS_GIT_COMMIT build argument (mozaiks --version, mozaiks_build_info)")
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for need in ("target", ".git"):
+        if need not in ignored:
+            fail(f".dockerignore: {need} is sent to the build")
+    print("deploy_check: ok Dockerfile")
+
+
 def check_dashboards():
     r = subprocess.run([sys.executable, str(REPO / "deploy/grafana/generate.py"), "--check"])
     if r.returncode != 0:
@@ -152,6 +176,7 @@ def check_values():
 def main():
     args = sys.argv[1:]
     check_compose()
+    check_dockerfile()
     check_dashboards()
     check_values()
     if args:

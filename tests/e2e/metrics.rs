@@ -136,3 +136,31 @@ async fn metrics_behind_a_token_on_their_own_listener_with_bounded_app_labels() 
         "more than one app has its own label: {apps:?}"
     );
 }
+
+/// `mozaiks probe URL` (the image's healthcheck): 0 on a 200, 1 on anything else, an error on
+/// a URL it cannot probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_exits_zero_only_on_a_200() {
+    let fleet = Fleet::start(1).await;
+    let probe = |url: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mozaiks"))
+            .arg("probe")
+            .arg(url)
+            .env_clear()
+            .output()
+            .expect("mozaiks probe")
+    };
+    let gw = &fleet.gateways[0];
+    let ready = probe(format!("{gw}/health/ready"));
+    assert!(ready.status.success(), "{ready:?}");
+    let missing = probe(format!("{gw}/no/such/page"));
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    let closed = probe(format!("http://127.0.0.1:{}/health/ready", free_port()));
+    assert_eq!(closed.status.code(), Some(1), "{closed:?}");
+    let https = probe("https://example.invalid/".into());
+    assert!(!https.status.success());
+    assert!(
+        String::from_utf8_lossy(&https.stderr).contains("only http:// URLs"),
+        "{https:?}"
+    );
+}
