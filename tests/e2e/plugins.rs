@@ -26,6 +26,15 @@ const ECHO: &str = r#"(module
   (func (export "run") (result i32)
     (call $read (i32.const 0)) (call $out (i32.const 0) (call $len)) (i32.const 0)))"#;
 
+/// A bad-input case: what, the bearer token, (method, path, body), status, code.
+type Case<'a> = (
+    &'a str,
+    Option<&'a str>,
+    (&'a str, &'a str, Option<Value>),
+    u16,
+    &'a str,
+);
+
 async fn create_app(fleet: &Fleet, body: Value) {
     let (s, v, _) = fleet
         .call(0, "POST", "/api/apps", &root(), Some(body))
@@ -294,7 +303,7 @@ async fn plugin_endpoints_refuse_bad_input() {
     let a = Some(admin.as_str());
     let r = Some(root.as_str());
     let upload = |body: Value| ("POST", "/api/apps/default/plugins", Some(body));
-    let cases: Vec<(&str, Option<&str>, (&str, &str, Option<Value>), u16, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "no token",
             None,

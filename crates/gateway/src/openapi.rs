@@ -539,6 +539,81 @@ pub const OPERATIONS: &[Op] = &[
             &[400, 401, 403, 429],
         )
     },
+    Op {
+        body: Some(schemas::plugin_input),
+        ..op(
+            "post",
+            "/api/execute/{plugin}",
+            "plugins",
+            "Run a plugin of the caller's app (a user token, or the app's API key as user key:{key_id}) with the body plus _context {app_id, user_id, roles, request_id, settings} from the verified caller (a client's _context, app_id or user_id is overwritten). Answers the plugin's JSON (X-Plugin-Version). 403 plugin_not_allowed (tier or enabled list), 404 plugin_not_found, 413 too_large, 422 invalid_input, plugin_error (with plugin_code), plugin_trapped, 504 plugin_timeout.",
+            Auth::UserOrKey,
+            200,
+            &[400, 401, 403, 404, 413, 422, 503, 504],
+        )
+    },
+    op(
+        "get",
+        "/api/plugins/{plugin}/settings",
+        "plugins",
+        "The caller's settings of a plugin ({} when none), per (app, user, plugin).",
+        Auth::User,
+        200,
+        &[401, 404, 503],
+    ),
+    Op {
+        body: Some(schemas::plugin_input),
+        ..op(
+            "put",
+            "/api/plugins/{plugin}/settings",
+            "plugins",
+            "Replace the caller's settings of a plugin: a JSON object up to 16 KiB, handed to the plugin as _context.settings. 413 too_large, 422 invalid_input.",
+            Auth::User,
+            200,
+            &[400, 401, 404, 413, 422, 503],
+        )
+    },
+    op(
+        "get",
+        "/api/apps/{app_id}/plugins",
+        "plugins",
+        "The plugins the app sees (shipped and uploaded) with version, source and whether it may run each now (any caller of the app).",
+        Auth::UserOrKey,
+        200,
+        &[401, 403, 404, 422, 503],
+    ),
+    Op {
+        body: Some(schemas::plugin_upload),
+        ..op(
+            "post",
+            "/api/apps/{app_id}/plugins",
+            "plugins",
+            "Upload a plugin for the app (its admins or API key; tiers with uploads): compiled and checked first, stored in the MZ_PLUGIN_MODULES object store, run by every replica from the next call. 403 plugin_not_allowed, 413 too_large, 422 invalid_plugin, invalid_module.",
+            Auth::UserOrKey,
+            201,
+            &[400, 401, 403, 404, 413, 422, 503],
+        )
+    },
+    op(
+        "get",
+        "/api/apps/{app_id}/plugins/enabled",
+        "plugins",
+        "The app's enabled list of plugins (null: every plugin its tier allows).",
+        Auth::UserOrKey,
+        200,
+        &[401, 403, 404, 422, 503],
+    ),
+    Op {
+        body: Some(schemas::plugin_enabled),
+        ..op(
+            "put",
+            "/api/apps/{app_id}/plugins/enabled",
+            "plugins",
+            "Set the app's enabled list (its admins): only these plugins run, within the tier's; null clears it. 422 invalid_input.",
+            Auth::UserOrKey,
+            200,
+            &[400, 401, 403, 404, 422, 503],
+        )
+    },
 ];
 
 #[allow(clippy::too_many_arguments)]
@@ -742,6 +817,32 @@ mod schemas {
             "idempotency_key": {"type": "string", "maxLength": 200, "description": "The same key twice grants once."}
         }})
     }
+    pub fn plugin_input() -> Value {
+        json!({"type": "object", "description": "Any JSON object (the plugin defines it)."})
+    }
+
+    pub fn plugin_upload() -> Value {
+        json!({"type": "object", "additionalProperties": false, "required": ["name", "version"], "properties": {
+            "name": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"},
+            "version": {"type": "string", "pattern": "^[A-Za-z0-9._+-]{1,32}$"},
+            "description": {"type": "string", "maxLength": 1024},
+            "limits": {"type": "object", "additionalProperties": false, "properties": {
+                "memory_mb": {"type": "integer", "minimum": 1, "maximum": 256},
+                "fuel": {"type": "integer", "minimum": 1, "maximum": 10_000_000_000_u64},
+                "timeout_ms": {"type": "integer", "minimum": 1, "maximum": 30000}
+            }},
+            "http_allowlist": {"type": "array", "maxItems": 32, "items": {"type": "string"}},
+            "wat": {"type": "string", "description": "The module as WebAssembly text (or module_base64)."},
+            "module_base64": {"type": "string", "description": "The module (binary or text), base64, up to 4 MiB."}
+        }})
+    }
+
+    pub fn plugin_enabled() -> Value {
+        json!({"type": "object", "additionalProperties": false, "required": ["plugins"], "properties": {
+            "plugins": {"type": ["array", "null"], "maxItems": 256, "items": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"}}
+        }})
+    }
+
     pub fn create_key() -> Value {
         json!({"type": "object", "additionalProperties": false, "required": ["name"], "properties": {
             "name": {"type": "string", "minLength": 1, "maxLength": 100, "description": "What the key is for, e.g. \"billing backend\"."},

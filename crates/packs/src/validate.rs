@@ -730,6 +730,17 @@ mod tests {
             )),
             "tools[0].http.url"
         );
+        // A plugin tool (issue 15): a plugin name, and nothing else beside it.
+        assert_eq!(
+            path_of(&format!("tools: [{{name: t, plugin: 'To Do'}}]\n{agents}")),
+            "tools[0].plugin"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "tools: [{{name: t, plugin: todo, http: {{url: 'http://x'}}}}]\n{agents}"
+            )),
+            "tools[0]"
+        );
         assert_eq!(
             path_of(&format!(
                 "tools: [{{name: t, http: {{url: 'http://x', timeout_ms: 0}}}}]\n{agents}"
