@@ -54,11 +54,23 @@ async fn run_session(
     workflow: &str,
     message: &str,
 ) -> Result<Vec<Value>, (u16, String)> {
+    run_in(fleet, gw, token, APP, workflow, message).await
+}
+
+/// [`run_session`] in app `app`.
+async fn run_in(
+    fleet: &Fleet,
+    gw: usize,
+    token: &str,
+    app: &str,
+    workflow: &str,
+    message: &str,
+) -> Result<Vec<Value>, (u16, String)> {
     let (s, ticket) = fleet
         .post_session(
             gw,
             token,
-            json!({"app_id": APP, "workflow_name": workflow, "message": message}),
+            json!({"app_id": app, "workflow_name": workflow, "message": message}),
         )
         .await;
     if s != 201 {
@@ -470,4 +482,252 @@ async fn billing_killed_mid_stream_counts_each_charges_cost_exactly_once() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Creates `app` (tier starter, `hello` only) with `limits` on top of a high request rate, and
+/// waits until every gateway knows it.
+async fn create_app(fleet: &Fleet, app: &str, limits: Value) {
+    let mut l = json!({"requests_per_minute": 100000});
+    l.as_object_mut()
+        .unwrap()
+        .extend(limits.as_object().unwrap().clone());
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/apps",
+            &root(),
+            Some(json!({"app_id": app, "name": app, "tier": "starter",
+                        "workflows": ["hello"], "limits": l})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    for gw in 0..fleet.gateways.len() {
+        fleet
+            .eventually("the app on every gateway", || async {
+                let (s, _) = fleet.get(gw, &format!("/api/apps/{app}"), &root()).await;
+                (s == 200).then_some(())
+            })
+            .await;
+    }
+}
+
+/// Runs `hello` sessions of `user` in `app` until one is refused (at most `max`); answers the
+/// refusal and how many runs completed.
+async fn run_until_refused(
+    fleet: &Fleet,
+    user: &str,
+    app: &str,
+    max: usize,
+) -> ((u16, String), usize) {
+    for i in 0..max {
+        match run_in(
+            fleet,
+            i % fleet.gateways.len(),
+            user,
+            app,
+            "hello",
+            &format!("hi {i}"),
+        )
+        .await
+        {
+            // A session the broker accepted before the exhausting charge's wallet reached it
+            // ends at its first model call instead; the next one is refused.
+            Ok(frames) => {
+                let last = frames.last().unwrap();
+                let refused_late = last["type"] == "run.failed"
+                    && matches!(
+                        last["data"]["code"].as_str(),
+                        Some("credits_exhausted" | "user_budget_exhausted")
+                    );
+                assert!(
+                    last["type"] == "run.completed" || refused_late,
+                    "{frames:#?}"
+                );
+            }
+            Err(e) => return (e, i),
+        }
+    }
+    panic!("{app}: never refused after {max} runs");
+}
+
+/// The alerts on `mz.billing.alert.{app}`: how many, the first and the last.
+async fn alerts(bus: &Bus, app: &str) -> (usize, Option<Value>, Option<Value>) {
+    let subject = bus.subjects().billing_alert(app);
+    let stream = bus
+        .jetstream()
+        .get_stream(bus.subjects().name("MZ_BILLING"))
+        .await
+        .unwrap();
+    let mut counts = stream.info_with_subjects(subject.clone()).await.unwrap();
+    let mut n = 0;
+    while let Some(item) = counts.next().await {
+        let (s, count) = item.unwrap();
+        if s == subject {
+            n = count;
+        }
+    }
+    if n == 0 {
+        return (0, None, None);
+    }
+    let parse = |m: async_nats::jetstream::message::StreamMessage| {
+        serde_json::from_slice::<Value>(&m.payload).unwrap()
+    };
+    let first = parse(
+        stream
+            .direct_get_first_for_subject(subject.clone())
+            .await
+            .unwrap(),
+    );
+    let last = parse(stream.direct_get_last_for_subject(subject).await.unwrap());
+    (n, Some(first), Some(last))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overage_allow_per_user_budgets_and_alerts_once_per_threshold() {
+    let fleet = Fleet::start_with(2, 1, &[("MONETIZATION_ENABLED", "true")]).await;
+    let bus = Bus::connect(&fleet.servers.nats_url, &fleet.servers.namespace, "e2e")
+        .await
+        .unwrap();
+
+    // Overage allow: runs go on past the balance, reported as overage, up to the limit.
+    let app = "overage";
+    create_app(
+        &fleet,
+        app,
+        json!({"included_credits": 200, "overage": "allow", "overage_limit": 300}),
+    )
+    .await;
+    let admin = Fleet::token("ada", app, &["admin"]);
+    let user = Fleet::token("ann", app, &["user"]);
+    let (refusal, runs) = run_until_refused(&fleet, &user, app, 200).await;
+    assert_eq!(refusal, (402, "credits_exhausted".to_string()));
+    let w = fleet
+        .eventually("the exhausted wallet", || async {
+            let (s, v) = fleet
+                .get(1, &format!("/api/apps/{app}/credits"), &admin)
+                .await;
+            (s == 200 && v["state"] == "exhausted").then_some(v)
+        })
+        .await;
+    assert_eq!(w["overage_policy"], "allow", "{w}");
+    assert!(w["overage"].as_u64().unwrap() >= 300, "{w}");
+    assert!(w["consumed"].as_u64().unwrap() >= 500, "{w}");
+    assert!(w["balance"].as_i64().unwrap() <= -300, "{w}");
+    assert!(runs > 0);
+    // Each threshold alerted once: credits.low (80 %) then credits.exhausted (100 %).
+    let (n, first, last) = fleet
+        .eventually("both alerts", || async {
+            let a = alerts(&bus, app).await;
+            (a.0 >= 2).then_some(a)
+        })
+        .await;
+    assert_eq!(n, 2, "one alert per threshold: {first:?} {last:?}");
+    let (first, last) = (first.unwrap(), last.unwrap());
+    assert_eq!(first["type"], "credits.low", "{first}");
+    assert_eq!(last["type"], "credits.exhausted", "{last}");
+    assert_eq!(last["app_id"], app);
+
+    // A per-user daily budget: ann is refused, bob is not.
+    let app = "budgeted";
+    create_app(
+        &fleet,
+        app,
+        json!({"included_credits": 1000000, "user_daily_credits": 150}),
+    )
+    .await;
+    let ann = Fleet::token("ann", app, &["user"]);
+    let bob = Fleet::token("bob", app, &["user"]);
+    let (refusal, _) = run_until_refused(&fleet, &ann, app, 200).await;
+    assert_eq!(refusal, (402, "user_budget_exhausted".to_string()));
+    for gw in 0..2 {
+        fleet
+            .eventually("ann refused on every gateway", || async {
+                let (s, v) = fleet
+                    .post_session(
+                        gw,
+                        &ann,
+                        json!({"app_id": app, "workflow_name": "hello", "message": "more"}),
+                    )
+                    .await;
+                (s == 402 && code(&v) == "user_budget_exhausted").then_some(())
+            })
+            .await;
+        let done = run_in(&fleet, gw, &bob, app, "hello", "bob is fine")
+            .await
+            .unwrap_or_else(|e| panic!("bob refused: {e:?}"));
+        assert_eq!(done.last().unwrap()["type"], "run.completed");
+    }
+    let budget_admin = Fleet::token("ada", app, &["admin"]);
+    let (s, w) = fleet
+        .get(0, &format!("/api/apps/{app}/credits"), &budget_admin)
+        .await;
+    assert_eq!(s, 200, "{w}");
+    assert_eq!(w["state"], "ok", "the app itself is fine: {w}");
+    assert_eq!(alerts(&bus, app).await.0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_period_restores_included_credits() {
+    const PERIOD: u64 = 15;
+    let fleet = Fleet::start_with(
+        1,
+        1,
+        &[
+            ("MONETIZATION_ENABLED", "true"),
+            ("MOZAIKS_CREDITS_PERIOD_SECONDS", "15"),
+        ],
+    )
+    .await;
+    let app = "monthly";
+    create_app(&fleet, app, json!({"included_credits": 150})).await;
+    let admin = Fleet::token("ada", app, &["admin"]);
+    let user = Fleet::token("ann", app, &["user"]);
+    let wallet = || async {
+        let (s, v) = fleet
+            .get(0, &format!("/api/apps/{app}/credits"), &admin)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v
+    };
+    // Spend the period's credits (a period may end meanwhile: then spend the next one's).
+    let (refusal, _) = run_until_refused(&fleet, &user, app, 200).await;
+    assert_eq!(refusal, (402, "credits_exhausted".to_string()));
+    let spent = fleet
+        .eventually("the exhausted wallet", || async {
+            let w = wallet().await;
+            (w["state"] == "exhausted").then_some(w)
+        })
+        .await;
+    let end = chrono::DateTime::parse_from_rfc3339(spent["period_end"].as_str().unwrap())
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let start = chrono::DateTime::parse_from_rfc3339(spent["period_start"].as_str().unwrap())
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    assert_eq!((end - start).num_seconds(), PERIOD as i64, "{spent}");
+    // The next period: included credits again (not rolled over), and sessions accepted.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2 * PERIOD + 20);
+    let fresh = loop {
+        let w = wallet().await;
+        if w["period_start"] != spent["period_start"] && w["state"] == "ok" {
+            break w;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new period after {} s: {w}; logs:\n{}",
+            2 * PERIOD + 20,
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(fresh["included"], 150, "{fresh}");
+    assert!(fresh["consumed"].as_u64().unwrap() < 150, "{fresh}");
+    fleet
+        .eventually("a session accepted in the new period", || async {
+            run_in(&fleet, 0, &user, app, "hello", "new period")
+                .await
+                .ok()
+        })
+        .await;
 }
