@@ -649,3 +649,128 @@ async fn the_ops_api_refuses_bad_input_with_clear_codes() {
         .await;
     assert_eq!((s, code(&v)), (401, "token_missing"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_spike_fires_and_notifies_the_webhook() {
+    // A pack whose tool always fails (nothing listens on port 1), and a webhook that records.
+    let dir = std::env::temp_dir().join(format!(
+        "mozaiks-e2e-ops-errors-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(dir.join("flaky")).unwrap();
+    std::fs::write(
+        dir.join("flaky/workflow.yaml"),
+        "name: flaky
+start_agent: caller
+max_turns: 3
+tools:
+  - name: broken
+    parameters: {type: object, properties: {q: {type: string}}}
+    http: {method: GET, url: 'http://127.0.0.1:1/broken', timeout_ms: 2000}
+agents:
+  - name: caller
+    tools: [broken]
+    offline:
+      tool_calls:
+        - {tool: broken, arguments: {q: '{input}'}}
+      reply: 'tried {tool.broken}'
+",
+    )
+    .unwrap();
+    let (hook_tx, mut hook_rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let hook = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+            let tx = hook_tx.clone();
+            async move {
+                let _ = tx.send(v);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+
+    let workflows = dir.to_str().unwrap().to_string();
+    let mut fleet = Fleet::start_with(1, 1, &[("MOZAIKS_WORKFLOWS_DIR", workflows.as_str())]).await;
+    spawn_ops(&mut fleet);
+    create_app(
+        &fleet,
+        json!({"app_id": "errs", "name": "E", "tier": "business", "workflows": ["flaky"]}),
+    )
+    .await;
+    let mut rules = quiet_rules();
+    rules["error_spike"] = json!({"enabled": true, "threshold": 1, "min_total": 2, "for_seconds": 0.5,
+                                  "window_seconds": 60, "actions": ["notify"]});
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "PUT",
+            "/api/ops/policy",
+            &root(),
+            Some(json!({"rules": rules, "actions": {"notify": {"webhook_url": hook_url, "format": "slack"}}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let user = Fleet::token("eve", "errs", &["user"]);
+    for _ in 0..3 {
+        let (s, v) = fleet
+            .post_session(
+                0,
+                &user,
+                json!({"app_id": "errs", "workflow_name": "flaky", "message": "go"}),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let incident = fleet
+        .eventually("an error_spike incident", || async {
+            let (_, v) = fleet
+                .get(0, "/api/ops/incidents?app_id=errs&status=firing", &root())
+                .await;
+            v["incidents"]
+                .as_array()
+                .and_then(|a| a.iter().find(|i| i["rule"] == "error_spike").cloned())
+        })
+        .await;
+    assert!(
+        incident["values"]["errors_in_window"].as_f64().unwrap() >= 2.0,
+        "{incident}"
+    );
+    assert_eq!(incident["values"]["errors_in_previous_window"], 0.0);
+    assert_eq!(incident["labels"]["rule"], "error_spike");
+    // The webhook got a Slack-compatible body naming the rule and the app.
+    let body = tokio::time::timeout(Duration::from_secs(10), hook_rx.recv())
+        .await
+        .expect("the webhook was called")
+        .unwrap();
+    let text = body["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("error_spike") && text.contains("errs"),
+        "{body}"
+    );
+    // The notify action is recorded, with nothing to revert.
+    let (_, v) = fleet.get(0, "/api/ops/actions?app_id=errs", &root()).await;
+    let notify = v["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["kind"] == "notify")
+        .unwrap_or_else(|| panic!("{v}"))
+        .clone();
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            &format!(
+                "/api/ops/actions/{}/revert",
+                notify["action_id"].as_str().unwrap()
+            ),
+            &root(),
+            None,
+        )
+        .await;
+    assert_eq!((s, code(&v)), (409, "action_not_in_force"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

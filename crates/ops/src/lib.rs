@@ -224,7 +224,8 @@ fn pct(v: f64) -> String {
 }
 
 fn describe(f: &Finding, spec_for: f64) -> Annotations {
-    let v = |k: &str| f.values.get(k).copied().unwrap_or(0.0);
+    // `+ 0.0` turns a -0 (a difference of equal counts) into 0 for the text.
+    let v = |k: &str| f.values.get(k).copied().unwrap_or(0.0) + 0.0;
     let app = &f.app_id;
     match f.rule {
         Rule::NoisyNeighbour => Annotations {

@@ -17,8 +17,10 @@ pub fn body(incident: &Incident, format: NotifyFormat, source: &str) -> Value {
     match format {
         NotifyFormat::Slack => json!({
             "text": format!(
-                "[{}] {} — {}",
+                "[{}] {} ({}): {} — {}",
                 status.to_uppercase(),
+                incident.rule,
+                incident.app_id,
                 incident.annotations.summary,
                 incident.annotations.description
             ),
