@@ -586,6 +586,18 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
         ),
         (
             "GET",
+            "/api/usage/tenant-b?group_by=user".into(),
+            "/api/usage/no-such-app?group_by=user".into(),
+            None,
+        ),
+        (
+            "GET",
+            "/api/usage/tenant-b/export?format=csv".into(),
+            "/api/usage/no-such-app/export?format=csv".into(),
+            None,
+        ),
+        (
+            "GET",
             "/api/apps/tenant-b".into(),
             "/api/apps/no-such-app".into(),
             None,

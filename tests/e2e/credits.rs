@@ -731,3 +731,135 @@ async fn a_new_period_restores_included_credits() {
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_grouped_and_exported_as_csv_and_cloudevents_equal_the_log() {
+    let fleet = Fleet::start(1).await;
+    let bus = Bus::connect(&fleet.servers.nats_url, &fleet.servers.namespace, "e2e")
+        .await
+        .unwrap();
+    let admin = Fleet::token("ada", "default", &["admin"]);
+    for (user, runs) in [("ann", 3), ("bob", 2)] {
+        let token = Fleet::token(user, "default", &["user"]);
+        for i in 0..runs {
+            let frames = run_in(&fleet, 0, &token, "default", "hello", &format!("hi {i}"))
+                .await
+                .unwrap();
+            assert_eq!(frames.last().unwrap()["type"], "run.completed");
+        }
+    }
+    let period = mozaiks_store::credits::Period::containing(chrono::Utc::now()).key();
+    let (on_log, n, _) = credits_on_the_log(&bus, "default", &period).await;
+    assert!(n >= 5, "{n} charges");
+    let by_user = fleet
+        .eventually("every charge in the ledger", || async {
+            let (s, v) = fleet
+                .get(0, "/api/usage/default?group_by=user", &admin)
+                .await;
+            assert_eq!(s, 200, "{v}");
+            let credits: u64 = v["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g["credits"].as_u64().unwrap())
+                .sum();
+            (credits == on_log).then_some(v)
+        })
+        .await;
+    let groups = by_user["groups"].as_array().unwrap();
+    let keys: Vec<&str> = groups.iter().map(|g| g["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["ann", "bob"], "{by_user}");
+    assert_eq!(groups[0]["runs"], 3, "{by_user}");
+    assert_eq!(groups[1]["runs"], 2, "{by_user}");
+    assert!(by_user["storage_bytes"].as_u64().unwrap() > 0, "{by_user}");
+    for by in ["workflow", "model", "day"] {
+        let (s, v) = fleet
+            .get(0, &format!("/api/usage/default?group_by={by}"), &admin)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let credits: u64 = v["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["credits"].as_u64().unwrap())
+            .sum();
+        assert_eq!(credits, on_log, "{by}: {v}");
+    }
+    // A range that ends before the charges has none.
+    let (s, v) = fleet
+        .get(
+            0,
+            "/api/usage/default?group_by=day&from=2020-01-01T00:00:00Z&to=2020-01-02T00:00:00Z",
+            &admin,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["groups"], json!([]), "{v}");
+
+    // The exports: one line per charge of the log, with its event id.
+    let base = &fleet.gateways[0];
+    let export = |format: &str| {
+        let url = format!("{base}/api/usage/default/export?format={format}");
+        let (http, admin) = (fleet.http.clone(), admin.clone());
+        async move {
+            let r = http.get(url).bearer_auth(admin).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+            (ct, r.text().await.unwrap())
+        }
+    };
+    let (ct, csv) = export("csv").await;
+    assert!(ct.starts_with("text/csv"), "{ct}");
+    let mut lines = csv.lines();
+    assert!(lines.next().unwrap().starts_with("event_id,ts,app_id"));
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len() as u64, n, "{csv}");
+    let csv_credits: u64 = rows
+        .iter()
+        .map(|r| r.rsplit(',').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(csv_credits, on_log);
+    let (_, lines) = export("cloudevents").await;
+    let events: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len() as u64, n);
+    let mut ids: Vec<String> = events
+        .iter()
+        .map(|e| {
+            assert_eq!(e["specversion"], "1.0");
+            assert_eq!(e["type"], "mozaiks.usage.charged");
+            e["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len() as u64, n, "every event id once");
+    let batch = bus
+        .replay("MZ_USAGE", "mz.evt.default.*.usage.charged", 1, 512)
+        .await
+        .unwrap();
+    let mut log_ids: Vec<String> = batch
+        .events
+        .iter()
+        .map(|e| e.event_id.to_string())
+        .collect();
+    log_ids.sort();
+    assert_eq!(ids, log_ids);
+
+    // Bad queries: stable codes.
+    for (path, want) in [
+        ("/api/usage/default?group_by=tenant", "invalid_group_by"),
+        ("/api/usage/default?from=yesterday", "invalid_from"),
+        ("/api/usage/default/export", "invalid_format"),
+        ("/api/usage/default/export?format=xml", "invalid_format"),
+        (
+            "/api/usage/default/export?format=csv&page=2",
+            "unknown_field",
+        ),
+    ] {
+        let (s, v) = fleet.get(0, path, &admin).await;
+        assert_eq!((s, code(&v)), (422, want), "{path}: {v}");
+    }
+}

@@ -14,13 +14,13 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use mozaiks_control::credits::{Appended, Refusal, Wallet};
 use mozaiks_events::credits::CreditGrant;
-use mozaiks_store::credits::Period;
+use mozaiks_store::credits::{GroupBy, Period};
 use serde_json::{Map, Value, json};
 use tracing::info;
 
 use crate::State;
 use crate::authz::{Caller, User, admin_for, check_app_id, operator_for};
-use crate::error::ApiError;
+use crate::error::{ApiError, Query};
 
 /// The largest grant, in credits.
 pub const MAX_GRANT: u64 = 1_000_000_000_000;
@@ -304,6 +304,249 @@ pub async fn grant(
     }
 }
 
+/// The query of `GET /api/usage/{app_id}` and of its export, checked with stable codes.
+#[derive(Debug, PartialEq)]
+struct UsageQuery {
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    group_by: Option<GroupBy>,
+    format: Option<ExportFormat>,
+}
+
+/// What an export is written as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ExportFormat {
+    Csv,
+    CloudEvents,
+}
+
+/// Parses `q`; `export` says which parameters are known (`format` for an export, `group_by`
+/// otherwise).
+fn parse_usage_query(
+    q: &std::collections::HashMap<String, String>,
+    export: bool,
+) -> Result<UsageQuery, ApiError> {
+    let known: &[&str] = if export {
+        &["from", "to", "format"]
+    } else {
+        &["from", "to", "group_by"]
+    };
+    if let Some(k) = q.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(invalid(
+            "unknown_field",
+            format!("unknown parameter {k:?}; known: {}", known.join(", ")),
+        ));
+    }
+    let time = |k: &str, code: &'static str| -> Result<Option<DateTime<Utc>>, ApiError> {
+        match q.get(k).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+            None => Ok(None),
+            Some(v) => DateTime::parse_from_rfc3339(v)
+                .map(|t| Some(t.with_timezone(&Utc)))
+                .map_err(|e| invalid(code, format!("{k} must be an RFC 3339 time: {e}"))),
+        }
+    };
+    let from = time("from", "invalid_from")?;
+    let to = time("to", "invalid_to")?;
+    if let (Some(f), Some(t)) = (from, to)
+        && f >= t
+    {
+        return Err(invalid("invalid_range", "from must be before to"));
+    }
+    let group_by = match q.get("group_by") {
+        None => None,
+        Some(g) => Some(GroupBy::parse(g).ok_or_else(|| {
+            invalid(
+                "invalid_group_by",
+                "group_by must be user, workflow, model or day",
+            )
+        })?),
+    };
+    let format = match q.get("format").map(String::as_str) {
+        None if export => {
+            return Err(invalid(
+                "invalid_format",
+                "format is required: csv or cloudevents",
+            ));
+        }
+        None => None,
+        Some("csv") => Some(ExportFormat::Csv),
+        Some("cloudevents") => Some(ExportFormat::CloudEvents),
+        Some(_) => {
+            return Err(invalid(
+                "invalid_format",
+                "format must be csv or cloudevents",
+            ));
+        }
+    };
+    Ok(UsageQuery {
+        from,
+        to,
+        group_by,
+        format,
+    })
+}
+
+/// `GET /api/usage/{app_id}?from=&to=&group_by=user|workflow|model|day` (the app's admins, its
+/// API keys, a superadmin): the app's metered usage (all time), its read models' size
+/// (`storage_bytes`) and, with `group_by`, tokens, credits and runs per group of the charges with
+/// `ts` in `[from, to)`.
+pub async fn usage(
+    St(state): St<State>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let user = caller.claims();
+    check_app_id(&app_id)?;
+    admin_for(&user, &app_id)?;
+    let q = parse_usage_query(&q, false)?;
+    let u = state.store.usage(&app_id).await?;
+    let storage_bytes = state.store.storage_bytes(&app_id).await?;
+    let mut out = json!({
+        "app_id": u.app_id,
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "charges": u.charges,
+        "runs": u.runs,
+        "storage_bytes": storage_bytes,
+    });
+    if let Some(by) = q.group_by {
+        let groups = state.store.usage_grouped(&app_id, q.from, q.to, by).await?;
+        out["group_by"] = json!(format!("{by:?}").to_lowercase());
+        out["from"] = json!(q.from);
+        out["to"] = json!(q.to);
+        out["groups"] = json!(groups);
+    }
+    Ok(Json(out))
+}
+
+/// The CSV columns of an export.
+const CSV_COLUMNS: &[&str] = &[
+    "event_id",
+    "ts",
+    "app_id",
+    "chat_id",
+    "user_id",
+    "workflow",
+    "run_id",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "credits",
+];
+
+/// A CSV field: quoted when needed; a text starting with `=`, `+`, `-` or `@` is prefixed with
+/// `'` so that a spreadsheet never runs it as a formula.
+fn csv_field(v: &str) -> String {
+    let v = if v.starts_with(['=', '+', '-', '@']) {
+        format!("'{v}")
+    } else {
+        v.to_string()
+    };
+    if v.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v
+    }
+}
+
+/// One exported line of a charge document.
+fn export_line(d: &mozaiks_store::mongodb::bson::Document, format: ExportFormat) -> String {
+    use mozaiks_store::mongodb::bson::Bson;
+    let text = |k: &str| d.get_str(k).unwrap_or_default().to_string();
+    let num = |k: &str| match d.get(k) {
+        Some(Bson::Int64(n)) => (*n).max(0) as u64,
+        Some(Bson::Int32(n)) => (*n).max(0) as u64,
+        Some(Bson::Double(f)) => f.max(0.0) as u64,
+        _ => 0,
+    };
+    let ts = d
+        .get_datetime("ts")
+        .map(|t| t.to_chrono())
+        .unwrap_or_default();
+    match format {
+        ExportFormat::Csv => {
+            let mut cells: Vec<String> = Vec::with_capacity(CSV_COLUMNS.len());
+            for c in CSV_COLUMNS {
+                cells.push(match *c {
+                    "ts" => ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                    "prompt_tokens" | "completion_tokens" | "total_tokens" | "credits" => {
+                        num(c).to_string()
+                    }
+                    _ => csv_field(&text(c)),
+                });
+            }
+            cells.join(",") + "\n"
+        }
+        ExportFormat::CloudEvents => {
+            let app = text("app_id");
+            let ev = json!({
+                "specversion": "1.0",
+                "id": text("event_id"),
+                "source": format!("mozaiks/apps/{app}"),
+                "type": "mozaiks.usage.charged",
+                "subject": text("user_id"),
+                "time": ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "datacontenttype": "application/json",
+                "data": {
+                    "app_id": app,
+                    "chat_id": text("chat_id"),
+                    "user_id": text("user_id"),
+                    "workflow": text("workflow"),
+                    "run_id": text("run_id"),
+                    "model": text("model"),
+                    "prompt_tokens": num("prompt_tokens"),
+                    "completion_tokens": num("completion_tokens"),
+                    "total_tokens": num("total_tokens"),
+                    "credits": num("credits"),
+                },
+            });
+            ev.to_string() + "\n"
+        }
+    }
+}
+
+/// `GET /api/usage/{app_id}/export?format=csv|cloudevents&from=&to=` (the app's admins, its API
+/// keys, a superadmin): every costed charge with `ts` in `[from, to)`, oldest first, streamed as
+/// CSV (a header line first) or CloudEvents 1.0 JSON lines (the charge's event id as `id`, so
+/// OpenMeter, Lago or Stripe meters ingest them idempotently).
+pub async fn export(
+    St(state): St<State>,
+    caller: Caller,
+    Path(app_id): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    use futures::StreamExt;
+    let user = caller.claims();
+    check_app_id(&app_id)?;
+    admin_for(&user, &app_id)?;
+    let q = parse_usage_query(&q, true)?;
+    let format = q.format.unwrap_or(ExportFormat::Csv);
+    let cursor = state.store.charges(&app_id, q.from, q.to).await?;
+    info!(app_id = %app_id, format = ?format, "Usage export.");
+    let header = match format {
+        ExportFormat::Csv => Some(CSV_COLUMNS.join(",") + "\n"),
+        ExportFormat::CloudEvents => None,
+    };
+    let lines = cursor.map(move |d| match d {
+        Ok(d) => Ok::<_, std::io::Error>(export_line(&d, format)),
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    });
+    let body = futures::stream::iter(header.map(Ok)).chain(lines);
+    let content_type = match format {
+        ExportFormat::Csv => "text/csv; charset=utf-8",
+        ExportFormat::CloudEvents => "application/cloudevents-batch+json; charset=utf-8",
+    };
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, content_type)],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,5 +611,76 @@ mod tests {
         ] {
             assert_eq!(code(body), want, "{body}");
         }
+    }
+
+    #[test]
+    fn bad_usage_queries_get_stable_codes() {
+        let q = |pairs: &[(&str, &str)], export: bool| {
+            let m: std::collections::HashMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            match parse_usage_query(&m, export) {
+                Ok(_) => "ok".to_string(),
+                Err(e) => e.code.to_string(),
+            }
+        };
+        assert_eq!(q(&[], false), "ok");
+        assert_eq!(q(&[("group_by", "model")], false), "ok");
+        assert_eq!(
+            q(
+                &[
+                    ("from", "2026-12-01T00:00:00Z"),
+                    ("to", "2026-12-02T00:00:00Z"),
+                    ("group_by", "day")
+                ],
+                false
+            ),
+            "ok"
+        );
+        assert_eq!(q(&[("group_by", "tenant")], false), "invalid_group_by");
+        assert_eq!(q(&[("from", "yesterday")], false), "invalid_from");
+        assert_eq!(q(&[("to", "1")], false), "invalid_to");
+        assert_eq!(
+            q(
+                &[
+                    ("from", "2026-12-02T00:00:00Z"),
+                    ("to", "2026-12-01T00:00:00Z")
+                ],
+                false
+            ),
+            "invalid_range"
+        );
+        assert_eq!(q(&[("limit", "5")], false), "unknown_field");
+        assert_eq!(q(&[("format", "csv")], false), "unknown_field");
+        assert_eq!(q(&[("format", "csv")], true), "ok");
+        assert_eq!(q(&[("format", "cloudevents")], true), "ok");
+        assert_eq!(q(&[], true), "invalid_format");
+        assert_eq!(q(&[("format", "xml")], true), "invalid_format");
+        assert_eq!(
+            q(&[("format", "csv"), ("group_by", "user")], true),
+            "unknown_field"
+        );
+    }
+
+    #[test]
+    fn exported_lines_are_csv_or_cloudevents() {
+        use mozaiks_store::mongodb::bson::{self, doc};
+        let ts = Utc::now();
+        let d = doc! {
+            "event_id": "e1", "app_id": "a", "chat_id": "c", "user_id": "=cmd,\"x\"",
+            "workflow": "hello", "run_id": "r", "model": "m", "prompt_tokens": 3i64,
+            "completion_tokens": 4i64, "total_tokens": 7i64, "credits": 7i64,
+            "ts": bson::DateTime::from_chrono(ts),
+        };
+        let csv = export_line(&d, ExportFormat::Csv);
+        assert!(csv.starts_with("e1,"), "{csv}");
+        assert!(csv.contains(",\"'=cmd,\"\"x\"\"\","), "{csv}");
+        assert!(csv.ends_with(",3,4,7,7\n"), "{csv}");
+        let ce: Value = serde_json::from_str(&export_line(&d, ExportFormat::CloudEvents)).unwrap();
+        assert_eq!(ce["specversion"], "1.0");
+        assert_eq!(ce["id"], "e1");
+        assert_eq!(ce["type"], "mozaiks.usage.charged");
+        assert_eq!(ce["data"]["credits"], 7);
     }
 }

@@ -295,7 +295,8 @@ pub fn router(state: State) -> Router {
         .route("/api/sessions/{chat_id}", get(sessions::get_session))
         .route("/api/sessions/{chat_id}/messages", get(sessions::messages))
         .route("/api/workflows", get(sessions::workflows))
-        .route("/api/usage/{app_id}", get(sessions::usage))
+        .route("/api/usage/{app_id}", get(credits::usage))
+        .route("/api/usage/{app_id}/export", get(credits::export))
         .route("/api/notify", post(notify::notify))
         .route("/api/apps", post(apps::create).get(apps::list))
         .route(

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tracing::info;
 
 use crate::State;
-use crate::authz::{Caller, acting_user, admin_for, check_id, token_app};
+use crate::authz::{Caller, acting_user, check_id, token_app};
 use crate::error::{ApiError, Body, Query};
 use crate::metrics as m;
 
@@ -446,23 +446,4 @@ pub async fn workflows(St(state): St<State>, caller: Caller) -> Result<Json<Valu
         .map(|p| json!({ "name": p.name, "description": p.description }))
         .collect();
     Ok(Json(Value::Array(list)))
-}
-
-pub async fn usage(
-    St(state): St<State>,
-    caller: Caller,
-    Path(app_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let user = caller.claims();
-    check_id("app_id", &app_id)?;
-    admin_for(&user, &app_id)?;
-    let u = state.store.usage(&app_id).await?;
-    Ok(Json(json!({
-        "app_id": u.app_id,
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-        "charges": u.charges,
-        "runs": u.runs,
-    })))
 }

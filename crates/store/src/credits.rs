@@ -274,6 +274,165 @@ impl Store {
     }
 }
 
+/// How `GET /api/usage/{app_id}` groups charges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupBy {
+    User,
+    Workflow,
+    Model,
+    /// The charge's UTC day, `YYYYMMDD`.
+    Day,
+}
+
+impl GroupBy {
+    pub fn parse(s: &str) -> Option<GroupBy> {
+        Some(match s {
+            "user" => GroupBy::User,
+            "workflow" => GroupBy::Workflow,
+            "model" => GroupBy::Model,
+            "day" => GroupBy::Day,
+            _ => return None,
+        })
+    }
+
+    fn field(self) -> &'static str {
+        match self {
+            GroupBy::User => "$user_id",
+            GroupBy::Workflow => "$workflow",
+            GroupBy::Model => "$model",
+            GroupBy::Day => "$day",
+        }
+    }
+}
+
+/// One group of an app's charges.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct UsageGroup {
+    pub key: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub credits: u64,
+    /// Model calls charged.
+    pub charges: u64,
+    /// Distinct runs charged.
+    pub runs: u64,
+}
+
+/// The filter of `app_id`'s charges with `ts` in `[from, to)`.
+fn charges_filter(
+    app_id: &str,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+) -> Document {
+    let mut f = doc! { "app_id": app_id };
+    let mut ts = Document::new();
+    if let Some(from) = from {
+        ts.insert("$gte", bson::DateTime::from_chrono(from));
+    }
+    if let Some(to) = to {
+        ts.insert("$lt", bson::DateTime::from_chrono(to));
+    }
+    if !ts.is_empty() {
+        f.insert("ts", ts);
+    }
+    f
+}
+
+impl Store {
+    /// `app_id`'s charges with `ts` in `[from, to)`, grouped by `by`, each charge once (the
+    /// usage ledger keeps one document per event id), sorted by key.
+    pub async fn usage_grouped(
+        &self,
+        app_id: &str,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        by: GroupBy,
+    ) -> Result<Vec<UsageGroup>, Error> {
+        let started = Instant::now();
+        let db = self.resolve_storage(app_id).await?;
+        let rows: Vec<Document> = db
+            .collection::<Document>(USAGE_EVENTS)
+            .aggregate([
+                doc! { "$match": charges_filter(app_id, from, to) },
+                doc! { "$group": {
+                    "_id": by.field(),
+                    "prompt_tokens": { "$sum": "$prompt_tokens" },
+                    "completion_tokens": { "$sum": "$completion_tokens" },
+                    "total_tokens": { "$sum": "$total_tokens" },
+                    "credits": { "$sum": "$credits" },
+                    "charges": { "$sum": 1 },
+                    "run_ids": { "$addToSet": "$run_id" },
+                } },
+            ])
+            .await?
+            .try_collect()
+            .await?;
+        crate::record("usage_grouped", started);
+        let n = |d: &Document, k: &str| int(d, k).max(0) as u64;
+        let mut out: Vec<UsageGroup> = rows
+            .iter()
+            .map(|d| UsageGroup {
+                key: match d.get("_id") {
+                    Some(Bson::String(s)) => s.clone(),
+                    Some(Bson::Null) | None => String::new(),
+                    Some(other) => other.to_string(),
+                },
+                prompt_tokens: n(d, "prompt_tokens"),
+                completion_tokens: n(d, "completion_tokens"),
+                total_tokens: n(d, "total_tokens"),
+                credits: n(d, "credits"),
+                charges: n(d, "charges"),
+                runs: d.get_array("run_ids").map_or(0, |a| a.len() as u64),
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Every charge of `app_id` with `ts` in `[from, to)`, oldest first, as the ledger keeps
+    /// them (for exports).
+    pub async fn charges(
+        &self,
+        app_id: &str,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<mongodb::Cursor<Document>, Error> {
+        let db = self.resolve_storage(app_id).await?;
+        Ok(db
+            .collection::<Document>(USAGE_EVENTS)
+            .find(charges_filter(app_id, from, to))
+            .sort(doc! { "ts": 1 })
+            .projection(doc! { "_id": 0, "rolled": 0, "billed_at": 0 })
+            .await?)
+    }
+
+    /// Bytes of `app_id`'s read models (its documents in the sessions, messages and usage
+    /// collections of its database), measured by reading them: the seeds' storage dashboard.
+    pub async fn storage_bytes(&self, app_id: &str) -> Result<u64, Error> {
+        let started = Instant::now();
+        let db = self.resolve_storage(app_id).await?;
+        let mut total = 0u64;
+        for coll in [
+            crate::SESSIONS,
+            crate::MESSAGES,
+            USAGE_EVENTS,
+            crate::RUNS,
+            LEDGER,
+        ] {
+            let mut cursor = db
+                .collection::<mongodb::bson::RawDocumentBuf>(coll)
+                .find(doc! { "app_id": app_id })
+                .await?;
+            while cursor.advance().await? {
+                total += cursor.current().as_bytes().len() as u64;
+            }
+        }
+        crate::record("storage_bytes", started);
+        Ok(total)
+    }
+}
+
 fn is_duplicate(e: &mongodb::error::Error) -> bool {
     match e.kind.as_ref() {
         ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
