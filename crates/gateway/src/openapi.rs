@@ -554,10 +554,10 @@ pub const OPERATIONS: &[Op] = &[
             "post",
             "/api/execute/{plugin}",
             "plugins",
-            "Run a plugin of the caller's app (a user token, or the app's API key as user key:{key_id}) with the body plus _context {app_id, user_id, roles, request_id, settings} from the verified caller (a client's _context, app_id or user_id is overwritten). Answers the plugin's JSON (X-Plugin-Version). 403 plugin_not_allowed (tier or enabled list), 404 plugin_not_found, 413 too_large, 422 invalid_input, plugin_error (with plugin_code), plugin_trapped, 504 plugin_timeout.",
+            "Run a plugin of the caller's app (a user token, or the app's API key as user key:{key_id}) with the body plus _context {app_id, user_id, roles, request_id, settings} from the verified caller (a client's _context, app_id or user_id is overwritten). Answers the plugin's JSON (X-Plugin-Version). 403 plugin_not_allowed (tier or enabled list), 404 plugin_not_found, 413 too_large, 422 invalid_input, plugin_error (with plugin_code), plugin_trapped, 429 plugin_busy (the app already runs 4 calls on this replica), 504 plugin_timeout.",
             Auth::UserOrKey,
             200,
-            &[400, 401, 403, 404, 413, 422, 503, 504],
+            &[400, 401, 403, 404, 413, 422, 429, 503, 504],
         )
     },
     op(

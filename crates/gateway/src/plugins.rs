@@ -11,7 +11,8 @@
 //!
 //! Errors: 404 `plugin_not_found`, 403 `plugin_not_allowed`, 422 `invalid_input`,
 //! `invalid_plugin`, `invalid_module`, `plugin_trapped` and `plugin_error` (with the plugin's own
-//! `plugin_code`), 504 `plugin_timeout`, 413 `too_large`.
+//! `plugin_code`), 504 `plugin_timeout`, 413 `too_large`, 429 `plugin_busy` (the app already runs
+//! `MAX_INFLIGHT_PER_APP` calls on this replica).
 
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ pub fn api_error(e: PluginError) -> Response {
         PluginError::NotAllowed(_) => StatusCode::FORBIDDEN,
         PluginError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         PluginError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        PluginError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
         PluginError::InvalidInput(_)
         | PluginError::InvalidManifest(_)
         | PluginError::InvalidModule(_)

@@ -55,6 +55,8 @@ pub enum Error {
     Timeout(String),
     #[error("the plugin failed ({code}): {message}")]
     Plugin { code: String, message: String },
+    #[error("{0}")]
+    Busy(String),
     #[error("{0} is unavailable")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -74,6 +76,7 @@ impl Error {
             Error::Trapped(_) => "plugin_trapped",
             Error::Timeout(_) => "plugin_timeout",
             Error::Plugin { .. } => "plugin_error",
+            Error::Busy(_) => "plugin_busy",
             Error::Unavailable(_) => "unavailable",
             Error::Internal(_) => "internal",
         }

@@ -154,6 +154,29 @@ struct Inner {
     objects: object_store::ObjectStore,
     shipped: BTreeMap<String, (Manifest, Arc<Compiled>)>,
     access: Access,
+    /// Calls in progress per app on this replica.
+    inflight: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+/// Most calls of one app running at once on one replica.
+pub const MAX_INFLIGHT_PER_APP: u32 = 4;
+
+/// An in-flight slot of an app, given back when dropped.
+struct Slot {
+    plugins: Plugins,
+    app_id: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut inflight = self.plugins.0.inflight.lock().expect("inflight lock");
+        if let Some(n) = inflight.get_mut(&self.app_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inflight.remove(&self.app_id);
+            }
+        }
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Error {
@@ -209,6 +232,7 @@ impl Plugins {
             objects,
             shipped,
             access,
+            inflight: Default::default(),
         })))
     }
 
@@ -228,12 +252,18 @@ impl Plugins {
         let Value::Object(mut input) = call.input.clone() else {
             return Err(Error::InvalidInput("the body must be a JSON object".into()));
         };
-        let resolved = self.resolve(&call.app_id, &call.plugin).await?;
-        self.check_access(&call.app_id, &call.tier, &call.plugin, resolved.uploaded)
-            .await?;
-        let settings = self
-            .settings(&call.app_id, &call.user_id, &call.plugin)
-            .await?;
+        // Three reads of MZ_PLUGIN_KV at once: the app's upload, its enabled list, the settings.
+        let (resolved, enabled, settings) = tokio::join!(
+            self.resolve(&call.app_id, &call.plugin),
+            self.enabled(&call.app_id),
+            self.settings(&call.app_id, &call.user_id, &call.plugin),
+        );
+        let resolved = resolved?;
+        self.check_access(&call.tier, &call.plugin, resolved.uploaded, enabled?)?;
+        let settings = settings?;
+        // At most MAX_INFLIGHT_PER_APP calls of one app at once on this replica: one tenant
+        // cannot hold every sandbox thread.
+        let _slot = self.slot(&call.app_id)?;
         // The server's context replaces whatever the client sent under these names.
         input.insert("app_id".into(), Value::String(call.app_id.clone()));
         input.insert("user_id".into(), Value::String(call.user_id.clone()));
@@ -410,13 +440,29 @@ impl Plugins {
         }
     }
 
+    /// Takes one of the app's in-flight slots on this replica (`plugin_busy` when all are taken).
+    fn slot(&self, app_id: &str) -> Result<Slot, Error> {
+        let mut inflight = self.0.inflight.lock().expect("inflight lock");
+        let n = inflight.entry(app_id.to_string()).or_insert(0);
+        if *n >= MAX_INFLIGHT_PER_APP {
+            return Err(Error::Busy(format!(
+                "the app already runs {MAX_INFLIGHT_PER_APP} plugin calls on this replica; retry"
+            )));
+        }
+        *n += 1;
+        Ok(Slot {
+            plugins: self.clone(),
+            app_id: app_id.to_string(),
+        })
+    }
+
     /// Whether the app may run `name` now: its tier, then its enabled list.
-    async fn check_access(
+    fn check_access(
         &self,
-        app_id: &str,
         tier: &str,
         name: &str,
         uploaded: bool,
+        enabled: Option<Vec<String>>,
     ) -> Result<(), Error> {
         let by_tier = if uploaded {
             self.0.access.allows_uploads(tier)
@@ -428,7 +474,7 @@ impl Plugins {
                 "the app's tier {tier:?} does not include plugin {name:?}"
             )));
         }
-        if let Some(list) = self.enabled(app_id).await?
+        if let Some(list) = enabled
             && !list.iter().any(|n| n == name)
         {
             return Err(Error::NotAllowed(format!(

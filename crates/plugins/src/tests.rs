@@ -459,3 +459,37 @@ async fn settings_are_per_user_and_reach_the_plugin() {
         .unwrap_err();
     assert_eq!(err.code(), "too_large");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_app_cannot_hold_every_sandbox_thread() {
+    let (_servers, _bus, p) = plugins().await;
+    let manifest = Manifest {
+        name: "spin".into(),
+        version: "1".into(),
+        description: String::new(),
+        module: String::new(),
+        limits: Limits {
+            fuel: crate::manifest::MAX_FUEL,
+            timeout_ms: 1500,
+            ..Limits::default()
+        },
+        http_allowlist: Vec::new(),
+    };
+    p.store_upload("a1", "starter", "admin", manifest, LOOP.into())
+        .await
+        .unwrap();
+    let n = crate::service::MAX_INFLIGHT_PER_APP as usize + 1;
+    let calls = (0..n).map(|_| p.execute(call("a1", "u", "spin", json!({}))));
+    let mut codes: Vec<&str> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap_err().code())
+        .collect();
+    codes.sort();
+    let mut expected = vec!["plugin_timeout"; n - 1];
+    expected.insert(0, "plugin_busy");
+    assert_eq!(codes, expected);
+    // Another app is not affected, and the slots come back.
+    p.execute(call("a2", "u", "echo", json!({}))).await.unwrap();
+    p.execute(call("a1", "u", "echo", json!({}))).await.unwrap();
+}
