@@ -55,6 +55,26 @@ async fn metrics_behind_a_token_on_their_own_listener_with_bounded_app_labels() 
         env!("CARGO_PKG_VERSION")
     );
     assert!(text.contains(&build), "no build info in:\n{text}");
+    // `mozaiks --version` names the same version and commit as mozaiks_build_info.
+    let version = std::process::Command::new(env!("CARGO_BIN_EXE_mozaiks"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8(version.stdout).unwrap();
+    let commit = text
+        .split(&build)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap();
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{commit}"
+    );
+    assert_eq!(
+        version.trim(),
+        format!("mozaiks {} ({commit})", env!("CARGO_PKG_VERSION"))
+    );
 
     // A listener of its own: the API port no longer serves /metrics.
     let port = free_port();

@@ -507,3 +507,101 @@ agents:
     assert_eq!((s, v), (200, json!({"items": ["buy milk"]})));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A plugin that sends `request` with `http_request` and answers the host's reply, or
+/// `{"refused": <code>}` when the host refuses.
+fn http_plugin(request: &Value) -> String {
+    let req = request.to_string();
+    format!(
+        r#"(module
+  (import "mozaiks" "http_request" (func $http (param i32 i32) (result i32)))
+  (import "mozaiks" "result_read" (func $rr (param i32)))
+  (import "mozaiks" "output" (func $out (param i32 i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 0) "{escaped}")
+  (data (i32.const 1024) "{{\"refused\":true}}")
+  (func (export "run") (result i32)
+    (local $n i32)
+    (local.set $n (call $http (i32.const 0) (i32.const {len})))
+    (if (i32.lt_s (local.get $n) (i32.const 0))
+      (then (call $out (i32.const 1024) (i32.const 16)) (return (i32.const 0))))
+    (call $rr (i32.const 4096))
+    (call $out (i32.const 4096) (local.get $n))
+    (i32.const 0)))"#,
+        escaped = req.replace('\\', "\\\\").replace('"', "\\\""),
+        len = req.len()
+    )
+}
+
+#[tokio::test]
+async fn http_reaches_only_the_allowlist_and_packs_are_checked() {
+    let fleet = Fleet::start(1).await;
+    let admin = Fleet::token("a", "default", &["admin"]);
+    let host = fleet.gateways[0].trim_start_matches("http://").to_string();
+    let health = format!("http://{host}/api/health");
+    for (name, allow, expect_refused) in [
+        ("fetch", vec![host.clone()], false),
+        ("fetch-other", vec!["example.com".to_string()], true),
+    ] {
+        let wat = http_plugin(&json!({"method": "GET", "url": health}));
+        let (s, v, _) = fleet
+            .call(
+                0,
+                "POST",
+                "/api/apps/default/plugins",
+                &admin,
+                Some(json!({"name": name, "version": "1", "wat": wat, "http_allowlist": allow})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        let (s, v, _) = fleet
+            .call(
+                0,
+                "POST",
+                &format!("/api/execute/{name}"),
+                &admin,
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        if expect_refused {
+            assert_eq!(v, json!({"refused": true}), "{name}");
+        } else {
+            assert_eq!(v["status"], 200, "{name}: {v}");
+        }
+    }
+
+    // `mozaiks plugins check`: the shipped packs pass, a broken one fails naming itself.
+    let bin = env!("CARGO_BIN_EXE_mozaiks");
+    let out = std::process::Command::new(bin)
+        .args(["plugins", "check"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("todo") && stdout.contains("echo"),
+        "{stdout}"
+    );
+    let dir = std::env::temp_dir().join(format!(
+        "mozaiks-e2e-plugins-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(dir.join("broken")).unwrap();
+    std::fs::write(
+        dir.join("broken/plugin.yaml"),
+        "name: broken\nversion: 1\nmodule: broken.wat\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("broken/broken.wat"), "(module (func))").unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["plugins", "check"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("broken"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
