@@ -373,6 +373,8 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
             instance.clone(),
             mozaiks_ops::Options {
                 evaluate_every: Duration::from_millis(g.ops_evaluate_ms.max(100)),
+                // Incident summaries by the workers' model (offline unless one is configured).
+                model: Some(model(g)?),
             },
         );
         let s = stopped();

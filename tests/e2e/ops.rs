@@ -171,6 +171,20 @@ async fn a_noisy_neighbour_is_throttled_on_every_replica_survives_a_takeover_and
     assert_eq!(data["fingerprint"], "noisy_neighbour.x");
     assert!(data["values"]["share"].as_f64().unwrap() > 0.4, "{data}");
     assert!(!data["annotations"]["summary"].as_str().unwrap().is_empty());
+    // The offline model's summary and playbook (item 6): text only, nothing executed.
+    assert!(
+        data["annotations"]["llm_summary"]
+            .as_str()
+            .unwrap()
+            .contains("noisy_neighbour")
+    );
+    assert!(
+        data["annotations"]["playbook"]
+            .as_str()
+            .unwrap()
+            .contains("/health/active-runs?app_id=x"),
+        "{data}"
+    );
     let kinds: Vec<&str> = data["actions"]
         .as_array()
         .unwrap()

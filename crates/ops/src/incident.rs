@@ -75,6 +75,12 @@ pub enum Status {
 pub struct Annotations {
     pub summary: String,
     pub description: String,
+    /// The model's short summary ([`crate::summary`]), when it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm_summary: Option<String>,
+    /// The model's suggested playbook: steps for a person, never executed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub playbook: Option<String>,
 }
 
 /// A risky action the agent proposes and never executes.

@@ -28,6 +28,7 @@ pub mod notify;
 pub mod policy;
 pub mod rules;
 pub mod schema;
+pub mod summary;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -70,12 +71,16 @@ pub enum Error {
 pub struct Options {
     /// How often the leader evaluates the rules.
     pub evaluate_every: Duration,
+    /// Writes each incident's `llm_summary` and `playbook` ([`summary`]); the offline model by
+    /// default, `None`: no summary.
+    pub model: Option<mozaiks_engine::model::Model>,
 }
 
 impl Default for Options {
     fn default() -> Options {
         Options {
             evaluate_every: Duration::from_secs(5),
+            model: Some(mozaiks_engine::model::Model::Offline),
         }
     }
 }
@@ -173,6 +178,7 @@ impl Ops {
             policies,
             by: format!("ops:{}", self.instance),
             http: reqwest::Client::new(),
+            model: self.opts.model.clone(),
         };
         info!(
             every_ms = self.opts.evaluate_every.as_millis() as u64,
@@ -217,6 +223,7 @@ struct Agent {
     policies: Policies,
     by: String,
     http: reqwest::Client,
+    model: Option<mozaiks_engine::model::Model>,
 }
 
 fn pct(v: f64) -> String {
@@ -239,6 +246,7 @@ fn describe(f: &Finding, spec_for: f64) -> Annotations {
                 v("fleet_active_runs"),
                 pct(v("threshold"))
             ),
+            ..Default::default()
         },
         Rule::ErrorSpike => Annotations {
             summary: format!(
@@ -251,6 +259,7 @@ fn describe(f: &Finding, spec_for: f64) -> Annotations {
                 v("errors_in_previous_window"),
                 v("threshold")
             ),
+            ..Default::default()
         },
         Rule::CostSpike => Annotations {
             summary: format!(
@@ -263,6 +272,7 @@ fn describe(f: &Finding, spec_for: f64) -> Annotations {
                 v("trailing_hour_tokens_per_minute"),
                 v("factor")
             ),
+            ..Default::default()
         },
         Rule::SocketShare => Annotations {
             summary: format!("App {app} holds {} of the open WebSockets", pct(v("share"))),
@@ -272,6 +282,7 @@ fn describe(f: &Finding, spec_for: f64) -> Annotations {
                 v("fleet_sockets"),
                 pct(v("threshold"))
             ),
+            ..Default::default()
         },
         Rule::SlowStart => Annotations {
             summary: format!("App {app}: session start p95 {:.0} ms", v("start_p95_ms")),
@@ -281,6 +292,7 @@ fn describe(f: &Finding, spec_for: f64) -> Annotations {
                 v("start_p95_ms"),
                 v("threshold_ms")
             ),
+            ..Default::default()
         },
     }
 }
@@ -445,7 +457,7 @@ impl Agent {
         let spec = policy.rule(f.rule).clone();
         let incident_id = Uuid::now_v7().to_string();
         let actions = self.plan(f, &incident_id, view, &policy, now);
-        let inc = Incident {
+        let mut inc = Incident {
             incident_id: incident_id.clone(),
             rule: f.rule.as_str().to_string(),
             status: Status::Firing,
@@ -479,6 +491,13 @@ impl Agent {
                 })
                 .collect(),
         };
+        // The model's summary, before the incident is recorded (it never changes the actions).
+        if let Some(model) = &self.model
+            && let Some(s) = summary::summarize(model, &inc).await
+        {
+            inc.annotations.llm_summary = Some(s.summary);
+            inc.annotations.playbook = (!s.playbook.is_empty()).then_some(s.playbook);
+        }
         let ev = CloudEvent::new(self.journal.source(), TYPE_FIRING, &f.app_id, inc.clone());
         let expected = led.last_seq.get(&fp).copied().unwrap_or(0);
         match self.journal.append_incident(&ev, expected).await? {

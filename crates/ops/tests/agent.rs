@@ -99,6 +99,7 @@ fn start_agent(bus: &Bus, name: &str) -> (watch::Sender<bool>, tokio::task::Join
         InstanceId::new(name),
         Options {
             evaluate_every: Duration::from_millis(200),
+            ..Options::default()
         },
     );
     let h = tokio::spawn(async move {
