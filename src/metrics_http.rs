@@ -58,7 +58,7 @@ pub struct MetricsArgs {
     #[arg(
         long,
         env = "MOZAIKS_METRICS_STORAGE_SECONDS",
-        default_value_t = 60,
+        default_value_t = 300,
         global = true
     )]
     pub metrics_storage_seconds: u64,

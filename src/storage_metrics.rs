@@ -1,5 +1,5 @@
 //! Storage per app, for the fleet dashboard's storage panels: every
-//! `MOZAIKS_METRICS_STORAGE_SECONDS` (60; 0 turns it off) a projector counts each live app's
+//! `MOZAIKS_METRICS_STORAGE_SECONDS` (300; 0 turns it off) a projector counts each live app's
 //! documents in its database (the app's placement) and sets
 //! `mozaiks_storage_documents{app_id, collection}` for `chat_sessions`, `chat_messages` and
 //! `usage_events`. The counts filter on `app_id`, the first field of each collection's indexes;

@@ -1,8 +1,9 @@
 //! The dashboards and alert rules of `deploy/` against a live fleet (issue 14, items 1 and 2): a
 //! real Prometheus (Debian's package, installed by scripts/prometheus.sh) scrapes a fleet under
 //! load, with `/metrics` behind the bearer token; every panel's query of
-//! `deploy/grafana/dashboards/*.json` and every alert rule of `deploy/prometheus/rules/` is
-//! evaluated through Prometheus's HTTP API and must return data.
+//! `deploy/grafana/dashboards/*.json`, every alert rule of `deploy/prometheus/rules/` and every
+//! dashboard variable's `label_values` query is evaluated through Prometheus's HTTP API and must
+//! return data.
 //!
 //! Alert expressions are evaluated with their comparisons turned into `bool` comparisons
 //! (`sum(x) > 5000` becomes `sum(x) > bool 5000`), so that a quiet fleet still returns a series:
@@ -161,6 +162,28 @@ fn panel_queries() -> Vec<(String, String, String)> {
     out
 }
 
+/// Every `label_values(metric, label)` query of the dashboards' variables: (metric, label).
+fn variable_queries() -> Vec<(String, String)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/dashboards");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let d: Value =
+            serde_json::from_str(&std::fs::read_to_string(e.unwrap().path()).unwrap()).unwrap();
+        for v in d["templating"]["list"].as_array().unwrap() {
+            let Some(q) = v["query"]["query"].as_str() else {
+                continue;
+            };
+            let args = q
+                .strip_prefix("label_values(")
+                .and_then(|r| r.strip_suffix(')'))
+                .unwrap_or_else(|| panic!("a variable query that is not label_values: {q}"));
+            let (metric, label) = args.split_once(',').unwrap();
+            out.push((metric.trim().to_string(), label.trim().to_string()));
+        }
+    }
+    out
+}
+
 /// `expr` with every comparison against a number made a `bool` comparison.
 fn comparisons_as_bool(expr: &str) -> String {
     let mut out = String::new();
@@ -289,6 +312,8 @@ async fn every_panel_and_alert_returns_data_from_a_fleet_under_load() {
     // Every panel's query and every alert rule's expression, until all return data.
     let http = reqwest::Client::new();
     let panels = panel_queries();
+    let variables = variable_queries();
+    assert!(!variables.is_empty(), "no dashboard variable");
     let deadline = Instant::now() + Duration::from_secs(90);
     let missing = loop {
         let mut missing = Vec::new();
@@ -297,6 +322,20 @@ async fn every_panel_and_alert_returns_data_from_a_fleet_under_load() {
                 Ok(r) if !r.is_empty() => {}
                 Ok(_) => missing.push(format!("{file} / {title}: no data for {expr}")),
                 Err(e) => missing.push(format!("{file} / {title}: {e} in {expr}")),
+            }
+        }
+        for (metric, label) in &variables {
+            let values: Value = match http
+                .get(format!("{}/api/v1/label/{label}/values", prom.url))
+                .query(&[("match[]", metric.as_str())])
+                .send()
+                .await
+            {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(e) => Value::String(e.to_string()),
+            };
+            if values["data"].as_array().is_none_or(|v| v.is_empty()) {
+                missing.push(format!("variable {label}: no values of {metric}: {values}"));
             }
         }
         match http.get(format!("{}/api/v1/rules", prom.url)).send().await {
