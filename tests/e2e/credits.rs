@@ -690,7 +690,16 @@ async fn a_new_period_restores_included_credits() {
         assert_eq!(s, 200, "{v}");
         v
     };
-    // Spend the period's credits (a period may end meanwhile: then spend the next one's).
+    // Spend the period's credits, from the start of a period (so that it does not end between
+    // the refusal and the wallet's read).
+    let w = wallet().await;
+    let end = chrono::DateTime::parse_from_rfc3339(w["period_end"].as_str().unwrap())
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let left = (end - chrono::Utc::now()).to_std().unwrap_or_default();
+    if left < Duration::from_secs(10) {
+        tokio::time::sleep(left + Duration::from_millis(300)).await;
+    }
     let (refusal, _) = run_until_refused(&fleet, &user, app, 200).await;
     assert_eq!(refusal, (402, "credits_exhausted".to_string()));
     let spent = fleet
