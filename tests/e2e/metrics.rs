@@ -88,8 +88,9 @@ async fn metrics_behind_a_token_on_their_own_listener_with_bounded_app_labels() 
     fleet.wait_ready(&gw).await;
     let own = format!("http://{listen}/metrics");
     wait_up(&fleet, &own).await;
-    let (s, _, _) = scrape(&fleet, &format!("{gw}/metrics"), Some(TOKEN)).await;
+    let (s, _, body) = scrape(&fleet, &format!("{gw}/metrics"), Some(TOKEN)).await;
     assert_eq!(s, 404, "the API port still serves /metrics");
+    assert!(body.contains("MOZAIKS_METRICS_LISTEN"), "{body}");
     let (s, _, _) = scrape(&fleet, &own, None).await;
     assert_eq!(s, 401);
     let (s, _, text) = scrape(&fleet, &own, Some(TOKEN)).await;

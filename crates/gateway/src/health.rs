@@ -100,6 +100,11 @@ pub async fn metrics(St(state): St<State>, headers: axum::http::HeaderMap) -> Re
             h.render(),
         )
             .into_response(),
-        None => (StatusCode::NOT_FOUND, "metrics recorder not installed").into_response(),
+        // MOZAIKS_METRICS_LISTEN gave /metrics a listener of its own (or no recorder runs).
+        None => (
+            StatusCode::NOT_FOUND,
+            "/metrics is not served on this port (see MOZAIKS_METRICS_LISTEN)\n",
+        )
+            .into_response(),
     }
 }
