@@ -274,6 +274,16 @@ impl Store {
     }
 }
 
+/// How long a measure of an app's storage is answered before it is taken again.
+pub const STORAGE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+type StorageCache = std::sync::Mutex<std::collections::HashMap<String, (Instant, u64)>>;
+
+fn storage_cache() -> &'static StorageCache {
+    static CACHE: std::sync::OnceLock<StorageCache> = std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
 /// How `GET /api/usage/{app_id}` groups charges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GroupBy {
@@ -408,10 +418,32 @@ impl Store {
     }
 
     /// Bytes of `app_id`'s read models (its documents in the sessions, messages and usage
-    /// collections of its database), measured by reading them: the seeds' storage dashboard.
+    /// collections of its database), measured by reading them (the seeds' storage dashboard):
+    /// at most once per [`STORAGE_TTL`] per app and process, the last measure answered meanwhile.
     pub async fn storage_bytes(&self, app_id: &str) -> Result<u64, Error> {
-        let started = Instant::now();
         let db = self.resolve_storage(app_id).await?;
+        let key = format!("{}/{app_id}", db.name());
+        if let Some((at, bytes)) = storage_cache()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            && at.elapsed() < STORAGE_TTL
+        {
+            return Ok(*bytes);
+        }
+        let bytes = self.measure_storage(&db, app_id).await?;
+        let mut cache = storage_cache()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() > 10_000 {
+            cache.retain(|_, (at, _)| at.elapsed() < STORAGE_TTL);
+        }
+        cache.insert(key, (Instant::now(), bytes));
+        Ok(bytes)
+    }
+
+    async fn measure_storage(&self, db: &Database, app_id: &str) -> Result<u64, Error> {
+        let started = Instant::now();
         let mut total = 0u64;
         for coll in [
             crate::SESSIONS,
