@@ -737,6 +737,12 @@ async fn another_apps_tokens_are_refused_everywhere_without_leaking_existence() 
             None,
         ),
         (
+            "GET",
+            "/api/apps/tenant-b/plugins/usage".into(),
+            "/api/apps/no-such-app/plugins/usage".into(),
+            None,
+        ),
+        (
             "PUT",
             "/api/apps/tenant-b/plugins/enabled".into(),
             "/api/apps/no-such-app/plugins/enabled".into(),

@@ -283,6 +283,21 @@ async fn plugins_execute_with_the_servers_context_on_every_replica() {
             assert_eq!((s, code(&v)), (status, expect), "{name}: {v}");
         }
     }
+    // Every execution counts in the app's plugin usage (plugin.executed records).
+    let usage = fleet
+        .eventually("the executions counted", || async {
+            let (s, v) = fleet.get(1, "/api/apps/pa/plugins/usage", &admin).await;
+            assert_eq!(s, 200, "{v}");
+            (v["executions"]["spin"] == 2 && v["executions"]["greedy"] == 2).then_some(v)
+        })
+        .await;
+    assert!(
+        usage["executions"]["echo"].as_u64().unwrap() >= 4,
+        "{usage}"
+    );
+    assert!(usage["executions"].get("todo").is_some(), "{usage}");
+    let (s, v) = fleet.get(1, "/api/apps/pa/plugins/usage", &alice).await;
+    assert_eq!((s, code(&v)), (403, "admin_required"));
     for gw in 0..2 {
         let (s, _) = fleet.get(gw, "/health/ready", &alice).await;
         assert_eq!(s, 200);

@@ -357,6 +357,7 @@ pub fn router(state: State) -> Router {
             "/api/apps/{app_id}/plugins/enabled",
             get(plugins::get_enabled).put(plugins::put_enabled),
         )
+        .route("/api/apps/{app_id}/plugins/usage", get(plugins::usage))
         .merge(page::routes())
         .fallback(|| async { error::ApiError::not_found("not_found", "no such endpoint") })
         .method_not_allowed_fallback(error::method_not_allowed)

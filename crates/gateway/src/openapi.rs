@@ -611,6 +611,15 @@ pub const OPERATIONS: &[Op] = &[
         200,
         &[401, 403, 404, 422, 503],
     ),
+    op(
+        "get",
+        "/api/apps/{app_id}/plugins/usage",
+        "plugins",
+        "The app's plugin executions per plugin over the last 30 days (the plugin.executed records on MZ_PLUGINS): {app_id, executions: {plugin: n}, total, window_days} (its admins, its API keys, a superadmin).",
+        Auth::UserOrKey,
+        200,
+        &[401, 403, 404, 422, 503],
+    ),
     Op {
         body: Some(schemas::plugin_enabled),
         ..op(

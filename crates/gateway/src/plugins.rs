@@ -8,6 +8,7 @@
 //! - `GET /api/apps/{app_id}/plugins` (any caller of the app): the plugins it sees;
 //!   `POST` (role `admin` of the app or its API key): uploads one.
 //! - `GET/PUT /api/apps/{app_id}/plugins/enabled` (role `admin`): the app's enabled list.
+//! - `GET /api/apps/{app_id}/plugins/usage` (role `admin`): executions per plugin, 30 days.
 //!
 //! Errors: 404 `plugin_not_found`, 403 `plugin_not_allowed`, 422 `invalid_input`,
 //! `invalid_plugin`, `invalid_module`, `plugin_trapped` and `plugin_error` (with the plugin's own
@@ -285,6 +286,27 @@ pub async fn get_enabled(
     app(&state, &app_id).await?;
     Ok(match p.enabled(&app_id).await {
         Ok(list) => Json(json!({"app_id": app_id, "plugins": list})).into_response(),
+        Err(e) => api_error(e),
+    })
+}
+
+/// `GET /api/apps/{app_id}/plugins/usage` (role `admin` of the app, its API key, a superadmin):
+/// executions per plugin over the last 30 days (`MZ_PLUGINS`' retention).
+pub async fn usage(
+    St(state): St<State>,
+    Path(app_id): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    authz::check_app_id(&app_id)?;
+    authz::admin_for(&caller.claims(), &app_id)?;
+    let p = plugins(&state)?;
+    app(&state, &app_id).await?;
+    Ok(match p.usage(&app_id).await {
+        Ok(counts) => {
+            let total: u64 = counts.values().sum();
+            Json(json!({"app_id": app_id, "executions": counts, "total": total, "window_days": 30}))
+                .into_response()
+        }
         Err(e) => api_error(e),
     })
 }

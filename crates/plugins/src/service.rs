@@ -660,6 +660,29 @@ impl Plugins {
         Ok(up)
     }
 
+    /// The app's executions per plugin still in `MZ_PLUGINS` (30 days): the subject counts of
+    /// its `plugin.executed` records, one per execution (deduplicated on the record's id).
+    pub async fn usage(&self, app_id: &str) -> Result<BTreeMap<String, u64>, Error> {
+        use futures::StreamExt;
+        let stream = self.0.bus.stream("MZ_PLUGINS").await.map_err(unavailable)?;
+        let prefix = format!(
+            "{}mz.plugin.executed.{app_id}.",
+            self.0.bus.subjects().prefix()
+        );
+        let mut subjects = stream
+            .info_with_subjects(format!("{prefix}*"))
+            .await
+            .map_err(unavailable)?;
+        let mut counts = BTreeMap::new();
+        while let Some(item) = subjects.next().await {
+            let (subject, n) = item.map_err(unavailable)?;
+            if let Some(plugin) = subject.strip_prefix(&prefix) {
+                counts.insert(plugin.to_string(), n as u64);
+            }
+        }
+        Ok(counts)
+    }
+
     /// A user's settings of a plugin (`{}` when none).
     pub async fn settings(
         &self,
