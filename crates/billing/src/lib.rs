@@ -38,6 +38,8 @@ pub use metrics::describe;
 
 /// The most charges fetched and written at once.
 pub const BATCH: usize = 256;
+/// How long billing waits for more of a pull's charges before writing what it has.
+const LINGER: Duration = Duration::from_millis(2);
 /// Readiness components of billing ([`Bus::report`]).
 const FETCH: &str = "billing.charges";
 const LEDGER: &str = "billing.mongo";
@@ -173,7 +175,20 @@ impl Billing {
             // Whatever has arrived is written at once (a wallet must learn of a charge within
             // moments), not when the pull request expires.
             let mut chunks = (&mut batch).ready_chunks(BATCH);
-            while let Some(items) = chunks.next().await {
+            while let Some(mut items) = chunks.next().await {
+                // The rest of a pull is usually on its way: linger a moment for it, so a backlog
+                // is written in batches of up to BATCH rather than a few charges at a time.
+                let mut ended = false;
+                while items.len() < BATCH {
+                    match tokio::time::timeout(LINGER, chunks.next()).await {
+                        Ok(Some(more)) => items.extend(more),
+                        Ok(None) => {
+                            ended = true;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
                 let mut charges = Vec::new();
                 for item in items {
                     let msg = match item {
@@ -210,6 +225,9 @@ impl Billing {
                             c.touch(&app);
                         }
                     }
+                }
+                if ended {
+                    break;
                 }
             }
         }
