@@ -10,6 +10,7 @@
 //! - bad bodies and queries get clear 4xx codes; an app's admin sees only its own incidents and
 //!   cannot touch the policy.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -786,5 +787,103 @@ agents:
         )
         .await;
     assert_eq!((s, code(&v)), (409, "action_not_in_force"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A tool server whose `/hold` answers one call per permit.
+async fn permit_server() -> (String, Arc<tokio::sync::Semaphore>) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let app = axum::Router::new().route(
+        "/hold",
+        axum::routing::get(move || {
+            let g = g.clone();
+            async move {
+                let _ = g.acquire().await.map(|p| p.forget());
+                axum::Json(json!({"status": "released"}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), gate)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_slots_go_round_robin_across_apps_so_a_backlog_does_not_starve_another_app() {
+    // One slot on the worker: X's five runs hold it in turn; Y's run, queued after them, gets
+    // the slot after X's next run, not after X's whole backlog (first come, first served).
+    let (tool_base, gate) = permit_server().await;
+    let dir = hold_pack(&tool_base);
+    std::fs::create_dir_all(dir.join("hello")).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/workflows/hello/workflow.yaml"),
+        dir.join("hello/workflow.yaml"),
+    )
+    .unwrap();
+    let workflows = dir.to_str().unwrap().to_string();
+    let fleet = Fleet::start_with(
+        1,
+        1,
+        &[
+            ("MOZAIKS_WORKFLOWS_DIR", workflows.as_str()),
+            ("MAX_CONCURRENT_WORKFLOWS", "1"),
+        ],
+    )
+    .await;
+    for app in ["fx", "fy"] {
+        create_app(
+            &fleet,
+            json!({"app_id": app, "name": app, "tier": "starter", "workflows": ["hold", "hello"]}),
+        )
+        .await;
+    }
+    let x = Fleet::token("xo", "fx", &["user"]);
+    let y = Fleet::token("yo", "fy", &["user"]);
+    let hold = json!({"app_id": "fx", "workflow_name": "hold", "message": "wait"});
+    let (s, v) = fleet.post_session(0, &x, hold.clone()).await;
+    assert_eq!(s, 201, "{v}");
+    fleet
+        .eventually("X's first run holding the slot", || async {
+            let (_, v) = fleet.get(0, "/health/active-runs?app_id=fx", &root()).await;
+            (v["count"] == 1).then_some(())
+        })
+        .await;
+    for _ in 0..4 {
+        let (s, v) = fleet.post_session(0, &x, hold.clone()).await;
+        assert_eq!(s, 201, "{v}");
+    }
+    // X's four runs reach the worker's queue before Y's.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (s, ticket) = fleet
+        .post_session(
+            0,
+            &y,
+            json!({"app_id": "fy", "workflow_name": "hello", "message": "hi"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{ticket}");
+    let y_chat = ticket["chat_id"].as_str().unwrap().to_string();
+    let y_done = || async {
+        let (_, v) = fleet.get(0, &format!("/api/sessions/{y_chat}"), &y).await;
+        v["last_event_type"] == "run.completed"
+    };
+    // Y's run reaches the worker's queue too (behind X's four).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!y_done().await, "Y waits: the slot is X's");
+
+    // Three of X's runs end. Both apps are starters, weight 2 each (starter's 10 runs against
+    // horizons' 5): the slot went to X twice, then to Y, so Y's run is done while X's fourth run
+    // holds the slot and its fifth still waits (first come, first served: Y after all five).
+    gate.add_permits(3);
+    fleet
+        .eventually("Y's run completed after three of X's", || async {
+            y_done().await.then_some(())
+        })
+        .await;
+    let (_, v) = fleet.get(0, "/health/active-runs?app_id=fx", &root()).await;
+    assert_eq!(v["count"], 1, "X's fourth run holds the slot: {v}");
+    gate.add_permits(10);
     let _ = std::fs::remove_dir_all(&dir);
 }
