@@ -64,6 +64,12 @@ agents:
         ),
     )
     .unwrap();
+    std::fs::create_dir_all(dir.join("hello")).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/workflows/hello/workflow.yaml"),
+        dir.join("hello/workflow.yaml"),
+    )
+    .unwrap();
     dir
 }
 
@@ -126,7 +132,7 @@ async fn a_noisy_neighbour_is_throttled_on_every_replica_survives_a_takeover_and
     for (app, name) in [("x", "X"), ("y", "Y")] {
         create_app(
             &fleet,
-            json!({"app_id": app, "name": name, "tier": "business", "workflows": ["hold"],
+            json!({"app_id": app, "name": name, "tier": "business", "workflows": ["hold", "hello"],
                    "limits": {"max_concurrent_runs": 50, "requests_per_minute": 6000}}),
         )
         .await;
@@ -290,7 +296,7 @@ async fn a_noisy_neighbour_is_throttled_on_every_replica_survives_a_takeover_and
 
     // A live policy change: X's next incident pauses its runs instead.
     gate.send_replace(false);
-    let mut rules = json!({"noisy_neighbour": {"actions": ["pause_runs"]}});
+    let mut rules = json!({"noisy_neighbour": {"actions": ["pause_runs", "disable_pack"]}});
     rules["noisy_neighbour"]["severity"] = json!("critical");
     let (s, v, _) = fleet
         .call(
@@ -304,8 +310,9 @@ async fn a_noisy_neighbour_is_throttled_on_every_replica_survives_a_takeover_and
     assert_eq!(s, 200, "{v}");
     assert_eq!(
         v["policy"]["rules"]["noisy_neighbour"]["actions"],
-        json!(["pause_runs"])
+        json!(["pause_runs", "disable_pack"])
     );
+    let hello = json!({"app_id": "x", "workflow_name": "hello", "message": "hi"});
     for i in 0..5 {
         let (s, v) = fleet.post_session(i % 2, &x_user, start("x")).await;
         assert_eq!(s, 201, "{v}");
@@ -317,18 +324,26 @@ async fn a_noisy_neighbour_is_throttled_on_every_replica_survives_a_takeover_and
         let (retry, _) = fleet
             .eventually("X paused", || async {
                 let (s, v, retry) = fleet
-                    .call(gw, "POST", "/api/sessions", &x_user, Some(start("x")))
+                    .call(gw, "POST", "/api/sessions", &x_user, Some(hello.clone()))
                     .await;
                 (s == 503 && code(&v) == "app_paused").then_some((retry, v))
             })
             .await;
         assert_eq!(retry.as_deref(), Some("7"));
+        // X's busiest workflow is off its allowlist meanwhile.
+        fleet
+            .eventually("X's hold pack disabled", || async {
+                let (s, v) = fleet.post_session(gw, &x_user, start("x")).await;
+                (s == 403 && code(&v) == "workflow_disabled").then_some(())
+            })
+            .await;
         let (s, v) = fleet.post_session(gw, &y_user, start("y")).await;
         assert_eq!(s, 201, "Y is not paused: {v}");
     }
     let (_, v) = fleet
         .get(0, "/api/ops/actions?app_id=x&status=applied", &root())
         .await;
+    let applied = v.clone();
     let pause = v["actions"]
         .as_array()
         .unwrap()
@@ -349,6 +364,30 @@ async fn a_noisy_neighbour_is_throttled_on_every_replica_survives_a_takeover_and
     for gw in [0, 1] {
         fleet
             .eventually("X's pause reverted by hand", || async {
+                let (s, _) = fleet.post_session(gw, &x_user, hello.clone()).await;
+                (s == 201).then_some(())
+            })
+            .await;
+        let (s, v) = fleet.post_session(gw, &x_user, start("x")).await;
+        assert_eq!((s, code(&v)), (403, "workflow_disabled"), "still disabled");
+    }
+    let disabled = applied["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["kind"] == "disable_pack")
+        .unwrap_or_else(|| panic!("no disable_pack applied: {applied}"))
+        .clone();
+    assert_eq!(disabled["workflow"], "hold");
+    let path = format!(
+        "/api/ops/actions/{}/revert",
+        disabled["action_id"].as_str().unwrap()
+    );
+    let (s, v, _) = fleet.call(1, "POST", &path, &root(), None).await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("reverted")), "{v}");
+    for gw in [0, 1] {
+        fleet
+            .eventually("X's hold pack enabled again", || async {
                 let (s, _) = fleet.post_session(gw, &x_user, start("x")).await;
                 (s == 201).then_some(())
             })
@@ -816,12 +855,6 @@ async fn a_workers_slots_go_round_robin_across_apps_so_a_backlog_does_not_starve
     // the slot after X's next run, not after X's whole backlog (first come, first served).
     let (tool_base, gate) = permit_server().await;
     let dir = hold_pack(&tool_base);
-    std::fs::create_dir_all(dir.join("hello")).unwrap();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/workflows/hello/workflow.yaml"),
-        dir.join("hello/workflow.yaml"),
-    )
-    .unwrap();
     let workflows = dir.to_str().unwrap().to_string();
     let fleet = Fleet::start_with(
         1,
