@@ -1,5 +1,5 @@
 // A real fleet for the browser tests: nats-server and the Mongo-wire server from .tools/ (installed
-// by scripts/servers.sh install), and `mozaiks` processes (target/debug/mozaiks, or MOZAIKS_BIN):
+// by scripts/servers.sh install), and `mozaiks` processes (target/debug/mozaiks — under CARGO_TARGET_DIR when set — or MOZAIKS_BIN):
 // a worker, a projector and gateway replicas, each a separate process sharing nothing but NATS.
 import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
@@ -66,7 +66,8 @@ export class Fleet {
 
   /** Servers, a worker (whose model is `modelUrl`), a projector and `gateways` gateway replicas. */
   static async start({ gateways = 2, modelUrl, logs }) {
-    const bin = process.env.MOZAIKS_BIN ?? join(REPO, "target", "debug", "mozaiks");
+    const target = process.env.CARGO_TARGET_DIR || join(REPO, "target");
+    const bin = process.env.MOZAIKS_BIN ?? join(target, "debug", "mozaiks");
     if (!existsSync(bin)) throw new Error(`${bin} is missing: run \`cargo build --bin mozaiks\` first`);
     for (const tool of ["nats-server", "secantusd-py"]) {
       if (!existsSync(join(VENV, tool))) throw new Error(`${tool} is missing: run \`scripts/servers.sh install\``);
