@@ -9,7 +9,8 @@
 //!    one call of `echo` with a 100-byte input (instantiate, copy in, copy out, parse).
 //! 2. Over HTTP: nats-server and the Mongo-wire server (test kit), `mozaiks all`, a user token;
 //!    `POST /api/execute/echo {"n": i}` sequentially, then from `BENCH_CLIENTS` concurrent
-//!    clients (default 8), each for `BENCH_MAX_SECS` seconds (default 10).
+//!    clients (default 4: one app runs at most 4 calls at once per replica), each for
+//!    `BENCH_MAX_SECS` seconds (default 10).
 //!
 //! Without `--bench` (e.g. `cargo test --benches`) every part does a few calls as a smoke test.
 
@@ -169,7 +170,7 @@ async fn over_http(full: bool) -> anyhow::Result<()> {
     summary("http: echo, 1 client", samples, started.elapsed());
 
     let clients = if full {
-        env_num("BENCH_CLIENTS", 8)?
+        env_num("BENCH_CLIENTS", 4)?
     } else {
         2
     };
