@@ -26,8 +26,10 @@ LABEL org.opencontainers.image.title="mozaiks" \
       org.opencontainers.image.description="Mozaiks Runtime: an event-sourced, multi-tenant runtime for AI-agent chat apps"
 COPY --from=build /mozaiks /usr/local/bin/mozaiks
 COPY --from=build /src/workflows /opt/mozaiks/workflows
+COPY --from=build /src/plugins /opt/mozaiks/plugins
 COPY --from=build --chown=65532:65532 /var/lib/mozaiks /var/lib/mozaiks
 ENV MOZAIKS_WORKFLOWS_DIR=/opt/mozaiks/workflows \
+    MOZAIKS_PLUGINS_DIR=/opt/mozaiks/plugins \
     MOZAIKS_LISTEN=0.0.0.0:8000 \
     MOZAIKS_LOG_FORMAT=json \
     MOZAIKS_ARCHIVE_DIR=/var/lib/mozaiks/archive
