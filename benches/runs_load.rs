@@ -32,11 +32,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use common::{
     ChildGuard, binary, env_num, free_port, lift_websocket_limits, mint_token, mozaiks_dev, pct,
-    sorted, wait_ready,
+    sorted, start_session, wait_ready,
 };
 use futures::StreamExt;
 use mozaiks_testkit::{NatsCluster, NatsOptions, TestServers};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,23 +50,7 @@ async fn one_run(
     workflow: &str,
 ) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
-    let r = http
-        .post(format!("{base}/api/sessions"))
-        .bearer_auth(token)
-        .json(&json!({"app_id": "default", "workflow_name": workflow, "message": "ping"}))
-        .send()
-        .await?;
-    let status = r.status();
-    let ticket: Value = r.json().await?;
-    ensure!(status == 201, "POST /api/sessions: {status} {ticket}");
-    let url = format!(
-        "{}?token={}&after=0",
-        ticket["ws_url"].as_str().context("ticket lacks ws_url")?,
-        ticket["runtime_token"]
-            .as_str()
-            .context("ticket lacks runtime_token")?
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let (_, mut ws) = start_session(http, base, token, workflow, t0).await?;
     loop {
         let msg = tokio::time::timeout(FRAME_TIMEOUT, ws.next())
             .await

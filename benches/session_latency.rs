@@ -21,11 +21,11 @@ use anyhow::{Context, bail, ensure};
 use chrono::{DateTime, Utc};
 use common::{
     ChildGuard, binary, env_num, free_port, lift_websocket_limits, mint_token, mozaiks_dev, pct,
-    sorted, wait_ready,
+    sorted, start_session, wait_ready,
 };
 use futures::StreamExt;
 use mozaiks_testkit::TestServers;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
 const WORKFLOWS: [&str; 2] = ["hello", "triage_handoff"];
@@ -91,24 +91,7 @@ async fn one_run(
 ) -> anyhow::Result<Sample> {
     let t0 = Instant::now();
     let t0_wall = Utc::now();
-    let r = http
-        .post(format!("{base}/api/sessions"))
-        .bearer_auth(token)
-        .json(&json!({"app_id": "default", "workflow_name": workflow, "message": "ping"}))
-        .send()
-        .await?;
-    let status = r.status();
-    let ticket: Value = r.json().await?;
-    ensure!(status == 201, "POST /api/sessions: {status} {ticket}");
-    let ticket_at = t0.elapsed();
-    let url = format!(
-        "{}?token={}&after=0",
-        ticket["ws_url"].as_str().context("ticket lacks ws_url")?,
-        ticket["runtime_token"]
-            .as_str()
-            .context("ticket lacks runtime_token")?
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let (ticket_at, mut ws) = start_session(http, base, token, workflow, t0).await?;
     let connected = t0.elapsed();
     let connected_wall = Utc::now();
     let mut types = Vec::new();

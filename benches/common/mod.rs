@@ -215,3 +215,38 @@ pub fn env_num(name: &str, default: u64) -> anyhow::Result<u64> {
         _ => Ok(default),
     }
 }
+
+/// A client's WebSocket to a gateway.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Starts a session of `workflow` in the default app with a message (POST /api/sessions) and
+/// opens the ticket's WebSocket from `after=0`. Returns when the ticket arrived, counted from
+/// `t0`, and the socket.
+pub async fn start_session(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    workflow: &str,
+    t0: Instant,
+) -> anyhow::Result<(Duration, Ws)> {
+    let r = http
+        .post(format!("{base}/api/sessions"))
+        .bearer_auth(token)
+        .json(&json!({"app_id": "default", "workflow_name": workflow, "message": "ping"}))
+        .send()
+        .await?;
+    let status = r.status();
+    let ticket: Value = r.json().await?;
+    ensure!(status == 201, "POST /api/sessions: {status} {ticket}");
+    let ticket_at = t0.elapsed();
+    let url = format!(
+        "{}?token={}&after=0",
+        ticket["ws_url"].as_str().context("ticket lacks ws_url")?,
+        ticket["runtime_token"]
+            .as_str()
+            .context("ticket lacks runtime_token")?
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+    Ok((ticket_at, ws))
+}
