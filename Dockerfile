@@ -9,7 +9,12 @@
 # non-root user 65532. `mozaiks --version` and the `mozaiks_build_info` metric carry the version
 # and MOZAIKS_GIT_COMMIT (the build context has no .git: see .dockerignore).
 
-FROM rust:1.95-bookworm AS build
+# The base images, as build arguments so that a machine without a container registry can build
+# from base images it made itself (scripts/image_check.sh). The defaults are the real ones.
+ARG BUILD_IMAGE=rust:1.95-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
 ARG MOZAIKS_GIT_COMMIT=unknown
 ENV MOZAIKS_GIT_COMMIT=${MOZAIKS_GIT_COMMIT} CARGO_TERM_COLOR=never
@@ -21,7 +26,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && /mozaiks --version \
     && mkdir -p /var/lib/mozaiks/archive
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUNTIME_IMAGE}
 LABEL org.opencontainers.image.title="mozaiks" \
       org.opencontainers.image.description="Mozaiks Runtime: an event-sourced, multi-tenant runtime for AI-agent chat apps"
 COPY --from=build /mozaiks /usr/local/bin/mozaiks

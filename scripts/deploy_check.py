@@ -10,6 +10,7 @@
   (kubernetes-validate, strict), plus the rules of issue 14 that a schema cannot check.
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,12 @@ def check_dockerfile():
     """The image's Dockerfile: multi-stage, pinned bases, a non-root numeric user, the binary as
     entrypoint, the git commit passed to the build. (Building it needs a Docker daemon.)"""
     lines = [l.strip() for l in (REPO / "Dockerfile").read_text().splitlines()]
+    # Base images given as build arguments are checked by their defaults (ARG NAME=default).
+    defaults = dict(
+        l.split(None, 1)[1].split("=", 1) for l in lines if l.upper().startswith("ARG ") and "=" in l
+    )
     froms = [l.split()[1] for l in lines if l.upper().startswith("FROM ")]
+    froms = [re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m.group(1), m.group(0)), f) for f in froms]
     if len(froms) < 2:
         fail("Dockerfile: not a multi-stage build")
     for image in froms:
