@@ -6,6 +6,14 @@
 //!   `usage_ledger`) and the credit grants (`credit_grants`) — then rebuilt from the start of the
 //!   logs. With `--from SEQ`: nothing is dropped; events from stream sequence `SEQ` on are applied
 //!   again (repairs a range).
+//! - Then each app's wallet (the KV bucket `MZ_CREDITS`: balance, consumption, state, the users
+//!   over budget) is recomputed from the rebuilt ledger and grants by billing's own code
+//!   ([`mozaiks_billing::credits::Credits::refresh`]), so it equals what live billing writes. It is
+//!   overwritten, not dropped: gateways and workers follow it, and the alerts it records as sent
+//!   this period stay sent (a dropped wallet would let them be sent again).
+//! - Charges appended before prices existed are costed as billing costs them (the prices of
+//!   `MOZAIKS_PRICES_FILE`), and periods are `MOZAIKS_CREDITS_PERIOD_SECONDS` long when the fleet
+//!   says so: the rebuild must run with the fleet's configuration.
 //! - The writes are the projector's and billing's own (idempotent: messages and charges are
 //!   inserted once by id, sessions take the newest seq), so the live projector and billing may
 //!   write at the same time: what they write, the rebuild writes again to the same result, and
@@ -56,6 +64,7 @@ pub struct Report {
     pub events: u64,
     pub charges: u64,
     pub grants: u64,
+    pub wallets: u64,
 }
 
 pub async fn run(g: &Global, args: RebuildArgs) -> anyhow::Result<ExitCode> {
@@ -67,6 +76,8 @@ pub async fn run(g: &Global, args: RebuildArgs) -> anyhow::Result<ExitCode> {
     {
         bail!("--app {app:?} is not an app id");
     }
+    mozaiks_store::credits::set_period_seconds(g.credits_period_seconds);
+    let prices = mozaiks_control::prices::Prices::load(g.prices_file.as_deref())?;
     let bus = Bus::connect(&g.nats_url, &g.namespace, "mozaiks-rebuild")
         .await
         .context("NATS")?;
@@ -75,16 +86,20 @@ pub async fn run(g: &Global, args: RebuildArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("MongoDB")?
         .with_resolver(mozaiks_admin::storage::resolver(&registry));
+    let credits = mozaiks_billing::credits::Credits::open(registry.clone(), prices, &bus, &store)
+        .await
+        .map_err(|e| anyhow::anyhow!("wallets: {e}"))?;
     let started = Instant::now();
-    let report = rebuild(&bus, &registry, &store, &args).await?;
+    let report = rebuild(&bus, &registry, &store, &credits, &args).await?;
     println!(
-        "rebuilt {} app(s) in {:.1}s: {} document(s) dropped, {} event(s) projected, {} charge(s) and {} grant(s) applied",
+        "rebuilt {} app(s) in {:.1}s: {} document(s) dropped, {} event(s) projected, {} charge(s) and {} grant(s) applied, {} wallet(s) recomputed",
         report.apps,
         started.elapsed().as_secs_f64(),
         report.dropped,
         report.events,
         report.charges,
-        report.grants
+        report.grants,
+        report.wallets
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -114,6 +129,7 @@ pub async fn rebuild(
     bus: &Bus,
     registry: &Registry,
     store: &Store,
+    credits: &mozaiks_billing::credits::Credits,
     args: &RebuildArgs,
 ) -> anyhow::Result<Report> {
     let apps = apps(registry, args.app.as_deref())?;
@@ -206,7 +222,11 @@ pub async fn rebuild(
     loop {
         let b = bus.replay("MZ_USAGE", &usage, next, BATCH).await?;
         let mut by_app: std::collections::BTreeMap<String, Vec<_>> = Default::default();
-        for e in b.events.into_iter().filter(|e| wanted(&e.app_id)) {
+        for mut e in b.events.into_iter().filter(|e| wanted(&e.app_id)) {
+            if let mozaiks_events::Event::UsageCharged(u) = &mut e.event {
+                // Billing's cost of a charge appended before prices existed.
+                credits.cost_charge(u);
+            }
             by_app.entry(e.app_id.clone()).or_default().push(e);
         }
         for (app, envs) in by_app {
@@ -234,6 +254,20 @@ pub async fn rebuild(
         }
     }
     progress.done("grants", report.grants);
+
+    // Wallets: recomputed from the ledger and grants just rebuilt, as billing computes them.
+    for (n, app) in apps.iter().enumerate() {
+        if credits
+            .refresh(app)
+            .await
+            .map_err(|e| anyhow::anyhow!("the wallet of {app}: {e}"))?
+            .is_some()
+        {
+            report.wallets += 1;
+        }
+        progress.show("wallets", n as u64 + 1, apps.len() as u64);
+    }
+    progress.done("wallets", report.wallets);
     Ok(report)
 }
 

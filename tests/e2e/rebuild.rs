@@ -1,12 +1,14 @@
 //! `mozaiks rebuild` (issue 14, item 6): the read models it rebuilds from the log, while the
-//! fleet keeps running, equal the projections the live fleet wrote; it is idempotent, `--from`
-//! re-applies without dropping, and bad arguments are refused.
+//! fleet keeps running, equal the projections the live fleet wrote — sessions, transcripts, the
+//! usage ledger, the grants and the wallets (`MZ_CREDITS`) that billing computes from them; it is
+//! idempotent, `--from` re-applies without dropping, and bad arguments are refused.
 
 use std::process::Output;
 
 use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
-use serde_json::json;
+use mozaiks_bus::Bus;
+use serde_json::{Value, json};
 
 use crate::fleet::*;
 
@@ -84,6 +86,57 @@ async fn snapshot(
     out
 }
 
+/// The wallet of `app` in `MZ_CREDITS` without `updated_at` (when, not what, billing wrote).
+async fn wallet(bus: &Bus, app: &str) -> Option<Value> {
+    let kv = bus
+        .jetstream()
+        .get_key_value(bus.subjects().name("MZ_CREDITS"))
+        .await
+        .unwrap();
+    let bytes = kv.get(app).await.unwrap()?;
+    let mut w: Value = serde_json::from_slice(&bytes).unwrap();
+    w.as_object_mut().unwrap().remove("updated_at");
+    Some(w)
+}
+
+/// Credits of `app`'s charges in the current period, from the ledger's documents in `db`.
+async fn consumed(db: &mongodb::Database, app: &str) -> u64 {
+    let period = mozaiks_store::credits::Period::containing(chrono::Utc::now()).key();
+    db.collection::<Document>("usage_events")
+        .find(doc! {"app_id": app, "period": &period})
+        .await
+        .unwrap()
+        .try_collect::<Vec<Document>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| match d.get("credits") {
+            Some(mongodb::bson::Bson::Int64(n)) => *n as u64,
+            Some(mongodb::bson::Bson::Int32(n)) => *n as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Live billing's wallet of `app`, once it counts every charge of the ledger in `db`.
+async fn settled_wallet(bus: &Bus, db: &mongodb::Database, app: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let want = consumed(db, app).await;
+        let w = wallet(bus, app).await;
+        if let Some(w) = w.as_ref().filter(|w| w["consumed"].as_u64() == Some(want))
+            && want > 0
+        {
+            return w.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{app}'s wallet does not count the ledger's {want} credits: {w:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
 /// Runs one chat of `app` to its end.
 async fn chat(fleet: &Fleet, token: &str, app: &str, text: &str) {
     let (s, ticket) = fleet
@@ -105,6 +158,9 @@ async fn rebuilt_read_models_equal_the_live_projections() {
         .await
         .unwrap();
     let shared = mongo.database(&fleet.servers.mongo_db);
+    let bus = Bus::connect(&fleet.servers.nats_url, &fleet.servers.namespace, "e2e")
+        .await
+        .unwrap();
 
     // Two apps: the default one in the shared database, a business one in its own.
     let (s, biz, _) = fleet
@@ -148,14 +204,33 @@ async fn rebuilt_read_models_equal_the_live_projections() {
         .get(0, "/api/usage/biz", &Fleet::token("bo", "biz", &["admin"]))
         .await;
     assert_nonempty(&live_biz);
+    let wallet_default = settled_wallet(&bus, &shared, "default").await;
+    let wallet_biz = settled_wallet(&bus, &biz_db, "biz").await;
+    assert_eq!(wallet_biz["granted"], 500, "{wallet_biz}");
 
-    // One app, from scratch: dropped, then rebuilt equal.
+    // One app, from scratch: dropped, then rebuilt equal. Its wallet is made wrong first (as if
+    // billing had counted nothing): the rebuild recomputes it from the rebuilt ledger and grants.
+    let kv = bus
+        .jetstream()
+        .get_key_value(bus.subjects().name("MZ_CREDITS"))
+        .await
+        .unwrap();
+    let mut wrong = wallet_biz.clone();
+    wrong["consumed"] = json!(0);
+    wrong["balance"] = json!(wallet_biz["included"].as_i64().unwrap() + 500);
+    wrong["updated_at"] = json!(chrono::Utc::now());
+    kv.put("biz", serde_json::to_vec(&wrong).unwrap().into())
+        .await
+        .unwrap();
+    assert_ne!(wallet(&bus, "biz").await.as_ref(), Some(&wallet_biz));
     let out = rebuild(&fleet, &["--app", "biz"]);
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("rebuilt 1 app(s)"), "{}", text(&out));
     assert!(!stdout.contains(" 0 document(s) dropped"), "{}", text(&out));
+    assert!(stdout.contains("1 wallet(s) recomputed"), "{}", text(&out));
     assert_eq!(snapshot(&biz_db, &shared, "biz").await, live_biz);
+    assert_eq!(wallet(&bus, "biz").await, Some(wallet_biz.clone()));
     let (_, usage_after) = fleet
         .get(0, "/api/usage/biz", &Fleet::token("bo", "biz", &["admin"]))
         .await;
@@ -165,7 +240,8 @@ async fn rebuilt_read_models_equal_the_live_projections() {
     assert!(
         stderr.contains("events: 100%")
             && stderr.contains("charges: ")
-            && stderr.contains("grants: 1 applied"),
+            && stderr.contains("grants: 1 applied")
+            && stderr.contains("wallets: 1 applied"),
         "{}",
         text(&out)
     );
@@ -176,6 +252,8 @@ async fn rebuilt_read_models_equal_the_live_projections() {
         assert!(out.status.success(), "{}", text(&out));
         assert_eq!(snapshot(&shared, &shared, "default").await, live_default);
         assert_eq!(snapshot(&biz_db, &shared, "biz").await, live_biz);
+        assert_eq!(wallet(&bus, "default").await, Some(wallet_default.clone()));
+        assert_eq!(wallet(&bus, "biz").await, Some(wallet_biz.clone()));
     }
 
     // --from: nothing dropped, the range re-applied.
@@ -208,9 +286,15 @@ async fn rebuilt_read_models_equal_the_live_projections() {
     assert!(out.status.success(), "{}", text(&out));
     let during = settled(&shared, &shared, "default", 6, false).await;
     assert_eq!(during[0].1.len(), 6, "six sessions");
+    let wallet_during = settled_wallet(&bus, &shared, "default").await;
+    assert!(
+        wallet_during["consumed"].as_u64() > wallet_default["consumed"].as_u64(),
+        "{wallet_during} after {wallet_default}"
+    );
     let out = rebuild(&fleet, &["--quiet"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(snapshot(&shared, &shared, "default").await, during);
+    assert_eq!(wallet(&bus, "default").await, Some(wallet_during));
 
     // Refusals: an unknown app, a sequence of 0, an id that is a subject pattern.
     for (args, want) in [

@@ -463,3 +463,40 @@ pub async fn consumed(
     }
     Ok(out)
 }
+
+impl Credits {
+    /// Wallets kept by a tool rather than by billing (`mozaiks rebuild`): no refresher, grant
+    /// consumer or sweep is started; [`Credits::refresh`] computes and writes a wallet exactly
+    /// as billing does (the same inputs, the same compare-and-set, the same alerts).
+    pub async fn open(
+        registry: Registry,
+        prices: Prices,
+        bus: &Bus,
+        store: &Store,
+    ) -> Result<Credits, String> {
+        let wallets = Wallets::open(bus, false).await.map_err(|e| e.to_string())?;
+        store
+            .ensure_credit_indexes(store.shared())
+            .await
+            .map_err(|e| e.to_string())?;
+        // Nobody listens: `touch` is a no-op, every recomputation is an explicit `refresh`.
+        let (refresh, _) = mpsc::unbounded_channel();
+        Ok(Credits {
+            registry,
+            prices: Arc::new(prices),
+            inner: Some(Arc::new(Running {
+                bus: bus.clone(),
+                store: store.clone(),
+                wallets,
+                refresh,
+                indexed: Default::default(),
+            })),
+        })
+    }
+
+    /// Costs a charge appended before prices existed, as billing does before writing it to the
+    /// ledger (a charge that carries its cost keeps it).
+    pub fn cost_charge(&self, u: &mut mozaiks_events::UsageCharged) {
+        self.prices.cost_charge(u);
+    }
+}
