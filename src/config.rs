@@ -133,6 +133,18 @@ pub struct Global {
         global = true
     )]
     pub max_concurrent_workflows: usize,
+    /// Whether a worker hands its run slots out fairly across apps (deficit round robin by
+    /// app, weighted by tier) or, when false, first come first served (only to measure the
+    /// difference: one app's backlog then delays every other app's runs).
+    #[arg(
+        long,
+        env = "MOZAIKS_FAIR_SLOTS",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new(),
+        global = true
+    )]
+    pub fair_slots: bool,
     /// A run that lasts longer fails with `timeout`.
     #[arg(
         long,

@@ -344,6 +344,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
             max_concurrent_runs: g.max_concurrent_workflows,
             run_timeout: Duration::from_secs(g.workflow_timeout_seconds.max(1)),
             enforce_credits: g.monetization_enabled,
+            fair_slots: g.fair_slots,
             ..Default::default()
         };
         let w = mozaiks_engine::Worker::new(

@@ -43,6 +43,9 @@ pub struct Options {
     /// No model call for an app whose credits (or a user whose daily budget) are spent
     /// (`MONETIZATION_ENABLED`); when false, usage is metered and nothing is refused.
     pub enforce_credits: bool,
+    /// Hand run slots out fairly across apps ([`fair`]); false: first come, first served
+    /// (`MOZAIKS_FAIR_SLOTS=false`, to measure against).
+    pub fair_slots: bool,
 }
 
 impl Default for Options {
@@ -52,6 +55,7 @@ impl Default for Options {
             run_timeout: Duration::from_secs(300),
             idle_evict: Duration::from_secs(60),
             enforce_credits: false,
+            fair_slots: true,
         }
     }
 }
@@ -171,7 +175,10 @@ impl Worker {
             .await
             .map_err(|e| Error::Consumer(e.to_string()))?;
         let sh = Arc::new(Shared {
-            runs: fair::FairSlots::new(self.opts.max_concurrent_runs.max(1)),
+            runs: fair::FairSlots::with_policy(
+                self.opts.max_concurrent_runs.max(1),
+                self.opts.fair_slots,
+            ),
             bus: self.bus,
             registry: self.registry,
             catalog: self.catalog,

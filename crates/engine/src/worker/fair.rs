@@ -36,6 +36,9 @@ struct AppQueue {
 #[derive(Default)]
 struct State {
     free: usize,
+    /// First come, first served: every run waits in one queue, whatever its app (fair
+    /// scheduling switched off, to compare against; see [`FairSlots::fifo`]).
+    fifo: bool,
     queues: HashMap<String, AppQueue>,
     /// Apps with runs waiting, in round-robin order.
     order: VecDeque<String>,
@@ -112,6 +115,25 @@ impl FairSlots {
         })))
     }
 
+    /// Slots handed out first come, first served, whatever the app: what a worker did before
+    /// fair scheduling, kept to measure against (`MOZAIKS_FAIR_SLOTS=false`).
+    pub fn fifo(slots: usize) -> FairSlots {
+        FairSlots(Arc::new(Mutex::new(State {
+            free: slots.max(1),
+            fifo: true,
+            ..State::default()
+        })))
+    }
+
+    /// Fair slots when `fair`, else [`FairSlots::fifo`].
+    pub fn with_policy(slots: usize, fair: bool) -> FairSlots {
+        if fair {
+            FairSlots::new(slots)
+        } else {
+            FairSlots::fifo(slots)
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -126,6 +148,7 @@ impl FairSlots {
             }
             let (tx, rx) = oneshot::channel();
             let weight = weight.clamp(1, MAX_WEIGHT);
+            let app_id = if st.fifo { "" } else { app_id };
             let fresh = !st.queues.contains_key(app_id);
             let q = st
                 .queues
@@ -266,6 +289,25 @@ mod tests {
         );
         release.add_permits(100);
         while set.join_next().await.is_some() {}
+    }
+
+    #[tokio::test]
+    async fn fifo_slots_serve_in_arrival_order_whatever_the_app() {
+        let slots = FairSlots::with_policy(1, false);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut set = tokio::task::JoinSet::new();
+        queue(&slots, "x", 1, 1, &log, &mut set, &release);
+        settle().await;
+        queue(&slots, "x", 1, 3, &log, &mut set, &release);
+        settle().await;
+        queue(&slots, "y", 1, 1, &log, &mut set, &release);
+        settle().await;
+        assert_eq!(slots.waiting(), 4);
+        release.add_permits(100);
+        while set.join_next().await.is_some() {}
+        // Y after X's whole backlog: what fair scheduling avoids.
+        assert_eq!(*log.lock().unwrap(), ["x", "x", "x", "x", "y"]);
     }
 
     #[tokio::test]
