@@ -206,6 +206,31 @@ pub struct Global {
         global = true
     )]
     pub ops_evaluate_ms: u64,
+    /// A fleet for the ops agent to poll too, as the seeds' ops guide does: its `/api/health`,
+    /// `/health/active-runs` and `/metrics/perf/aggregate` (every app's view), whose active
+    /// runs, errors and tokens feed the rules next to the bus's (the larger value per app, so
+    /// the fleet this agent also follows on the bus is not counted twice). Repeat the flag or
+    /// separate URLs with commas for several fleets.
+    #[arg(
+        long = "poll",
+        value_name = "URL",
+        env = "MOZAIKS_OPS_POLL",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub ops_poll: Vec<String>,
+    /// The bearer token for --poll (a superadmin token of the polled fleet). Default: a
+    /// superadmin token minted with this process's JWT_SECRET, renewed before each poll.
+    #[arg(long = "poll-token", env = "MOZAIKS_OPS_POLL_TOKEN", global = true)]
+    pub ops_poll_token: Option<String>,
+    /// Milliseconds between two polls of the --poll fleets.
+    #[arg(
+        long = "poll-every-ms",
+        env = "MOZAIKS_OPS_POLL_MS",
+        default_value_t = 5000,
+        global = true
+    )]
+    pub ops_poll_ms: u64,
     /// Enforce credits (the seeds' name): gateways refuse new sessions and messages, and workers
     /// refuse the next model call, of an app whose credits (or a user whose daily budget) are
     /// spent. Off (the development default): usage is metered and nothing is refused.

@@ -165,6 +165,47 @@ fn load_catalog(g: &Global) -> anyhow::Result<Catalog> {
     Catalog::load_dir(&g.workflows_dir).map_err(|e| anyhow::anyhow!("invalid workflow pack: {e}"))
 }
 
+/// The fleets `--poll` names for the ops role, with their token: `--poll-token`, else a
+/// superadmin token minted with JWT_SECRET (renewed before each poll; valid 10 minutes).
+fn ops_poll(g: &Global) -> anyhow::Result<Option<mozaiks_ops::poll::Poll>> {
+    let urls: Vec<String> = g
+        .ops_poll
+        .iter()
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Ok(None);
+    }
+    for u in &urls {
+        let rest = u
+            .strip_prefix("http://")
+            .or_else(|| u.strip_prefix("https://"));
+        anyhow::ensure!(
+            rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/')),
+            "--poll {u:?}: not an http(s) URL"
+        );
+    }
+    let token: mozaiks_ops::poll::TokenSource = match g.ops_poll_token.clone() {
+        Some(t) if !t.is_empty() => std::sync::Arc::new(move || Some(t.clone())),
+        _ => {
+            let auth = mozaiks_auth::Auth::new(mozaiks_auth::Config::hs256(g.jwt_secret()?, g.dev))
+                .context("--poll without --poll-token mints a token with JWT_SECRET")?;
+            let app = g.default_app_id.clone();
+            std::sync::Arc::new(move || {
+                auth.mint_user("mozaiks-ops", &app, &["superadmin"], 600)
+                    .map_err(|e| tracing::warn!(error = %e, "Cannot mint the --poll token."))
+                    .ok()
+            })
+        }
+    };
+    Ok(Some(mozaiks_ops::poll::Poll {
+        urls,
+        every: Duration::from_millis(g.ops_poll_ms.max(100)),
+        token,
+    }))
+}
+
 /// Runs `roles` until SIGTERM.
 pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow::Result<ExitCode> {
     init_tracing(g);
@@ -180,6 +221,8 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
     } else {
         None
     };
+    // The fleets the ops role polls (--poll): a bad URL stops the start.
+    let ops_poll = if roles.ops { ops_poll(g)? } else { None };
     // Model prices (config/prices.yaml or MOZAIKS_PRICES_FILE): a bad file stops the start.
     let prices = if roles.worker || roles.billing {
         Some(mozaiks_control::prices::Prices::load(
@@ -376,6 +419,7 @@ pub async fn serve(g: &Global, roles: Roles, gw: Option<GatewayArgs>) -> anyhow:
                 evaluate_every: Duration::from_millis(g.ops_evaluate_ms.max(100)),
                 // Incident summaries by the workers' model (offline unless one is configured).
                 model: Some(model(g)?),
+                poll: ops_poll.clone(),
             },
         );
         let s = stopped();

@@ -849,6 +849,17 @@ async fn permit_server() -> (String, Arc<tokio::sync::Semaphore>) {
     (format!("http://{addr}"), gate)
 }
 
+/// Waits until the chat's start is in its read model: the worker took the start (appended
+/// `session.started` and the message) and its run waits for a slot (or holds one).
+async fn queued(fleet: &Fleet, chat: &str, token: &str) {
+    fleet
+        .eventually("the chat's start taken by the worker", || async {
+            let (s, v) = fleet.get(0, &format!("/api/sessions/{chat}"), token).await;
+            (s == 200 && v["last_event_type"].is_string()).then_some(())
+        })
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workers_slots_go_round_robin_across_apps_so_a_backlog_does_not_starve_another_app() {
     // One slot on the worker: X's five runs hold it in turn; Y's run, queued after them, gets
@@ -883,12 +894,17 @@ async fn a_workers_slots_go_round_robin_across_apps_so_a_backlog_does_not_starve
             (v["count"] == 1).then_some(())
         })
         .await;
+    let mut x_chats = Vec::new();
     for _ in 0..4 {
         let (s, v) = fleet.post_session(0, &x, hold.clone()).await;
         assert_eq!(s, 201, "{v}");
+        x_chats.push(v["chat_id"].as_str().unwrap().to_string());
     }
-    // X's four runs reach the worker's queue before Y's.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // X's four runs reach the worker's queue before Y's: each chat's start is in its log (the
+    // worker appends it, then waits for a slot at once), so its read model has it.
+    for chat in &x_chats {
+        queued(&fleet, chat, &x).await;
+    }
     let (s, ticket) = fleet
         .post_session(
             0,
@@ -903,7 +919,7 @@ async fn a_workers_slots_go_round_robin_across_apps_so_a_backlog_does_not_starve
         v["last_event_type"] == "run.completed"
     };
     // Y's run reaches the worker's queue too (behind X's four).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    queued(&fleet, &y_chat, &y).await;
     assert!(!y_done().await, "Y waits: the slot is X's");
 
     // Three of X's runs end. Both apps are starters, weight 2 each (starter's 10 runs against
@@ -919,4 +935,112 @@ async fn a_workers_slots_go_round_robin_across_apps_so_a_backlog_does_not_starve
     assert_eq!(v["count"], 1, "X's fourth run holds the slot: {v}");
     gate.add_permits(10);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ops_agent_that_polls_a_fleet_over_http_sees_its_noisy_neighbour() {
+    // The ops agent lives in another namespace (its own gateway for the policy and incidents)
+    // and cannot read this fleet's bus: what it knows of X's runs comes from `--poll`, the
+    // fleet's /api/health, /health/active-runs and /metrics/perf/aggregate.
+    let (tool_base, gate) = gate_server().await;
+    let dir = hold_pack(&tool_base);
+    let workflows = dir.to_str().unwrap().to_string();
+    let mut fleet = Fleet::start_with(1, 1, &[("MOZAIKS_WORKFLOWS_DIR", workflows.as_str())]).await;
+    for app in ["x", "y"] {
+        create_app(
+            &fleet,
+            json!({"app_id": app, "name": app, "tier": "business", "workflows": ["hold", "hello"]}),
+        )
+        .await;
+    }
+    let ns = format!("{}o", fleet.servers.namespace);
+    let port = crate::fleet::free_port();
+    fleet.spawn_with(
+        "gateway",
+        Some(port),
+        &[
+            ("MOZAIKS_NAMESPACE", ns.as_str()),
+            ("MOZAIKS_WORKFLOWS_DIR", workflows.as_str()),
+        ],
+    );
+    let ops_gw = format!("http://127.0.0.1:{port}");
+    fleet.wait_ready(&ops_gw).await;
+    fleet.gateways.push(ops_gw);
+    let mut rules = quiet_rules();
+    rules["noisy_neighbour"] = json!({"enabled": true, "threshold": 0.4, "min_total": 3,
+                                      "for_seconds": 1, "actions": ["notify"]});
+    let (s, v, _) = fleet
+        .call(
+            1,
+            "PUT",
+            "/api/ops/policy",
+            &root(),
+            Some(json!({"rules": rules})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let nats = async_nats::connect(&fleet.servers.nats_url).await.unwrap();
+    let subjects = mozaiks_events::subjects::Subjects::new(&ns);
+    let mut incidents = nats
+        .subscribe(subjects.ops("incident.noisy_neighbour.x"))
+        .await
+        .unwrap();
+    let polled = fleet.gateways[0].clone();
+    fleet.spawn_with(
+        "ops",
+        None,
+        &[
+            ("MOZAIKS_NAMESPACE", ns.as_str()),
+            ("MOZAIKS_OPS_EVALUATE_MS", "200"),
+            ("MOZAIKS_OPS_POLL", polled.as_str()),
+            ("MOZAIKS_OPS_POLL_MS", "200"),
+        ],
+    );
+
+    let x_user = Fleet::token("xena", "x", &["user"]);
+    let y_user = Fleet::token("yuri", "y", &["user"]);
+    let start = |app: &str| json!({"app_id": app, "workflow_name": "hold", "message": "wait"});
+    for _ in 0..4 {
+        let (s, v) = fleet.post_session(0, &x_user, start("x")).await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let (s, v) = fleet.post_session(0, &y_user, start("y")).await;
+    assert_eq!(s, 201, "{v}");
+
+    let firing = next_event(&mut incidents, "mozaiks.ops.incident.firing").await;
+    let data = &firing["data"];
+    assert_eq!(data["rule"], "noisy_neighbour");
+    assert_eq!(data["app_id"], "x");
+    assert_eq!(data["values"]["app_active_runs"], 4.0, "{data}");
+    assert_eq!(data["values"]["fleet_active_runs"], 5.0, "{data}");
+    // Recorded where the agent lives, not on the polled fleet's bus.
+    let (s, v) = fleet
+        .get(1, "/api/ops/incidents?app_id=x&status=firing", &root())
+        .await;
+    assert_eq!((s, v["count"].clone()), (200, json!(1)), "{v}");
+    let (_, v) = fleet.get(0, "/api/ops/incidents", &root()).await;
+    assert_eq!(v["count"], 0, "{v}");
+
+    // X's runs end: the polled fleet shows none, and the incident resolves.
+    gate.send_replace(true);
+    let resolved = next_event(&mut incidents, "mozaiks.ops.incident.resolved").await;
+    assert_eq!(resolved["data"]["incident_id"], data["incident_id"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_ops_role_refuses_a_poll_url_that_is_not_http() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mozaiks"))
+        .args(["ops", "--poll", "ftp://fleet.example"])
+        .env_clear()
+        .env("MOZAIKS_DEV", "1")
+        .env("NATS_URL", "nats://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--poll") && err.contains("not an http(s) URL"),
+        "{err}"
+    );
 }

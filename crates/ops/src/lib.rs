@@ -26,6 +26,7 @@ pub mod journal;
 pub mod metrics;
 pub mod notify;
 pub mod policy;
+pub mod poll;
 pub mod rules;
 pub mod schema;
 pub mod summary;
@@ -74,6 +75,8 @@ pub struct Options {
     /// Writes each incident's `llm_summary` and `playbook` ([`summary`]); the offline model by
     /// default, `None`: no summary.
     pub model: Option<mozaiks_engine::model::Model>,
+    /// Fleets to poll over HTTP too (`--poll`), their values feeding the rules ([`poll`]).
+    pub poll: Option<poll::Poll>,
 }
 
 impl Default for Options {
@@ -81,6 +84,7 @@ impl Default for Options {
         Options {
             evaluate_every: Duration::from_secs(5),
             model: Some(mozaiks_engine::model::Model::Offline),
+            poll: None,
         }
     }
 }
@@ -170,6 +174,7 @@ impl Ops {
         };
         let journal = Journal::open(&self.bus, format!("mozaiks/ops/{}", self.instance)).await?;
         let inputs = inputs::Inputs::follow(&self.bus).await?;
+        let polled = self.opts.poll.clone().map(poll::Polled::spawn);
         let policies = Policies::follow(&self.bus);
         let leases = Leases::open(&self.bus, self.instance.as_str()).await?;
         let leader = Leader::spawn(leases, LEASE, stopped(stop_rx.clone()));
@@ -207,7 +212,7 @@ impl Ops {
                     }
                 },
             };
-            if let Err(e) = agent.tick(state, &inputs, &leader).await {
+            if let Err(e) = agent.tick(state, &inputs, polled.as_ref(), &leader).await {
                 warn!(error = %e, "Ops evaluation failed; retrying.");
                 // Start again from the log: what was recorded is the truth.
                 led = None;
@@ -348,11 +353,15 @@ impl Agent {
         &self,
         led: &mut Led,
         inputs: &inputs::Inputs,
+        polled: Option<&poll::Polled>,
         leader: &Leader,
     ) -> Result<(), Error> {
         let now = Utc::now();
         let pf = |app: &str| self.policies.for_app(app);
-        let view = inputs.view(now, &pf);
+        let mut view = inputs.view(now, &pf);
+        if let Some(p) = polled {
+            p.merge_into(&mut view, now, &pf);
+        }
         let findings = rules::evaluate(&view, &pf);
         ::metrics::counter!(m::EVALUATIONS).increment(1);
         for t in led.tracker.step(&findings, now, &pf) {

@@ -16,6 +16,8 @@ pub const API: &str = "mozaiks_ops_api_requests_total";
 pub const OPEN_INCIDENTS: &str = "mozaiks_ops_open_incidents";
 /// Counter: takeovers (this replica became the leader and adopted the open incidents).
 pub const TAKEOVERS: &str = "mozaiks_ops_takeovers_total";
+/// Counter: polls of the fleets given with `--poll`, by outcome (`ok`, `failed`).
+pub const POLLS: &str = "mozaiks_ops_polls_total";
 
 pub fn describe() {
     metrics::describe_counter!(EVALUATIONS, "Rule evaluations by the ops leader.");
@@ -39,6 +41,10 @@ pub fn describe() {
     metrics::describe_gauge!(
         OPEN_INCIDENTS,
         "Incidents open, as the ops leader sees them."
+    );
+    metrics::describe_counter!(
+        POLLS,
+        "Polls of the fleets given with --poll (/api/health, /health/active-runs, /metrics/perf/aggregate), by outcome."
     );
     metrics::describe_counter!(
         TAKEOVERS,
