@@ -165,7 +165,7 @@ impl Billing {
                     warn!(error = %e, "Cannot fetch charges; retrying.");
                     self.bus
                         .report(FETCH, Err(format!("cannot fetch charges: {e}")));
-                    if mozaiks_bus::keeper::is_missing(&e.to_string()) {
+                    if mozaiks_bus::keeper::is_missing(&e) {
                         self.bus.heal();
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;

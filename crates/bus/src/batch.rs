@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use async_nats::StatusCode;
+use async_nats::jetstream::stream::{DirectGetError, DirectGetErrorKind};
 use futures::stream::{self, BoxStream};
 use futures::{StreamExt, future};
 use mozaiks_events::{Envelope, codec};
@@ -136,33 +137,37 @@ impl Bus {
             // `u64::MAX`: to the end of the stream.
             up_to_seq: (until < u64::MAX).then_some(until),
         };
-        let body = serde_json::to_vec(&request).map_err(Error::js)?;
+        let op = || format!("batch get of {filter}");
+        let body = serde_json::to_vec(&request).map_err(|e| Error::jetstream(op(), e))?;
         let api = format!("$JS.API.DIRECT.GET.{}", self.subjects().name("MZ_EVT"));
         let inbox = self.client().new_inbox();
         let mut sub = self
             .client()
             .subscribe(inbox.clone())
             .await
-            .map_err(Error::js)?;
+            .map_err(|e| Error::nats(op(), e))?;
         self.client()
             .publish_with_reply(api, inbox, body.into())
             .await
-            .map_err(Error::js)?;
+            .map_err(|e| Error::nats(op(), e))?;
         metrics::counter!(m::BATCH_GETS).increment(1);
         let mut last = None;
         loop {
             let msg = tokio::time::timeout(BATCH_TIMEOUT, sub.next())
                 .await
-                .map_err(|_| Error::JetStream(format!("batch get of {filter} timed out")))?
-                .ok_or_else(|| Error::JetStream("batch get subscription ended".into()))?;
+                .map_err(|_| Error::TimedOut { op: op() })?
+                .ok_or_else(|| Error::Ended { op: op() })?;
             match msg.status {
                 // End of batch; or nothing at or after `from`.
                 Some(s) if s == StatusCode::NOT_FOUND || s.as_u16() == 204 => break,
                 Some(status) => {
-                    return Err(Error::JetStream(format!(
-                        "batch get of {filter}: {status} {}",
-                        msg.description.unwrap_or_default()
-                    )));
+                    return Err(Error::jetstream(
+                        op(),
+                        DirectGetError::new(DirectGetErrorKind::ErrorResponse(
+                            status,
+                            msg.description.unwrap_or_default(),
+                        )),
+                    ));
                 }
                 None => {}
             }
@@ -171,7 +176,10 @@ impl Bus {
                 .as_ref()
                 .and_then(|h| h.get("Nats-Sequence"))
                 .and_then(|v| v.as_str().parse::<u64>().ok())
-                .ok_or_else(|| Error::JetStream("batch get answer without Nats-Sequence".into()))?;
+                .ok_or_else(|| Error::Malformed {
+                    op: op(),
+                    what: "an answer without Nats-Sequence".into(),
+                })?;
             if seq > until {
                 // Servers without `up_to_seq` support send past it: ignore the rest.
                 continue;

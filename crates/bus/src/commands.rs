@@ -33,7 +33,7 @@ impl Bus {
             .jetstream()
             .get_stream_no_info(self.subjects().name("MZ_CMD"))
             .await
-            .map_err(Error::js)?;
+            .map_err(|e| Error::jetstream("stream MZ_CMD", e))?;
         let subject = self.subjects().command(app_id, chat_id);
         match stream
             .get_first_raw_message_by_subject(&subject, from.max(1))
@@ -41,7 +41,7 @@ impl Bus {
         {
             Ok(msg) => Ok(Some(msg.sequence)),
             Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(Error::js(e)),
+            Err(e) => Err(Error::jetstream("first pending command", e)),
         }
     }
 
@@ -70,9 +70,9 @@ impl Bus {
         self.jetstream()
             .publish_with_headers(subject, headers, payload)
             .await
-            .map_err(Error::js)?
+            .map_err(|e| Error::jetstream("dead-letter publish", e))?
             .await
-            .map_err(Error::js)?;
+            .map_err(|e| Error::jetstream("dead-letter publish", e))?;
         metrics::counter!(m::DEAD_LETTERS).increment(1);
         Ok(())
     }

@@ -255,7 +255,7 @@ impl Bus {
             stream
                 .create_consumer(cfg)
                 .await
-                .map_err(|e| Error::JetStream(format!("consumer {name}: {e}")))?;
+                .map_err(|e| Error::jetstream(format!("consumer {name}"), e))?;
         }
         for b in &defs.buckets {
             let cfg = jetstream::kv::Config {
@@ -269,7 +269,7 @@ impl Bus {
             };
             apply_bucket(self.jetstream(), cfg)
                 .await
-                .map_err(|e| Error::JetStream(format!("bucket {}: {e}", b.bucket)))?;
+                .map_err(|e| Error::kv(format!("bucket {}", b.bucket), e))?;
         }
         for o in &defs.objects {
             let cfg = jetstream::object_store::Config {
@@ -281,7 +281,7 @@ impl Bus {
             };
             apply_object_store(self.jetstream(), cfg)
                 .await
-                .map_err(|e| Error::JetStream(format!("object store {}: {e}", o.bucket)))?;
+                .map_err(|e| Error::jetstream(format!("object store {}", o.bucket), e))?;
         }
         info!(
             streams = defs.streams.len(),
@@ -297,11 +297,16 @@ async fn apply_stream(js: &jetstream::Context, cfg: stream::Config) -> Result<()
     let name = cfg.name.clone();
     match js.get_stream(&name).await {
         Ok(mut existing) => {
-            let current = existing.info().await.map_err(Error::js)?.config.clone();
+            let current = existing
+                .info()
+                .await
+                .map_err(|e| Error::jetstream(format!("stream {name}'s info"), e))?
+                .config
+                .clone();
             if differs(&current, &cfg) {
                 js.update_stream(&cfg)
                     .await
-                    .map_err(|e| Error::JetStream(format!("update stream {name}: {e}")))?;
+                    .map_err(|e| Error::jetstream(format!("update stream {name}"), e))?;
                 info!(stream = %name, "Stream updated to match its definition.");
             }
             Ok(())
@@ -316,7 +321,7 @@ async fn apply_stream(js: &jetstream::Context, cfg: stream::Config) -> Result<()
                 tracing::debug!(stream = %name, error = %e, "Stream created concurrently.");
                 Ok(())
             }
-            Err(e) => Err(Error::JetStream(format!("create stream {name}: {e}"))),
+            Err(e) => Err(Error::jetstream(format!("create stream {name}"), e)),
         },
     }
 }
@@ -325,25 +330,21 @@ async fn apply_stream(js: &jetstream::Context, cfg: stream::Config) -> Result<()
 /// existing bucket that matches is left alone: updating a stream that another replica is
 /// creating at the same moment can time out on a cluster (every role applies the definitions
 /// when a fleet starts), while concurrent identical creates succeed.
-async fn apply_bucket(js: &jetstream::Context, cfg: jetstream::kv::Config) -> Result<(), String> {
+async fn apply_bucket(
+    js: &jetstream::Context,
+    cfg: jetstream::kv::Config,
+) -> Result<(), async_nats::Error> {
     let stream_name = format!("KV_{}", cfg.bucket);
     match js.get_stream(&stream_name).await {
         Ok(mut existing) => {
-            let c = existing
-                .info()
-                .await
-                .map_err(|e| e.to_string())?
-                .config
-                .clone();
+            let c = existing.info().await?.config.clone();
             let differs = c.num_replicas.max(1) != cfg.num_replicas.max(1)
                 || c.max_age != cfg.max_age
                 || c.max_messages_per_subject != cfg.history.max(1)
                 || c.storage != cfg.storage
                 || c.description != Some(cfg.description.clone()).filter(|d| !d.is_empty());
             if differs {
-                js.create_or_update_key_value(cfg)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                js.create_or_update_key_value(cfg).await?;
                 info!(stream = %stream_name, "Bucket updated to match its definition.");
             }
             Ok(())
@@ -355,7 +356,7 @@ async fn apply_bucket(js: &jetstream::Context, cfg: jetstream::kv::Config) -> Re
                 tracing::debug!(stream = %stream_name, error = %e, "Bucket created concurrently.");
                 Ok(())
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         },
     }
 }
@@ -364,7 +365,7 @@ async fn apply_bucket(js: &jetstream::Context, cfg: jetstream::kv::Config) -> Re
 async fn apply_object_store(
     js: &jetstream::Context,
     cfg: jetstream::object_store::Config,
-) -> Result<(), String> {
+) -> Result<(), async_nats::Error> {
     let stream_name = format!("OBJ_{}", cfg.bucket);
     if js.get_stream(&stream_name).await.is_ok() {
         return Ok(());
@@ -373,7 +374,7 @@ async fn apply_object_store(
         Ok(_) => Ok(()),
         // Another replica created it between our get and create.
         Err(_) if js.get_stream(&stream_name).await.is_ok() => Ok(()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 

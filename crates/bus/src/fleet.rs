@@ -321,11 +321,11 @@ impl Workers {
             .jetstream()
             .get_key_value(bus.subjects().name(PERF_BUCKET))
             .await
-            .map_err(|e| Error::JetStream(format!("bucket {PERF_BUCKET}: {e}")))?;
+            .map_err(|e| Error::kv(format!("bucket {PERF_BUCKET}"), e))?;
         let watch = kv
             .watch_with_history(">")
             .await
-            .map_err(|e| Error::JetStream(format!("bucket {PERF_BUCKET}: {e}")))?;
+            .map_err(|e| Error::kv(format!("bucket {PERF_BUCKET}"), e))?;
         let workers = Workers::default();
         let (bus, w) = (bus.clone(), workers.clone());
         tokio::spawn(async move {

@@ -42,7 +42,7 @@ impl Bus {
                     }
                     Err(e) => {
                         debug!(bucket = %name, error = %e, "Cannot watch the bucket yet; retrying.");
-                        if crate::keeper::is_missing(&e) {
+                        if e.is_missing() {
                             self.heal();
                         }
                         tokio::time::sleep(backoff).await;
@@ -74,12 +74,15 @@ impl Bus {
         }
     }
 
-    async fn open_watch(&self, bucket: &str) -> Result<kv::Watch, String> {
+    async fn open_watch(&self, bucket: &str) -> Result<kv::Watch, crate::Error> {
+        let op = || format!("watch bucket {bucket}");
         let kv = self
             .jetstream()
             .get_key_value(bucket)
             .await
-            .map_err(|e| e.to_string())?;
-        kv.watch_with_history(">").await.map_err(|e| e.to_string())
+            .map_err(|e| crate::Error::kv(op(), e))?;
+        kv.watch_with_history(">")
+            .await
+            .map_err(|e| crate::Error::kv(op(), e))
     }
 }

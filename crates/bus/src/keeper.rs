@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::definitions::Definitions;
-use crate::{Bus, Error, metrics as m};
+use crate::{Bus, Error, ErrorKind, metrics as m};
 
 /// How often the keeper checks that the definitions exist when nothing else wakes it.
 pub const CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -69,7 +69,7 @@ impl Bus {
     }
 
     /// Asks the keeper to check the definitions now (a role saw "no stream", "no consumer" or
-    /// "no responders").
+    /// "no responders": [`is_missing`]).
     pub fn heal(&self) {
         self.shared.wake.notify_one();
     }
@@ -155,10 +155,10 @@ impl Bus {
             let exists = match st {
                 Ok(st) => match st.consumer_info(&durable).await {
                     Ok(_) => true,
-                    Err(e) if is_not_found(&e.to_string()) => false,
-                    Err(e) => return Err(Error::js(e)),
+                    Err(e) if crate::kind_of(&e) == ErrorKind::NotFound => false,
+                    Err(e) => return Err(Error::jetstream(format!("consumer {durable}"), e)),
                 },
-                Err(e) => return Err(Error::js(e)),
+                Err(e) => return Err(Error::jetstream(format!("stream {stream}"), e)),
             };
             if !exists {
                 missing.push(format!("{stream}/{durable}"));
@@ -170,8 +170,8 @@ impl Bus {
     async fn stream_exists(&self, name: &str) -> Result<bool, Error> {
         match self.jetstream().get_stream(name).await {
             Ok(_) => Ok(true),
-            Err(e) if is_not_found(&e.to_string()) => Ok(false),
-            Err(e) => Err(Error::js(e)),
+            Err(e) if crate::kind_of(&e) == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::jetstream(format!("stream {name}"), e)),
         }
     }
 
@@ -240,15 +240,9 @@ impl Bus {
     }
 }
 
-/// Whether a JetStream error says a stream or consumer does not exist.
-pub fn is_not_found(error: &str) -> bool {
-    let e = error.to_ascii_lowercase();
-    e.contains("not found") || e.contains("10059") || e.contains("10014")
-}
-
-/// Whether a JetStream error says something the definitions provide is missing (or the server
-/// has no JetStream answering yet): a reason to [`Bus::heal`].
-pub fn is_missing(error: &str) -> bool {
-    let e = error.to_ascii_lowercase();
-    is_not_found(&e) || e.contains("no responders") || e.contains("consumer deleted")
+/// Whether an error (of the bus, of async-nats, or one wrapping either) says something the
+/// definitions provide is missing, or the server has no JetStream answering yet: a reason to
+/// [`Bus::heal`]. Decided by the error's kind ([`crate::Error::is_missing`]), not its text.
+pub fn is_missing(error: &(dyn std::error::Error + 'static)) -> bool {
+    crate::is_missing_in(error)
 }

@@ -69,8 +69,8 @@ pub struct Current {
     pub revision: u64,
 }
 
-fn failed(what: &str, key: &str, e: impl std::fmt::Display) -> Error {
-    Error::JetStream(format!("{what} lease {key}: {e}"))
+fn failed(what: &str, key: &str, e: impl Into<async_nats::Error>) -> Error {
+    Error::kv(format!("{what} lease {key}"), e)
 }
 
 impl LeaseBucket {
@@ -84,24 +84,23 @@ impl LeaseBucket {
         ttl_if_unset: Option<Duration>,
     ) -> Result<LeaseBucket, Error> {
         let name = bus.subjects().name(base);
-        let bucket_err = |e: String| Error::JetStream(format!("lease bucket {base}: {e}"));
+        let op = || format!("lease bucket {base}");
         let kv = bus
             .jetstream()
             .get_key_value(&name)
             .await
-            .map_err(|e| bucket_err(e.to_string()))?;
-        let max_age = kv
-            .status()
-            .await
-            .map_err(|e| bucket_err(e.to_string()))?
-            .max_age();
+            .map_err(|e| Error::kv(op(), e))?;
+        let max_age = kv.status().await.map_err(|e| Error::kv(op(), e))?.max_age();
         let ttl = match (max_age.is_zero(), ttl_if_unset) {
             (false, _) => max_age,
             (true, Some(ttl)) => ttl,
             (true, None) => {
-                return Err(bucket_err(
-                    "no max_age: a dead holder's lease would never expire".into(),
-                ));
+                return Err(Error::Definition {
+                    file: base.to_string(),
+                    reason:
+                        "a lease bucket needs a max_age: a dead holder's lease would never expire"
+                            .into(),
+                });
             }
         };
         Ok(LeaseBucket {

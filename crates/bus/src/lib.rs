@@ -9,6 +9,7 @@
 mod batch;
 pub mod commands;
 pub mod definitions;
+mod error;
 pub mod fleet;
 mod follow;
 pub mod keeper;
@@ -21,26 +22,11 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 pub use batch::{BATCH, ChatEvents, STREAM_ABOVE};
+pub use error::{Error, ErrorKind, is_missing_in, kind_of};
 pub use keeper::Readiness;
 pub use log::{Appended, ChatPosition, Seek};
 use mozaiks_events::subjects::Subjects;
 pub use replay::ReplayBatch;
-
-/// Errors of the bus.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot connect to NATS at {url}: {reason}")]
-    Connect { url: String, reason: String },
-    /// Another writer appended to the chat first (expected-last-subject-sequence failed).
-    #[error("chat {chat_id} was written concurrently")]
-    Conflict { chat_id: String },
-    #[error("invalid definition {file}: {reason}")]
-    Definition { file: String, reason: String },
-    #[error("JetStream request failed: {0}")]
-    JetStream(String),
-    #[error(transparent)]
-    Codec(#[from] mozaiks_events::Error),
-}
 
 /// Whether a publish was refused because its `Nats-Expected-Last-Subject-Sequence` (or
 /// `-Sequence`) did not hold: another writer appended first. nats-server answers with error code
@@ -59,8 +45,7 @@ pub fn wrong_last_sequence_in(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(e);
     while let Some(err) = next {
         if let Some(js) = err.downcast_ref::<jetstream::Error>()
-            && (js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE
-                || js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
+            && is_wrong_last_sequence(js)
         {
             return true;
         }
@@ -69,10 +54,10 @@ pub fn wrong_last_sequence_in(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-impl Error {
-    pub(crate) fn js(e: impl std::fmt::Display) -> Error {
-        Error::JetStream(e.to_string())
-    }
+/// Whether a JetStream API error is one of the two "wrong last sequence" codes.
+pub(crate) fn is_wrong_last_sequence(e: &jetstream::Error) -> bool {
+    e.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+        || e.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
 }
 
 /// One NATS connection with its namespace. Cheap to clone.
@@ -103,7 +88,7 @@ impl Bus {
             .await
             .map_err(|e| Error::Connect {
                 url: url.to_string(),
-                reason: e.to_string(),
+                source: e.into(),
             })?;
         // `retry_on_initial_connect` returns at once; wait until the first connect succeeds so that a
         // wrong URL is reported at start rather than by the first request.
@@ -112,7 +97,11 @@ impl Bus {
             if tokio::time::Instant::now() > deadline {
                 return Err(Error::Connect {
                     url: url.to_string(),
-                    reason: "no answer within 10 s".into(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no answer within 10 s",
+                    )
+                    .into(),
                 });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -145,8 +134,14 @@ impl Bus {
 
     /// Round-trips to the server and JetStream (for readiness).
     pub async fn ping(&self) -> Result<(), Error> {
-        self.client.flush().await.map_err(Error::js)?;
-        self.js.query_account().await.map_err(Error::js)?;
+        self.client
+            .flush()
+            .await
+            .map_err(|e| Error::nats("flush", e))?;
+        self.js
+            .query_account()
+            .await
+            .map_err(|e| Error::jetstream("query the account", e))?;
         Ok(())
     }
 
@@ -155,7 +150,7 @@ impl Bus {
         self.js
             .get_stream(self.subjects.name(base))
             .await
-            .map_err(Error::js)
+            .map_err(|e| Error::jetstream(format!("stream {base}"), e))
     }
 
     /// A durable pull consumer of this namespace, as defined in `streams/consumers/`.
@@ -168,14 +163,17 @@ impl Bus {
             .await?
             .get_consumer(&self.subjects.name(consumer))
             .await
-            .map_err(|e| Error::JetStream(format!("consumer {consumer} of {stream}: {e}")))
+            .map_err(|e| Error::jetstream(format!("consumer {consumer} of {stream}"), e))
     }
 
     /// The epoch of the event log: when `MZ_EVT` was created, as RFC 3339. A recreated stream has a
     /// new epoch, so clients holding seqs of the old one are told to resync instead of resuming.
     pub async fn log_epoch(&self) -> Result<String, Error> {
         let mut stream = self.stream("MZ_EVT").await?;
-        let info = stream.info().await.map_err(Error::js)?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| Error::jetstream("stream MZ_EVT's info", e))?;
         let created = info.created;
         Ok(format!("{}", created.unix_timestamp_nanos()))
     }

@@ -75,7 +75,7 @@ impl Bus {
             .jetstream()
             .publish_with_headers(subject, headers, payload.into())
             .await
-            .map_err(Error::js)?
+            .map_err(|e| Error::jetstream("append", e))?
             .await;
         match ack {
             Ok(ack) => {
@@ -91,7 +91,7 @@ impl Bus {
                     chat_id: env.chat_id.clone(),
                 })
             }
-            Err(e) => Err(Error::js(e)),
+            Err(e) => Err(Error::jetstream("append", e)),
         }
     }
 
@@ -111,9 +111,9 @@ impl Bus {
         self.jetstream()
             .publish_with_headers(subject, headers, codec::encode_command(cmd)?.into())
             .await
-            .map_err(Error::js)?
+            .map_err(|e| Error::jetstream("send a command", e))?
             .await
-            .map_err(Error::js)?;
+            .map_err(|e| Error::jetstream("send a command", e))?;
         metrics::counter!(m::COMMANDS_SENT).increment(1);
         Ok(())
     }
@@ -145,7 +145,7 @@ impl Bus {
             Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
                 Ok(None)
             }
-            Err(e) => Err(Error::js(e)),
+            Err(e) => Err(Error::jetstream("a chat's last event", e)),
         }
     }
 
@@ -217,11 +217,20 @@ impl Bus {
                 ..Default::default()
             })
             .await
-            .map_err(Error::js)?;
-        let messages = consumer.messages().await.map_err(Error::js)?;
+            .map_err(|e| Error::jetstream("read a chat's log", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| Error::jetstream("read a chat's log", e))?;
         Ok(messages.map(|m| {
-            let m = m.map_err(Error::js)?;
-            let stream_seq = m.info().map_err(Error::js)?.stream_sequence;
+            let m = m.map_err(|e| Error::jetstream("read a chat's log", e))?;
+            let stream_seq = m
+                .info()
+                .map_err(|e| Error::Malformed {
+                    op: "read a chat's log".into(),
+                    what: e.to_string(),
+                })?
+                .stream_sequence;
             let env = codec::decode_event(&m.payload)?;
             Ok((env, stream_seq))
         }))
@@ -266,7 +275,7 @@ impl Bus {
             {
                 Ok(m) => Ok(Some((codec::decode_event(&m.payload)?.seq, m.sequence))),
                 Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
-                Err(e) => Err(Error::js(e)),
+                Err(e) => Err(Error::jetstream("seek a chat's log", e)),
             }
         };
         let Some((first_seq, first_ss)) = next(1).await? else {

@@ -34,7 +34,13 @@ impl Bus {
     ) -> Result<ReplayBatch, Error> {
         let from = from.max(1);
         let mut stream = self.stream(base).await?;
-        let end = stream.info().await.map_err(Error::js)?.state.last_sequence;
+        let op = || format!("replay of {filter}");
+        let end = stream
+            .info()
+            .await
+            .map_err(|e| Error::jetstream(op(), e))?
+            .state
+            .last_sequence;
         let mut out = ReplayBatch {
             events: Vec::new(),
             next: from,
@@ -52,19 +58,31 @@ impl Bus {
                 ..Default::default()
             })
             .await
-            .map_err(Error::js)?;
-        if consumer.info().await.map_err(Error::js)?.num_pending == 0 {
+            .map_err(|e| Error::jetstream(op(), e))?;
+        if consumer
+            .info()
+            .await
+            .map_err(|e| Error::jetstream(op(), e))?
+            .num_pending
+            == 0
+        {
             out.next = end + 1;
             return Ok(out);
         }
-        let mut messages = consumer.messages().await.map_err(Error::js)?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| Error::jetstream(op(), e))?;
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
                 .await
-                .map_err(|_| Error::JetStream(format!("replay of {filter} timed out")))?
-                .ok_or_else(|| Error::JetStream("replay ended early".into()))?
-                .map_err(Error::js)?;
-            let info = msg.info().map_err(Error::js)?;
+                .map_err(|_| Error::TimedOut { op: op() })?
+                .ok_or_else(|| Error::Ended { op: op() })?
+                .map_err(|e| Error::jetstream(op(), e))?;
+            let info = msg.info().map_err(|e| Error::Malformed {
+                op: op(),
+                what: e.to_string(),
+            })?;
             let (seq, pending) = (info.stream_sequence, info.pending);
             match codec::decode_event(&msg.payload) {
                 Ok(env) => out.events.push(env),

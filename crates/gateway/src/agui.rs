@@ -223,7 +223,7 @@ async fn next_batch(mut b: Body) -> Option<(Vec<Out>, Body)> {
         },
         stop = &mut b.stop_rx => match stop {
             Ok(Stop::Gone) | Err(_) => ("gone", ""),
-            Ok(Stop::Log(_)) => ("log_unavailable", "event log unavailable; reconnect with Last-Event-ID"),
+            Ok(Stop::Log(..)) => ("log_unavailable", "event log unavailable; reconnect with Last-Event-ID"),
             Ok(Stop::Slow(_)) => {
                 metrics::counter!(m::SLOW_CONSUMER_CLOSES, "app_id" => b.app_id.clone()).increment(1);
                 ("slow_consumer", "slow consumer; reconnect with Last-Event-ID")

@@ -158,9 +158,15 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
+/// By the bus error's kind: 503 `unavailable` for a failure of the moment (NATS down or slow, a
+/// stream being re-created, a concurrent writer), 500 `internal` for one a retry will not cure.
 impl From<mozaiks_bus::Error> for ApiError {
     fn from(e: mozaiks_bus::Error) -> ApiError {
-        ApiError::unavailable_from("the event log", e)
+        if e.is_retryable() {
+            ApiError::unavailable_from("the event log", e)
+        } else {
+            ApiError::internal(format!("the event log: {e}"))
+        }
     }
 }
 
@@ -269,27 +275,70 @@ mod tests {
     #[tokio::test]
     async fn a_server_errors_body_never_carries_the_internal_text() {
         let secret = "nats://10.0.0.7:4222 timed out";
-        for (e, status, message) in [
+        let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, secret);
+        let refused = mozaiks_bus::Error::Malformed {
+            op: "batch get".into(),
+            what: secret.into(),
+        };
+        for (e, status, code, message) in [
             (
-                ApiError::from(mozaiks_bus::Error::JetStream(secret.into())),
+                ApiError::from(mozaiks_bus::Error::nats("flush", timed_out)),
                 503,
+                "unavailable",
                 "the event log is unavailable; retry",
             ),
+            (ApiError::from(refused), 500, "internal", "internal error"),
             (
                 ApiError::unavailable(secret),
                 503,
+                "unavailable",
                 "a service this request needs is unavailable; retry",
             ),
-            (ApiError::internal(secret), 500, "internal error"),
+            (
+                ApiError::internal(secret),
+                500,
+                "internal",
+                "internal error",
+            ),
         ] {
             let resp = e.into_response();
             assert_eq!(resp.status().as_u16(), status);
             let failure = resp.extensions().get::<Failure>().cloned().unwrap();
+            assert_eq!(failure.code, code);
             assert!(failure.detail.contains(secret), "{failure:?}");
             let body = body_of(resp).await;
+            assert_eq!(body["error"]["code"], code, "{body}");
             assert_eq!(body["error"]["message"], message, "{body}");
             assert!(!body.to_string().contains("10.0.0.7"), "{body}");
         }
+    }
+
+    #[test]
+    fn a_bus_errors_status_follows_its_kind() {
+        let conflict = mozaiks_bus::Error::Conflict {
+            chat_id: "c".into(),
+        };
+        assert_eq!(
+            ApiError::from(conflict).status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let missing = mozaiks_bus::Error::nats(
+            "request",
+            async_nats::RequestError::new(async_nats::RequestErrorKind::NoResponders),
+        );
+        assert_eq!(
+            ApiError::from(missing).status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let codec = mozaiks_bus::Error::Codec(mozaiks_events::Error::InvalidId {
+            what: "event",
+            reason: "not a uuid".into(),
+        });
+        let e = ApiError::from(codec);
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
     }
 
     #[tokio::test]

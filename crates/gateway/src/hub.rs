@@ -351,16 +351,16 @@ impl Hub {
             .client()
             .subscribe(subject)
             .await
-            .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
+            .map_err(|e| mozaiks_bus::Error::nats("subscribe to the chat's live events", e))?;
         let delta_sub = bus
             .client()
             .subscribe(bus.subjects().deltas(app_id, chat_id))
             .await
-            .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
+            .map_err(|e| mozaiks_bus::Error::nats("subscribe to the chat's token deltas", e))?;
         bus.client()
             .flush()
             .await
-            .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
+            .map_err(|e| mozaiks_bus::Error::nats("flush the chat's subscriptions", e))?;
         let mut feeds = self.0.feeds.lock().unwrap_or_else(|p| p.into_inner());
         // Another socket of the chat may have won the race; ours is dropped (unsubscribed).
         if let Some(f) = feeds.get(&key).and_then(Weak::upgrade) {

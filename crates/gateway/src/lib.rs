@@ -172,10 +172,10 @@ impl Gateway {
         notify::listen(&parts.bus, hub.clone()).await?;
         let keys = mozaiks_control::keys::ApiKeys::open(&parts.bus)
             .await
-            .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
+            .map_err(|e| mozaiks_bus::Error::kv("open the API keys", e))?;
         let wallets = mozaiks_control::credits::Wallets::open(&parts.bus, opts.enforce_credits)
             .await
-            .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
+            .map_err(|e| mozaiks_bus::Error::kv("open the wallets", e))?;
         let presence = presence::Presence::start(
             &parts.bus,
             parts.instance.clone(),

@@ -115,7 +115,7 @@ pub async fn listen(bus: &mozaiks_bus::Bus, hub: Hub) -> Result<(), mozaiks_bus:
         .client()
         .subscribe(subject)
         .await
-        .map_err(|e| mozaiks_bus::Error::JetStream(e.to_string()))?;
+        .map_err(|e| mozaiks_bus::Error::nats("subscribe to the notifications", e))?;
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
             let wire: Wire = match serde_json::from_slice(&msg.payload) {

@@ -70,16 +70,16 @@ impl Presence {
         hub: Hub,
         draining: watch::Receiver<bool>,
     ) -> Result<Presence, mozaiks_bus::Error> {
-        let bucket_err = |e: String| mozaiks_bus::Error::JetStream(format!("bucket {BUCKET}: {e}"));
+        let op = || format!("bucket {BUCKET}");
         let presence_kv = bus
             .jetstream()
             .get_key_value(bus.subjects().name(BUCKET))
             .await
-            .map_err(|e| bucket_err(e.to_string()))?;
+            .map_err(|e| mozaiks_bus::Error::kv(op(), e))?;
         let gateways = presence_kv
             .watch_with_history(">")
             .await
-            .map_err(|e| bucket_err(e.to_string()))?;
+            .map_err(|e| mozaiks_bus::Error::kv(op(), e))?;
         let p = Presence {
             me: me.clone(),
             gateways: Latest::default(),

@@ -37,7 +37,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures::{SinkExt, StreamExt};
 use mozaiks_auth::RuntimeClaims;
-use mozaiks_bus::ChatPosition;
+use mozaiks_bus::{ChatPosition, ErrorKind};
 use mozaiks_events::{ClientFrame, Command, CommandEnvelope, Event, Frame};
 use serde::Deserialize;
 use serde_json::json;
@@ -451,6 +451,24 @@ fn is_too_big(e: axum::Error) -> bool {
     )
 }
 
+/// The close reason of a chat stream whose log is unavailable for the moment.
+const LOG_UNAVAILABLE: &str = "event log unavailable; reconnect with after";
+
+/// The close frame of a chat stream stopped by its log, chosen by the failure's kind, never its
+/// text: 1013 (try again later) with `reason` for a failure of the moment (NATS down or slow, a
+/// stream being re-created); 1011 (the server failed) for one that retrying will not cure (an
+/// event that does not decode, a request the server refuses).
+fn close_for(kind: ErrorKind, reason: &'static str) -> (u16, String) {
+    if kind.is_retryable() {
+        (CLOSE_TRY_AGAIN, reason.to_string())
+    } else {
+        (
+            CLOSE_INTERNAL,
+            "internal error; reconnect with after".to_string(),
+        )
+    }
+}
+
 /// How far one socket got: the last seq sent and its stream sequence (0: unknown).
 #[derive(Clone, Copy, Debug)]
 struct Cursor {
@@ -462,8 +480,9 @@ struct Cursor {
 pub(crate) enum Stop {
     /// The socket is gone.
     Gone,
-    /// The log failed; the client should reconnect.
-    Log(String),
+    /// The log failed, with this kind; the reason is for a failure of the moment (see
+    /// [`close_for`]).
+    Log(ErrorKind, &'static str),
     /// The socket's queue is full.
     Slow(String),
 }
@@ -479,8 +498,8 @@ async fn pump(
     let app_id = claims.app_id.clone();
     match stream_chat(&state, &claims, after, epoch, &tx).await {
         Stop::Gone => {}
-        Stop::Log(reason) => {
-            let _ = close.send((CLOSE_TRY_AGAIN, reason));
+        Stop::Log(kind, reason) => {
+            let _ = close.send(close_for(kind, reason));
         }
         Stop::Slow(reason) => {
             metrics::counter!(m::SLOW_CONSUMER_CLOSES, "app_id" => app_id).increment(1);
@@ -503,7 +522,7 @@ pub(crate) async fn stream_chat(
     let (app_id, chat_id) = (claims.app_id.as_str(), claims.chat_id.as_str());
     let unavailable = |e: mozaiks_bus::Error| {
         warn!(error = %e, "Cannot read the chat's log.");
-        Stop::Log("event log unavailable; reconnect with after".into())
+        Stop::Log(e.kind(), LOG_UNAVAILABLE)
     };
     // Join the live feed before reading the head: every event stored later reaches `feed`.
     let mut feed = match Box::pin(state.hub.follow(app_id, chat_id)).await {
@@ -642,7 +661,10 @@ pub(crate) async fn stream_chat(
                 continue;
             }
             Err(RecvError::Closed) => {
-                return Stop::Log("live feed ended; reconnect with after".into());
+                return Stop::Log(
+                    ErrorKind::Disconnected,
+                    "live feed ended; reconnect with after",
+                );
             }
         };
         if live.seq <= cur.seq {
@@ -697,9 +719,7 @@ async fn fill_gap(
             Ok(_) => head.stream_seq,
             Err(e) => {
                 warn!(error = %e, "Cannot read the chat's log.");
-                return Err(Stop::Log(
-                    "event log unavailable; reconnect with after".into(),
-                ));
+                return Err(Stop::Log(e.kind(), LOG_UNAVAILABLE));
             }
         }
     };
@@ -724,7 +744,7 @@ async fn catch_up(
     }
     let log = |e: mozaiks_bus::Error| {
         warn!(error = %e, "Replay failed.");
-        Stop::Log("event log unavailable; reconnect with after".into())
+        Stop::Log(e.kind(), LOG_UNAVAILABLE)
     };
     // Short catch-ups (the usual reconnect) read with batched direct gets, so a reconnect storm
     // creates no consumer per client; long ones stream through an ordered consumer. Either way
@@ -741,7 +761,12 @@ async fn catch_up(
             Ok(Some(item)) => item,
             // Nothing left up to `until` (purged meanwhile): the live feed takes over from here.
             Ok(None) => break,
-            Err(_) => return Err(Stop::Log("replay stalled; reconnect with after".into())),
+            Err(_) => {
+                return Err(Stop::Log(
+                    ErrorKind::TimedOut,
+                    "replay stalled; reconnect with after",
+                ));
+            }
         };
         let (env, stream_seq) = item.map_err(log)?;
         if env.seq > cur.seq {
@@ -865,5 +890,38 @@ async fn on_client_frame(
                 &Frame::error("unavailable", "could not accept the frame; retry"),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_close_code_comes_from_the_failures_kind() {
+        for kind in [
+            ErrorKind::Disconnected,
+            ErrorKind::TimedOut,
+            ErrorKind::NoResponders,
+            ErrorKind::Unavailable,
+            ErrorKind::NotFound,
+        ] {
+            assert_eq!(
+                close_for(kind, LOG_UNAVAILABLE),
+                (CLOSE_TRY_AGAIN, LOG_UNAVAILABLE.to_string()),
+                "{kind:?}"
+            );
+        }
+        for kind in [ErrorKind::Corrupt, ErrorKind::Rejected] {
+            let (code, reason) = close_for(kind, LOG_UNAVAILABLE);
+            assert_eq!(code, CLOSE_INTERNAL, "{kind:?}");
+            assert_eq!(reason, "internal error; reconnect with after");
+        }
+        // A bus error's kind, as the stream gets it: an event that does not decode.
+        let corrupt = mozaiks_bus::Error::Codec(mozaiks_events::Error::InvalidId {
+            what: "event",
+            reason: "not a uuid".into(),
+        });
+        assert_eq!(close_for(corrupt.kind(), LOG_UNAVAILABLE).0, CLOSE_INTERNAL);
     }
 }

@@ -102,7 +102,7 @@ impl Projector {
                     warn!(error = %e, "Cannot fetch events; retrying.");
                     self.bus
                         .report(FETCH, Err(format!("cannot fetch events: {e}")));
-                    if mozaiks_bus::keeper::is_missing(&e.to_string()) {
+                    if mozaiks_bus::keeper::is_missing(&e) {
                         self.bus.heal();
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -164,7 +164,7 @@ struct Backoff {
 
 impl Backoff {
     async fn wait(&mut self, sh: &Shared, error: &Error, queue: &VecDeque<Job>, order: &Order) {
-        if mozaiks_bus::keeper::is_missing(&error.to_string()) {
+        if mozaiks_bus::keeper::is_missing(error) {
             sh.bus.heal();
         }
         let d = self.next.unwrap_or(Duration::from_millis(100));
@@ -553,7 +553,7 @@ pub(super) async fn handle(sh: &Shared, owned: &mut Owned, job: Job, held: &mut 
             Err(e) => {
                 warn!(error = %e, command = kind, "Command failed; it will be redelivered.");
                 metrics::counter!(m::COMMANDS, "type" => kind, "outcome" => "error").increment(1);
-                if mozaiks_bus::keeper::is_missing(&e.to_string()) {
+                if mozaiks_bus::keeper::is_missing(&e) {
                     sh.bus.heal();
                 }
                 ack.send(AckKind::Nak(Some(Duration::from_secs(1)))).await;

@@ -144,9 +144,9 @@ impl Owners {
                 None => {}
             }
         }
-        Err(Error::Bus(mozaiks_bus::Error::JetStream(format!(
-            "lease {key} changed hands too often to claim"
-        ))))
+        Err(Error::Bus(mozaiks_bus::Error::Contended {
+            what: format!("lease {key} changed hands too often to claim"),
+        }))
     }
 
     /// Gives `key` up (when the chat settles). Best effort: a release that does not land ages out.

@@ -183,7 +183,7 @@ impl Order {
                 }
                 Err(e) => {
                     warn!(error = %e, "Cannot read the chat's pending commands; retrying.");
-                    if mozaiks_bus::keeper::is_missing(&e.to_string()) {
+                    if mozaiks_bus::keeper::is_missing(&e) {
                         sh.bus.heal();
                     }
                     false
