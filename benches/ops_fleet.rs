@@ -107,7 +107,7 @@ max_turns: 3
 tools:
   - name: {name}
     parameters: {{type: object, properties: {{q: {{type: string}}}}}}
-    http: {{method: GET, url: '{tool_base}/{name}', timeout_ms: 600000}}
+    http: {{method: GET, url: '{tool_base}/{name}', timeout_ms: 300000}}
 agents:
   - name: runner
     tools: [{name}]
