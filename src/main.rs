@@ -58,6 +58,8 @@ enum Cmd {
     /// MOZAIKS_OPS_EVALUATE_MS (5000): noisy_neighbour (one app over 40 % of the active runs for
     /// 5 min), error_spike, cost_spike, socket_share, slow_start. Run several: one replica
     /// evaluates at a time (the `ops` lease); a takeover never duplicates an incident or action.
+    /// With --poll URL it also polls that fleet's /api/health, /health/active-runs and
+    /// /metrics/perf/aggregate (the seeds' ops guide), whose runs, errors and tokens feed the rules.
     ///
     /// Incidents: CloudEvents on mz.ops.incident.{rule}.{app_id} (stream MZ_OPS), types
     /// mozaiks.ops.incident.firing / .resolved; GET /api/ops/incidents[?status=], /{id}.
