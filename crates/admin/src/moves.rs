@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use mozaiks_control::lease::Leases;
 use mozaiks_control::{App, AppCommand, AppStorage};
+use mozaiks_events::subjects::Subjects;
 use mozaiks_store::mongodb::Database;
 use serde::Serialize;
 use tracing::{info, warn};
@@ -243,7 +244,9 @@ impl Admin {
 
     /// Replays the app's events and charges into `db` from where `p` stands to the logs' ends.
     async fn catch_up(&self, db: &Database, app_id: &str, p: &mut Progress) -> Result<(), Error> {
-        let evt_filter = format!("mz.evt.{app_id}.>");
+        // `replay` takes filters as `streams/` writes them, without the namespace, and applies it.
+        let subjects = Subjects::default();
+        let evt_filter = subjects.app_events(app_id);
         loop {
             let b = self
                 .bus
@@ -256,7 +259,7 @@ impl Admin {
                 break;
             }
         }
-        let usage_filter = format!("mz.evt.{app_id}.*.usage.charged");
+        let usage_filter = subjects.app_charges(app_id);
         loop {
             let b = self
                 .bus

@@ -62,6 +62,16 @@ impl Subjects {
         format!("{}mz.evt.{app_id}.{chat_id}.>", self.prefix)
     }
 
+    /// Every event of one app's chats (a storage move's or a rebuild's replay).
+    pub fn app_events(&self, app_id: &str) -> String {
+        format!("{}mz.evt.{app_id}.>", self.prefix)
+    }
+
+    /// One app's usage charges (on `MZ_USAGE`).
+    pub fn app_charges(&self, app_id: &str) -> String {
+        format!("{}mz.evt.{app_id}.*.usage.charged", self.prefix)
+    }
+
     /// Every event of every chat.
     pub fn all_events(&self) -> String {
         format!("{}mz.evt.>", self.prefix)
@@ -152,6 +162,11 @@ impl Subjects {
         format!("{}mz.billing.grant.{app_id}.{key}", self.prefix)
     }
 
+    /// One app's credit grants.
+    pub fn app_credit_grants(&self, app_id: &str) -> String {
+        format!("{}mz.billing.grant.{app_id}.>", self.prefix)
+    }
+
     /// Every app's credit grants.
     pub fn all_credit_grants(&self) -> String {
         format!("{}mz.billing.grant.>", self.prefix)
@@ -218,6 +233,9 @@ mod tests {
             assert_eq!(s.ops("incident.x"), with("mz.ops.incident.x"));
             assert_eq!(s.credit_grant("a", "k"), with("mz.billing.grant.a.k"));
             assert_eq!(s.all_credit_grants(), with("mz.billing.grant.>"));
+            assert_eq!(s.app_credit_grants("a"), with("mz.billing.grant.a.>"));
+            assert_eq!(s.app_events("a"), with("mz.evt.a.>"));
+            assert_eq!(s.app_charges("a"), with("mz.evt.a.*.usage.charged"));
             assert_eq!(s.credit_period("a", "p"), with("mz.billing.period.a.p"));
             assert_eq!(s.billing_alert("a"), with("mz.billing.alert.a"));
         }
