@@ -39,28 +39,9 @@ pub struct Global {
     /// Prefix of every subject, stream and bucket (lets several installs share one NATS).
     #[arg(long, env = "MOZAIKS_NAMESPACE", default_value = "", global = true)]
     pub namespace: String,
-    /// Folder of workflow packs.
-    #[arg(
-        long,
-        env = "MOZAIKS_WORKFLOWS_DIR",
-        default_value = "workflows",
-        global = true
-    )]
-    pub workflows_dir: PathBuf,
-    /// Folder of plugin packs (`<name>/plugin.yaml` + module) and `access.yaml` (tier → plugins).
-    #[arg(
-        long,
-        env = "MOZAIKS_PLUGINS_DIR",
-        default_value = "plugins",
-        global = true
-    )]
-    pub plugins_dir: PathBuf,
     /// Another tiers file instead of the embedded config/tiers.yaml (read at start, validated).
     #[arg(long, env = "MOZAIKS_TIERS_FILE", global = true)]
     pub tiers_file: Option<PathBuf>,
-    /// Another prices file instead of the embedded config/prices.yaml (read at start, validated).
-    #[arg(long, env = "MOZAIKS_PRICES_FILE", global = true)]
-    pub prices_file: Option<PathBuf>,
     /// Folder of stream definitions (default: the ones built into the binary).
     #[arg(long, env = "MOZAIKS_STREAMS_DIR", global = true)]
     pub streams_dir: Option<PathBuf>,
@@ -72,45 +53,6 @@ pub struct Global {
     /// gateway serves these on its own port.
     #[arg(long, env = "MOZAIKS_HEALTH_LISTEN", global = true)]
     pub health_listen: Option<SocketAddr>,
-    /// HS256 secret of user and runtime tokens (at least 32 bytes unless --dev).
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true, global = true)]
-    pub jwt_secret: Option<String>,
-    /// The issuer's JWKS URL (Keycloak: .../realms/{realm}/protocol/openid-connect/certs) for
-    /// RS256/ES256 user tokens.
-    #[arg(long, env = "JWT_JWKS_URL", global = true)]
-    pub jwt_jwks_url: Option<String>,
-    /// Algorithms accepted on user tokens, e.g. RS256,ES256 (HS256 uses JWT_SECRET; the others
-    /// need JWT_JWKS_URL). Default: HS256, plus RS256 when JWT_JWKS_URL is set.
-    #[arg(long, env = "JWT_ALGORITHMS", global = true)]
-    pub jwt_algorithms: Option<String>,
-    /// `iss` of user tokens signed with JWKS keys (Keycloak: the realm URL).
-    #[arg(
-        long,
-        env = "JWT_JWKS_ISSUER",
-        default_value = "mozaiks",
-        global = true
-    )]
-    pub jwt_jwks_issuer: String,
-    /// Least seconds between two fetches of the JWKS for a token naming an unknown `kid` (key
-    /// rotation without restart; bounds how often made-up `kid`s make us call the issuer).
-    #[arg(
-        long,
-        env = "JWT_JWKS_MIN_REFRESH_SECONDS",
-        default_value_t = 30,
-        global = true
-    )]
-    pub jwt_jwks_min_refresh_seconds: u64,
-    /// Development mode: a built-in JWT secret when JWT_SECRET is unset, short secrets allowed.
-    #[arg(
-        long,
-        env = "MOZAIKS_DEV",
-        global = true,
-        num_args = 0..=1,
-        default_value_t = false,
-        default_missing_value = "true",
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    pub dev: bool,
     /// The app that exists from the first start with every workflow enabled.
     #[arg(long, env = "DEFAULT_APP_ID", default_value = "default", global = true)]
     pub default_app_id: String,
@@ -125,13 +67,97 @@ pub struct Global {
         global = true
     )]
     pub log_format: String,
-    /// Runs in progress at once per worker.
+    /// Credit periods of this many seconds instead of calendar months (tests and demos; every
+    /// role of a fleet must agree).
+    #[arg(long, env = "MOZAIKS_CREDITS_PERIOD_SECONDS", global = true)]
+    pub credits_period_seconds: Option<u64>,
+    /// This process's name in the fleet (presence, worker snapshots, chat and singleton leases,
+    /// storage moves): `{instance}-{pid}-{tag}`. Kubernetes and Docker set HOSTNAME to the pod
+    /// or container name.
+    #[arg(long, env = "HOSTNAME", default_value = "host", global = true)]
+    pub instance: String,
+    #[command(flatten)]
+    pub metrics: crate::metrics_http::MetricsArgs,
+}
+
+/// Token verification: gateways (and `mozaiks token`, which signs with the same secret).
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Tokens")]
+pub struct AuthArgs {
+    /// HS256 secret of user and runtime tokens (at least 32 bytes unless --dev).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// The issuer's JWKS URL (Keycloak: .../realms/{realm}/protocol/openid-connect/certs) for
+    /// RS256/ES256 user tokens.
+    #[arg(long, env = "JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// Algorithms accepted on user tokens, e.g. RS256,ES256 (HS256 uses JWT_SECRET; the others
+    /// need JWT_JWKS_URL). Default: HS256, plus RS256 when JWT_JWKS_URL is set.
+    #[arg(long, env = "JWT_ALGORITHMS")]
+    pub jwt_algorithms: Option<String>,
+    /// `iss` of user tokens signed with JWKS keys (Keycloak: the realm URL).
+    #[arg(long, env = "JWT_JWKS_ISSUER", default_value = "mozaiks")]
+    pub jwt_jwks_issuer: String,
+    /// Least seconds between two fetches of the JWKS for a token naming an unknown `kid` (key
+    /// rotation without restart; bounds how often made-up `kid`s make us call the issuer).
+    #[arg(long, env = "JWT_JWKS_MIN_REFRESH_SECONDS", default_value_t = 30)]
+    pub jwt_jwks_min_refresh_seconds: u64,
+    /// Development mode: a built-in JWT secret when JWT_SECRET is unset, short secrets allowed.
     #[arg(
         long,
-        env = "MAX_CONCURRENT_WORKFLOWS",
-        default_value_t = 50,
-        global = true
+        env = "MOZAIKS_DEV",
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
+    pub dev: bool,
+}
+
+/// The workflow and plugin packs: gateways (allowlists, /api/execute) and workers (runs).
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Packs")]
+pub struct PacksArgs {
+    /// Folder of workflow packs.
+    #[arg(long, env = "MOZAIKS_WORKFLOWS_DIR", default_value = "workflows")]
+    pub workflows_dir: PathBuf,
+    /// Folder of plugin packs (`<name>/plugin.yaml` + module) and `access.yaml` (tier → plugins).
+    #[arg(long, env = "MOZAIKS_PLUGINS_DIR", default_value = "plugins")]
+    pub plugins_dir: PathBuf,
+}
+
+/// Credit enforcement: gateways (refusals at the door) and workers (before each model call).
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Credits")]
+pub struct EnforceArgs {
+    /// Enforce credits (the seeds' name): gateways refuse new sessions and messages, and workers
+    /// refuse the next model call, of an app whose credits (or a user whose daily budget) are
+    /// spent. Off (the development default): usage is metered and nothing is refused.
+    #[arg(
+        long,
+        env = "MONETIZATION_ENABLED",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub monetization_enabled: bool,
+}
+
+/// Model prices: workers (the cost recorded with each charge) and billing.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Prices")]
+pub struct PricesArgs {
+    /// Another prices file instead of the embedded config/prices.yaml (read at start, validated).
+    #[arg(long, env = "MOZAIKS_PRICES_FILE")]
+    pub prices_file: Option<PathBuf>,
+}
+
+/// The worker role's own settings.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Worker")]
+pub struct WorkerArgs {
+    /// Runs in progress at once per worker.
+    #[arg(long, env = "MAX_CONCURRENT_WORKFLOWS", default_value_t = 50)]
     pub max_concurrent_workflows: usize,
     /// Whether a worker hands its run slots out fairly across apps (deficit round robin by
     /// app, weighted by tier) or, when false, first come first served (only to measure the
@@ -141,26 +167,25 @@ pub struct Global {
         env = "MOZAIKS_FAIR_SLOTS",
         default_value_t = true,
         action = clap::ArgAction::Set,
-        value_parser = clap::builder::BoolishValueParser::new(),
-        global = true
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub fair_slots: bool,
     /// A run that lasts longer fails with `timeout`.
-    #[arg(
-        long,
-        env = "WORKFLOW_TIMEOUT_SECONDS",
-        default_value_t = 300,
-        global = true
-    )]
+    #[arg(long, env = "WORKFLOW_TIMEOUT_SECONDS", default_value_t = 300)]
     pub workflow_timeout_seconds: u64,
+}
+
+/// The projector role's own settings (retention and deleted apps' archiving).
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Projector")]
+pub struct ProjectorArgs {
     /// Where the projector role archives sessions past their tier's retention and deleted apps'
     /// sessions (`{dir}/{app_id}/{YYYY-MM-DD}.jsonl`). Default: an absolute folder, see
     /// [`default_archive_dir`].
     #[arg(
         long,
         env = "MOZAIKS_ARCHIVE_DIR",
-        default_value_os_t = default_archive_dir(),
-        global = true
+        default_value_os_t = default_archive_dir()
     )]
     pub archive_dir: PathBuf,
     /// Whether the projector role takes part in retention and deleted-app archiving (the
@@ -168,7 +193,6 @@ pub struct Global {
     #[arg(
         long,
         env = "MOZAIKS_RETENTION",
-        global = true,
         default_value_t = true,
         value_parser = clap::builder::BoolishValueParser::new()
     )]
@@ -177,15 +201,13 @@ pub struct Global {
     #[arg(
         long,
         env = "MOZAIKS_RETENTION_INTERVAL_SECONDS",
-        default_value_t = 3600,
-        global = true
+        default_value_t = 3600
     )]
     pub retention_interval_seconds: u64,
     /// Whether archived chats' events are purged from MZ_EVT too.
     #[arg(
         long,
         env = "MOZAIKS_RETENTION_PURGE_LOG",
-        global = true,
         default_value_t = true,
         value_parser = clap::builder::BoolishValueParser::new()
     )]
@@ -194,17 +216,17 @@ pub struct Global {
     #[arg(
         long,
         env = "MOZAIKS_APP_ARCHIVE_INTERVAL_SECONDS",
-        default_value_t = 5,
-        global = true
+        default_value_t = 5
     )]
     pub app_archive_interval_seconds: u64,
+}
+
+/// The ops role's own settings.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Ops")]
+pub struct OpsArgs {
     /// Milliseconds between two evaluations of the ops rules by the ops leader (role `ops`).
-    #[arg(
-        long,
-        env = "MOZAIKS_OPS_EVALUATE_MS",
-        default_value_t = 5000,
-        global = true
-    )]
+    #[arg(long, env = "MOZAIKS_OPS_EVALUATE_MS", default_value_t = 5000)]
     pub ops_evaluate_ms: u64,
     /// A fleet for the ops agent to poll too, as the seeds' ops guide does: its `/api/health`,
     /// `/health/active-runs` and `/metrics/perf/aggregate` (every app's view), whose active
@@ -215,80 +237,44 @@ pub struct Global {
         long = "poll",
         value_name = "URL",
         env = "MOZAIKS_OPS_POLL",
-        value_delimiter = ',',
-        global = true
+        value_delimiter = ','
     )]
     pub ops_poll: Vec<String>,
     /// The bearer token for --poll (a superadmin token of the polled fleet). Default: a
     /// superadmin token minted with this process's JWT_SECRET, renewed before each poll.
-    #[arg(long = "poll-token", env = "MOZAIKS_OPS_POLL_TOKEN", global = true)]
+    #[arg(long = "poll-token", env = "MOZAIKS_OPS_POLL_TOKEN")]
     pub ops_poll_token: Option<String>,
     /// Milliseconds between two polls of the --poll fleets.
     #[arg(
         long = "poll-every-ms",
         env = "MOZAIKS_OPS_POLL_MS",
-        default_value_t = 5000,
-        global = true
+        default_value_t = 5000
     )]
     pub ops_poll_ms: u64,
-    /// Enforce credits (the seeds' name): gateways refuse new sessions and messages, and workers
-    /// refuse the next model call, of an app whose credits (or a user whose daily budget) are
-    /// spent. Off (the development default): usage is metered and nothing is refused.
-    #[arg(
-        long,
-        env = "MONETIZATION_ENABLED",
-        default_value_t = false,
-        action = clap::ArgAction::Set,
-        value_parser = clap::builder::BoolishValueParser::new(),
-        global = true
-    )]
-    pub monetization_enabled: bool,
-    /// Credit periods of this many seconds instead of calendar months (tests and demos; every
-    /// role of a fleet must agree).
-    #[arg(long, env = "MOZAIKS_CREDITS_PERIOD_SECONDS", global = true)]
-    pub credits_period_seconds: Option<u64>,
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub metrics: crate::metrics_http::MetricsArgs,
 }
 
 /// The model provider: the OpenAI-compatible client when `OPENAI_API_KEY` or `OPENAI_BASE_URL`
 /// is set, else the built-in offline model.
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Model")]
 pub struct ModelArgs {
     /// API key of the OpenAI-compatible provider.
-    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true, global = true)]
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
     pub openai_api_key: Option<String>,
     /// Base URL of the provider, e.g. http://127.0.0.1:11434/v1 (Ollama); default https://api.openai.com/v1.
-    #[arg(long, env = "OPENAI_BASE_URL", global = true)]
+    #[arg(long, env = "OPENAI_BASE_URL")]
     pub openai_base_url: Option<String>,
     /// Header carrying the key instead of `Authorization: Bearer` (Azure: api-key).
-    #[arg(long, env = "OPENAI_API_KEY_HEADER", global = true)]
+    #[arg(long, env = "OPENAI_API_KEY_HEADER")]
     pub openai_api_key_header: Option<String>,
     /// Model of agents that do not name one.
-    #[arg(
-        long,
-        env = "MOZAIKS_MODEL",
-        default_value = "gpt-4o-mini",
-        global = true
-    )]
+    #[arg(long, env = "MOZAIKS_MODEL", default_value = "gpt-4o-mini")]
     pub model: String,
     /// Tries per model call (429, 5xx, timeouts and connection errors are retried).
-    #[arg(
-        long,
-        env = "MOZAIKS_MODEL_MAX_ATTEMPTS",
-        default_value_t = 4,
-        global = true
-    )]
+    #[arg(long, env = "MOZAIKS_MODEL_MAX_ATTEMPTS", default_value_t = 4)]
     pub model_max_attempts: u32,
     /// Seconds a model call may take, streamed answer included.
-    #[arg(
-        long,
-        env = "MOZAIKS_MODEL_TIMEOUT_SECONDS",
-        default_value_t = 120,
-        global = true
-    )]
+    #[arg(long, env = "MOZAIKS_MODEL_TIMEOUT_SECONDS", default_value_t = 120)]
     pub model_timeout_seconds: u64,
 }
 
@@ -305,7 +291,9 @@ impl Global {
     pub fn resolve_mongo_db(&mut self) {
         self.mongo_db = shared_mongo_db(self.mongo_db_setting.as_deref(), &self.mongo_uri());
     }
+}
 
+impl AuthArgs {
     /// The verifier's configuration: the secret, and the JWKS source when configured.
     pub fn auth_config(&self) -> anyhow::Result<mozaiks_auth::Config> {
         let mut cfg = mozaiks_auth::Config::hs256(self.jwt_secret()?, self.dev);
@@ -412,8 +400,188 @@ pub struct GatewayArgs {
     pub ws_idle_seconds: Option<u64>,
 }
 
+/// `mozaiks all`: every role in one process, so every role's settings.
+#[derive(Args, Debug, Clone)]
+pub struct AllArgs {
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
+    pub packs: PacksArgs,
+    #[command(flatten)]
+    pub enforce: EnforceArgs,
+    #[command(flatten)]
+    pub prices: PricesArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub projector: ProjectorArgs,
+    #[command(flatten)]
+    pub ops: OpsArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// `mozaiks gateway`.
+#[derive(Args, Debug, Clone)]
+pub struct GatewayCmd {
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
+    pub packs: PacksArgs,
+    #[command(flatten)]
+    pub enforce: EnforceArgs,
+}
+
+/// `mozaiks worker`.
+#[derive(Args, Debug, Clone)]
+pub struct WorkerCmd {
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub packs: PacksArgs,
+    #[command(flatten)]
+    pub enforce: EnforceArgs,
+    #[command(flatten)]
+    pub prices: PricesArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// `mozaiks projector`.
+#[derive(Args, Debug, Clone)]
+pub struct ProjectorCmd {
+    #[command(flatten)]
+    pub projector: ProjectorArgs,
+}
+
+/// `mozaiks billing`.
+#[derive(Args, Debug, Clone)]
+pub struct BillingCmd {
+    #[command(flatten)]
+    pub prices: PricesArgs,
+}
+
+/// `mozaiks ops`.
+#[derive(Args, Debug, Clone)]
+pub struct OpsCmd {
+    #[command(flatten)]
+    pub ops: OpsArgs,
+    /// For the token `--poll` mints when `--poll-token` is not given.
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// What a process runs: its roles and the settings of exactly those roles (a group is `None`
+/// when no role of the process uses it).
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub roles: Vec<crate::roles::Role>,
+    pub gateway: Option<GatewayArgs>,
+    pub auth: Option<AuthArgs>,
+    pub packs: Option<PacksArgs>,
+    pub enforce: Option<EnforceArgs>,
+    pub prices: Option<PricesArgs>,
+    pub worker: Option<WorkerArgs>,
+    pub projector: Option<ProjectorArgs>,
+    pub ops: Option<OpsArgs>,
+    pub model: Option<ModelArgs>,
+}
+
+impl Plan {
+    /// Whether credits are enforced (MONETIZATION_ENABLED; off when no role here enforces).
+    pub fn monetization_enabled(&self) -> bool {
+        self.enforce
+            .as_ref()
+            .is_some_and(|e| e.monetization_enabled)
+    }
+}
+
+impl From<AllArgs> for Plan {
+    fn from(a: AllArgs) -> Plan {
+        Plan {
+            roles: crate::roles::Role::ALL.to_vec(),
+            gateway: Some(a.gateway),
+            auth: Some(a.auth),
+            packs: Some(a.packs),
+            enforce: Some(a.enforce),
+            prices: Some(a.prices),
+            worker: Some(a.worker),
+            projector: Some(a.projector),
+            ops: Some(a.ops),
+            model: Some(a.model),
+        }
+    }
+}
+
+impl From<GatewayCmd> for Plan {
+    fn from(a: GatewayCmd) -> Plan {
+        Plan {
+            roles: vec![crate::roles::Role::Gateway],
+            gateway: Some(a.gateway),
+            auth: Some(a.auth),
+            packs: Some(a.packs),
+            enforce: Some(a.enforce),
+            ..Default::default()
+        }
+    }
+}
+
+impl From<WorkerCmd> for Plan {
+    fn from(a: WorkerCmd) -> Plan {
+        Plan {
+            roles: vec![crate::roles::Role::Worker],
+            worker: Some(a.worker),
+            packs: Some(a.packs),
+            enforce: Some(a.enforce),
+            prices: Some(a.prices),
+            model: Some(a.model),
+            ..Default::default()
+        }
+    }
+}
+
+impl From<ProjectorCmd> for Plan {
+    fn from(a: ProjectorCmd) -> Plan {
+        Plan {
+            roles: vec![crate::roles::Role::Projector],
+            projector: Some(a.projector),
+            ..Default::default()
+        }
+    }
+}
+
+impl From<BillingCmd> for Plan {
+    fn from(a: BillingCmd) -> Plan {
+        Plan {
+            roles: vec![crate::roles::Role::Billing],
+            prices: Some(a.prices),
+            ..Default::default()
+        }
+    }
+}
+
+impl From<OpsCmd> for Plan {
+    fn from(a: OpsCmd) -> Plan {
+        Plan {
+            roles: vec![crate::roles::Role::Ops],
+            ops: Some(a.ops),
+            auth: Some(a.auth),
+            model: Some(a.model),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct TokenArgs {
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// User id (`sub`).
     #[arg(long, default_value = "dev-user")]
     pub sub: String,
@@ -430,15 +598,23 @@ pub struct TokenArgs {
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum WorkflowsCmd {
-    /// Validates every pack in DIR (default: the workflows folder) and lists them.
-    Check { dir: Option<PathBuf> },
+    /// Validates every pack in DIR and lists them.
+    Check {
+        /// The folder of workflow packs.
+        #[arg(env = "MOZAIKS_WORKFLOWS_DIR", default_value = "workflows")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum PluginsCmd {
-    /// Validates every plugin pack in DIR (default: the plugins folder): manifest, module
-    /// compiled and its imports and exports checked, access.yaml; lists them.
-    Check { dir: Option<PathBuf> },
+    /// Validates every plugin pack in DIR: manifest, module compiled and its imports and
+    /// exports checked, access.yaml; lists them.
+    Check {
+        /// The folder of plugin packs.
+        #[arg(env = "MOZAIKS_PLUGINS_DIR", default_value = "plugins")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

@@ -9,6 +9,7 @@ mod metrics_layer;
 mod rebuild;
 mod roles;
 mod storage_metrics;
+mod tools;
 
 use clap::{Parser, Subcommand};
 
@@ -42,15 +43,15 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Every role in one process (development and small installs).
-    All(config::GatewayArgs),
+    All(Box<config::AllArgs>),
     /// HTTP + WebSocket front door: sessions, live events, reads, health, metrics.
-    Gateway(config::GatewayArgs),
+    Gateway(config::GatewayCmd),
     /// Runs workflow packs for the chats it owns.
-    Worker,
+    Worker(config::WorkerCmd),
     /// Keeps the MongoDB read models (chat_sessions, chat_messages) from the event log.
-    Projector,
-    /// Keeps the per-app usage ledger from usage.charged.
-    Billing,
+    Projector(config::ProjectorCmd),
+    /// Keeps the per-app usage ledger and the credit wallets from the event log.
+    Billing(config::BillingCmd),
     /// The ops agent: rules over the fleet's live state, incidents on NATS, safe actions.
     ///
     /// Watches the fleet (workers' snapshots in MZ_PERF, gateways' presence, run.failed, failed
@@ -78,7 +79,7 @@ enum Cmd {
     /// /api/ops/policy/{app_id} (superadmin), applied live. Subscribers outside the runtime:
     /// examples/ops-python, examples/ops-typescript, schemas/ops.*.schema.json. README:
     /// "Operating the fleet". MOZAIKS_HEALTH_LISTEN serves health and metrics.
-    Ops,
+    Ops(config::OpsCmd),
     /// Mints a user token signed with JWT_SECRET (development and scripts).
     Token(config::TokenArgs),
     /// Workflow pack tools.
@@ -116,21 +117,20 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        let g = cli.global;
         match cli.command {
-            Cmd::Token(args) => roles::token(&cli.global, args),
-            Cmd::Workflows(cmd) => roles::workflows(&cli.global, cmd),
-            Cmd::Plugins(cmd) => roles::plugins(&cli.global, cmd),
-            Cmd::Schemas(args) => roles::schemas(args),
+            Cmd::Token(args) => tools::token(&g, args),
+            Cmd::Workflows(cmd) => tools::workflows(cmd),
+            Cmd::Plugins(cmd) => tools::plugins(cmd),
+            Cmd::Schemas(args) => tools::schemas(args),
             Cmd::Probe { url } => health::probe(&url).await,
-            Cmd::Rebuild(args) => rebuild::run(&cli.global, args).await,
-            Cmd::Ops => roles::serve(&cli.global, roles::Roles::ops(), None).await,
-            Cmd::All(args) => roles::serve(&cli.global, roles::Roles::all(), Some(args)).await,
-            Cmd::Gateway(args) => {
-                roles::serve(&cli.global, roles::Roles::gateway(), Some(args)).await
-            }
-            Cmd::Worker => roles::serve(&cli.global, roles::Roles::worker(), None).await,
-            Cmd::Projector => roles::serve(&cli.global, roles::Roles::projector(), None).await,
-            Cmd::Billing => roles::serve(&cli.global, roles::Roles::billing(), None).await,
+            Cmd::Rebuild(args) => rebuild::run(&g, args).await,
+            Cmd::All(args) => roles::serve(g, (*args).into()).await,
+            Cmd::Gateway(args) => roles::serve(g, args.into()).await,
+            Cmd::Worker(args) => roles::serve(g, args.into()).await,
+            Cmd::Projector(args) => roles::serve(g, args.into()).await,
+            Cmd::Billing(args) => roles::serve(g, args.into()).await,
+            Cmd::Ops(args) => roles::serve(g, args.into()).await,
         }
     });
     match result {
@@ -140,5 +140,106 @@ fn main() -> std::process::ExitCode {
             eprintln!("mozaiks: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn help(sub: &str) -> String {
+        let mut cmd = Cli::command();
+        cmd.build();
+        cmd.find_subcommand_mut(sub)
+            .unwrap_or_else(|| panic!("no sub-command {sub}"))
+            .render_long_help()
+            .to_string()
+    }
+
+    #[test]
+    fn each_sub_command_takes_the_settings_of_its_roles_and_no_others() {
+        let shared = ["--nats-url", "--mongo-uri", "--namespace", "--instance"];
+        let own: [(&str, &[&str]); 6] = [
+            ("gateway", &["--listen", "--jwt-secret", "--workflows-dir"]),
+            (
+                "worker",
+                &[
+                    "--max-concurrent-workflows",
+                    "--model",
+                    "--prices-file",
+                    "--workflows-dir",
+                ],
+            ),
+            ("projector", &["--archive-dir", "--retention"]),
+            ("billing", &["--prices-file"]),
+            (
+                "ops",
+                &["--ops-evaluate-ms", "--model", "--poll", "--jwt-secret"],
+            ),
+            (
+                "all",
+                &[
+                    "--listen",
+                    "--jwt-secret",
+                    "--workflows-dir",
+                    "--max-concurrent-workflows",
+                    "--archive-dir",
+                    "--prices-file",
+                    "--ops-evaluate-ms",
+                ],
+            ),
+        ];
+        let every: Vec<&str> = own.iter().flat_map(|(_, o)| o.iter().copied()).collect();
+        for (sub, flags) in own {
+            let text = help(sub);
+            let wanted: &[&str] = if sub == "all" { &every } else { flags };
+            for flag in shared.iter().chain(wanted) {
+                assert!(text.contains(flag), "`{sub} --help` lacks {flag}");
+            }
+            for flag in &every {
+                if sub != "all" && !flags.contains(flag) {
+                    assert!(
+                        !text.contains(&format!("{flag} ")),
+                        "`{sub} --help` shows {flag}, a setting of another role"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shared_settings_go_anywhere_and_role_settings_after_their_sub_command() {
+        let ok = |args: &[&str]| {
+            Cli::try_parse_from(args)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        ok(&[
+            "mozaiks",
+            "--nats-url",
+            "nats://n:4222",
+            "worker",
+            "--max-concurrent-workflows",
+            "3",
+        ])
+        .unwrap();
+        ok(&[
+            "mozaiks",
+            "projector",
+            "--namespace",
+            "t1",
+            "--retention-interval-seconds",
+            "60",
+        ])
+        .unwrap();
+        // A worker's setting on billing is refused, not silently ignored.
+        let e = ok(&["mozaiks", "billing", "--max-concurrent-workflows", "3"]).unwrap_err();
+        assert!(e.contains("--max-concurrent-workflows"), "{e}");
     }
 }

@@ -54,6 +54,9 @@ pub struct RebuildArgs {
     /// No progress output (the final counts are still printed).
     #[arg(long)]
     pub quiet: bool,
+    /// The prices billing costs charges with (the same file as the fleet's billing).
+    #[command(flatten)]
+    pub prices: crate::config::PricesArgs,
 }
 
 /// What a rebuild did.
@@ -77,7 +80,7 @@ pub async fn run(g: &Global, args: RebuildArgs) -> anyhow::Result<ExitCode> {
         bail!("--app {app:?} is not an app id");
     }
     mozaiks_store::credits::set_period_seconds(g.credits_period_seconds);
-    let prices = mozaiks_control::prices::Prices::load(g.prices_file.as_deref())?;
+    let prices = mozaiks_control::prices::Prices::load(args.prices.prices_file.as_deref())?;
     let bus = Bus::connect(&g.nats_url, &g.namespace, "mozaiks-rebuild")
         .await
         .context("NATS")?;
