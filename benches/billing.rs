@@ -125,6 +125,30 @@ async fn wait_ready(http: &reqwest::Client, gw: &str, dir: &Path) -> anyhow::Res
     }
 }
 
+/// The Mongo-wire server's operation counters (`serverStatus.opcounters`), by kind.
+async fn opcounters(
+    client: &mozaiks_store::mongodb::Client,
+) -> anyhow::Result<std::collections::BTreeMap<String, i64>> {
+    use mozaiks_store::mongodb::bson::{Bson, doc};
+    let status = client
+        .database("admin")
+        .run_command(doc! { "serverStatus": 1 })
+        .await?;
+    let mut out = std::collections::BTreeMap::new();
+    if let Ok(ops) = status.get_document("opcounters") {
+        for (k, v) in ops {
+            let n = match v {
+                Bson::Int32(n) => i64::from(*n),
+                Bson::Int64(n) => *n,
+                Bson::Double(f) => *f as i64,
+                _ => continue,
+            };
+            out.insert(k.clone(), n);
+        }
+    }
+    Ok(out)
+}
+
 /// The Mongo-wire server's ceiling for ledger-shaped documents: `n` inserted with `insert_many`
 /// in batches of 256 into a collection with billing's unique index. Documents per second.
 async fn mongo_ceiling(servers: &TestServers, n: usize) -> anyhow::Result<f64> {
@@ -245,8 +269,12 @@ async fn main() -> anyhow::Result<()> {
         "billing: {charges} charges appended in {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    let mongo = mozaiks_store::mongodb::Client::with_uri_str(&servers.mongo_uri).await?;
+    let ops_before = opcounters(&mongo).await?;
     procs.push(spawn(&bin, &servers, "billing", None, &dir, "billing")?);
+    let polls = std::sync::atomic::AtomicU64::new(0);
     let counted = || async {
+        polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let r = http
             .get(format!("{}/api/usage/{APP}", gateways[0]))
             .bearer_auth(&admin)
@@ -256,6 +284,9 @@ async fn main() -> anyhow::Result<()> {
         let v: Value = r.json().await.ok()?;
         v["charges"].as_u64()
     };
+    // Each poll is a read of the ledger on the same Mongo-wire server: not too often, so the
+    // figure is billing's and not the poller's.
+    let poll_ms = env_num("BENCH_POLL_MS", 200);
     let deadline = Instant::now() + Duration::from_secs(600);
     let (mut first, mut first_n) = (None, 0);
     let last = loop {
@@ -271,9 +302,22 @@ async fn main() -> anyhow::Result<()> {
             Instant::now() < deadline,
             "billing counted {n} of {charges}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(poll_ms)).await;
     };
     let rate = (charges - first_n) as f64 / (last - first.unwrap()).as_secs_f64().max(1e-6);
+    let ops_after = opcounters(&mongo).await?;
+    let polls = polls.load(std::sync::atomic::Ordering::Relaxed);
+    let per_charge: Vec<String> = ops_after
+        .iter()
+        .map(|(k, v)| {
+            let d = v - ops_before.get(k).copied().unwrap_or(0);
+            format!("{k} {d} ({:.3}/charge)", d as f64 / charges as f64)
+        })
+        .collect();
+    println!(
+        "billing: Mongo operations while billing caught up (the server's opcounters, {polls} usage polls of the bench included): {}",
+        per_charge.join(", ")
+    );
     let ceiling = mongo_ceiling(&servers, charges as usize).await?;
     println!(
         "billing: throughput {rate:.0} charges/s; Mongo-wire insert_many ceiling {ceiling:.0} docs/s; ratio {:.0} %",

@@ -9,17 +9,29 @@
 //! again. A wallet is recomputed
 //!
 //! - after every batch of charges (duplicates included: a charge written by a billing that died
-//!   before it could update the wallet is counted when redelivered);
+//!   before it could update the wallet is counted when redelivered), but see below;
 //! - after every grant (the durable consumer `billing-grants` on `MZ_BILLING`: the grant is
 //!   recorded in `credit_grants`, the wallet rewritten, then the grant acknowledged);
 //! - by a sweep every [`SWEEP_EVERY`] for apps without a wallet, whose period or day ended, whose
 //!   limits changed or whose next grant expired, and every [`FULL_EVERY`] for every app.
 //!
+//! **A batch of new charges is added, not recomputed**, when it can be done exactly: before
+//! writing a batch, billing reads the app's wallet revision `r`; when every charge of the batch
+//! was new to the ledger (no duplicate: nobody wrote any of them before) and this process knows
+//! the inputs that the wallet at `r` was computed from (it wrote `r`, [`Cached`]), the new
+//! wallet is computed from those inputs plus the batch's credits and written with a
+//! compare-and-set on `r`. The inputs at `r` were read before `r` was written, hence before the
+//! batch was read `r` and was written: they cannot contain the batch. And if anything else wrote
+//! the wallet after `r` (another replica's batch, a recomputation that may have read the batch
+//! from Mongo), the compare-and-set fails and the wallet is recomputed from Mongo. So each
+//! charge is in a wallet once, and a batch costs no Mongo read at all (two `MZ_CREDITS`
+//! operations) instead of an aggregation over the app's recent charges.
+//!
 //! When a threshold is reached (80 %, 100 % of the period's credits), the alert
 //! (`credits.low`, `credits.exhausted`) is appended to `mz.billing.alert.{app_id}` (deduplicated
 //! on app, period and threshold) before the wallet that records it as sent.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,6 +75,29 @@ struct Running {
     wallets: Wallets,
     refresh: mpsc::UnboundedSender<String>,
     indexed: std::sync::Mutex<HashSet<String>>,
+    /// The inputs of the wallets this process wrote last, by app.
+    cache: std::sync::Mutex<HashMap<String, Cached>>,
+}
+
+/// What the wallet at `revision` of `MZ_CREDITS` was computed from (written, or found current, by
+/// this process).
+#[derive(Clone)]
+struct Cached {
+    revision: u64,
+    wallet: Wallet,
+    consumption: BTreeMap<String, u64>,
+    grants: Vec<CreditGrant>,
+    /// The day and its consumption per user, when the app has a per-user budget.
+    users: Option<(String, BTreeMap<String, u64>)>,
+}
+
+/// The credits of a batch's new charges of one app.
+#[derive(Debug, Default)]
+pub(crate) struct Added {
+    /// Credits per period key.
+    pub periods: BTreeMap<String, u64>,
+    /// Credits per UTC day (`YYYYMMDD`) and user.
+    pub users: BTreeMap<(String, String), u64>,
 }
 
 impl Credits {
@@ -89,6 +124,7 @@ impl Credits {
             wallets,
             refresh: tx,
             indexed: Default::default(),
+            cache: Default::default(),
         });
         self.inner = Some(running.clone());
         let me = self.clone();
@@ -108,6 +144,152 @@ impl Credits {
 
     fn running(&self) -> &Running {
         self.inner.as_ref().expect("started")
+    }
+
+    /// The revision of `app_id`'s wallet now, read before a batch of its charges is written
+    /// (`None`: billing keeps no wallets, there is none yet, or it cannot be read).
+    pub(crate) async fn revision(&self, app_id: &str) -> Option<u64> {
+        let r = self.inner.as_ref()?;
+        match r.wallets.bucket().entry(app_id).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => Some(e.revision),
+            _ => None,
+        }
+    }
+
+    /// Brings `app_id`'s wallet up to date after a batch of its charges was written: `added`
+    /// holds the credits of the batch's new charges when every one of them was new, and
+    /// `revision` is the wallet's revision read before the batch was written. Adds them to the
+    /// inputs of that revision when this process knows them, else recomputes from Mongo (see
+    /// the module's documentation).
+    pub(crate) async fn after_batch(
+        &self,
+        app_id: &str,
+        revision: Option<u64>,
+        added: Option<&Added>,
+    ) {
+        if self.inner.is_none() {
+            return;
+        }
+        if let (Some(rev), Some(added)) = (revision, added) {
+            match self.add(app_id, rev, added).await {
+                Ok(true) => {
+                    ::metrics::counter!(m::WALLET_UPDATES, "how" => "added").increment(1);
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => debug!(app_id, error = %e, "Wallet not added to; recomputing it."),
+            }
+        }
+        ::metrics::counter!(m::WALLET_UPDATES, "how" => "recomputed").increment(1);
+        if let Err(e) = self.refresh(app_id).await {
+            warn!(app_id, error = %e, "Wallet not recomputed after a batch; retrying.");
+            self.touch(app_id);
+        }
+    }
+
+    /// Writes the wallet computed from the inputs of `revision` plus `added`, with a
+    /// compare-and-set on `revision`; `Ok(false)` when it cannot be done that way (inputs not
+    /// known, another writer since, a new period or day).
+    async fn add(&self, app_id: &str, revision: u64, added: &Added) -> Result<bool, String> {
+        let r = self.running();
+        let started = Instant::now();
+        let Some(mut c) = r
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(app_id)
+            .filter(|c| c.revision == revision)
+            .cloned()
+        else {
+            return Ok(false);
+        };
+        let Some(app) = self.registry.get(app_id) else {
+            return Ok(false);
+        };
+        if app.is_deleted() {
+            return Ok(false);
+        }
+        let limits = self.registry.effective_limits(&app);
+        let now = Utc::now();
+        let period = mozaiks_store::credits::Period::containing(now).key();
+        if c.wallet.period != period {
+            return Ok(false);
+        }
+        let today = day_key(now);
+        match (&limits.user_daily_credits, &mut c.users) {
+            (None, None) => {}
+            (Some(_), Some((day, users))) if *day == today => {
+                for ((d, user), credits) in &added.users {
+                    if *d == today {
+                        let e = users.entry(user.clone()).or_default();
+                        *e = e.saturating_add(*credits);
+                    }
+                }
+            }
+            _ => return Ok(false),
+        }
+        for (p, credits) in &added.periods {
+            let e = c.consumption.entry(p.clone()).or_default();
+            *e = e.saturating_add(*credits);
+        }
+        let (mut w, due) = wallet::compute(Inputs {
+            app_id,
+            limits,
+            consumption: &c.consumption,
+            grants: &c.grants,
+            users_today: c.users.as_ref().map(|(_, u)| u),
+            alerts: c.wallet.alerts.clone(),
+            now,
+        });
+        for kind in due {
+            self.alert(&w, kind).await?;
+            w.alerts.push(kind.to_string());
+        }
+        let bytes = serde_json::to_vec(&w).map_err(|e| e.to_string())?;
+        match r
+            .wallets
+            .bucket()
+            .update(app_id, bytes.into(), revision)
+            .await
+        {
+            Ok(new) => {
+                ::metrics::histogram!(m::WALLET_SECONDS).record(started.elapsed().as_secs_f64());
+                ::metrics::counter!(m::WALLETS_WRITTEN, "state" => w.state.as_str()).increment(1);
+                if c.wallet.blocked != w.blocked {
+                    info!(
+                        app_id,
+                        blocked = w.blocked,
+                        balance = w.balance,
+                        consumed = w.consumed,
+                        "Wallet changed state."
+                    );
+                }
+                c.revision = new;
+                c.wallet = w;
+                self.remember(app_id, c);
+                Ok(true)
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                ::metrics::counter!(m::WALLET_CONFLICTS).increment(1);
+                Ok(false)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Keeps `c` as the inputs of `app_id`'s wallet, unless a later revision is known already.
+    fn remember(&self, app_id: &str, c: Cached) {
+        let mut cache = self
+            .running()
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache
+            .get(app_id)
+            .is_none_or(|old| old.revision <= c.revision)
+        {
+            cache.insert(app_id.to_string(), c);
+        }
     }
 
     /// Recomputes the wallets asked for, each app once per pass.
@@ -228,7 +410,18 @@ impl Credits {
                 self.alert(&w, kind).await?;
                 w.alerts.push(kind.to_string());
             }
-            if prev.as_ref().is_some_and(|p| wallet::same(&w, p)) {
+            let inputs = |revision: u64, wallet: Wallet| Cached {
+                revision,
+                wallet,
+                consumption,
+                grants,
+                users: users.map(|u| (day_key(now), u)),
+            };
+            if let Some(p) = prev.as_ref().filter(|p| wallet::same(&w, p)) {
+                // The wallet at `revision` is what these inputs give.
+                if let Some(rev) = revision {
+                    self.remember(app_id, inputs(rev, (*p).clone()));
+                }
                 return Ok(Some(w));
             }
             if prev.as_ref().is_none_or(|p| p.period != w.period) {
@@ -241,18 +434,17 @@ impl Credits {
                     .bucket()
                     .update(app_id, bytes.into(), rev)
                     .await
-                    .map(|_| ())
                     .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
                 None => r
                     .wallets
                     .bucket()
                     .create(app_id, bytes.into())
                     .await
-                    .map(|_| ())
                     .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
             };
             match written {
-                Ok(()) => {
+                Ok(new) => {
+                    self.remember(app_id, inputs(new, w.clone()));
                     ::metrics::histogram!(m::WALLET_SECONDS)
                         .record(started.elapsed().as_secs_f64());
                     ::metrics::counter!(m::WALLETS_WRITTEN, "state" => w.state.as_str())
@@ -490,6 +682,7 @@ impl Credits {
                 wallets,
                 refresh,
                 indexed: Default::default(),
+                cache: Default::default(),
             })),
         })
     }

@@ -20,7 +20,7 @@ pub mod credits;
 pub mod metrics;
 pub mod wallet;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -217,14 +217,7 @@ impl Billing {
                 }
                 self.bus.report(FETCH, Ok(()));
                 if !charges.is_empty() {
-                    let apps: std::collections::BTreeSet<String> =
-                        charges.iter().map(|p| p.env.app_id.clone()).collect();
                     self.settle(charges).await;
-                    if let Some(c) = &self.credits {
-                        for app in apps {
-                            c.touch(&app);
-                        }
-                    }
                 }
                 if ended {
                     break;
@@ -316,6 +309,15 @@ impl Billing {
         for (db, group) in by_db.into_values() {
             let started = Instant::now();
             let envs: Vec<Envelope> = group.iter().map(|p| p.env.clone()).collect();
+            // Each app's wallet revision before its charges are written ([`credits`]).
+            let mut revisions: BTreeMap<&str, Option<u64>> = BTreeMap::new();
+            if let Some(c) = &self.credits {
+                for env in &envs {
+                    if !revisions.contains_key(env.app_id.as_str()) {
+                        revisions.insert(&env.app_id, c.revision(&env.app_id).await);
+                    }
+                }
+            }
             let result =
                 match tokio::time::timeout(APPLY_TIMEOUT, self.store.charge_many(&db, &envs)).await
                 {
@@ -325,6 +327,15 @@ impl Billing {
             match result {
                 Ok(charged) => {
                     ::metrics::histogram!(m::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
+                    if let Some(c) = &self.credits {
+                        // The wallets before the acknowledgements: a billing that dies in
+                        // between has its charges redelivered, found duplicate and recomputed.
+                        let added = added_by_app(&envs, &charged);
+                        for (app, revision) in &revisions {
+                            c.after_batch(app, *revision, added.get(app).and_then(Option::as_ref))
+                                .await;
+                        }
+                    }
                     for (p, c) in group.into_iter().zip(charged) {
                         count(&p.env, c);
                         if let Err(e) = p.msg.ack().await {
@@ -341,6 +352,38 @@ impl Billing {
         }
         last_error.map(|e| (failed, e))
     }
+}
+
+/// The credits of the new charges of each app of a written batch; `None` for an app with a
+/// duplicate among them (its wallet must be recomputed: the duplicate may have been written by
+/// a billing that died before updating the wallet).
+fn added_by_app<'a>(
+    envs: &'a [Envelope],
+    charged: &[Charged],
+) -> BTreeMap<&'a str, Option<credits::Added>> {
+    let mut out: BTreeMap<&str, Option<credits::Added>> = BTreeMap::new();
+    for (env, c) in envs.iter().zip(charged) {
+        let Event::UsageCharged(u) = &env.event else {
+            continue;
+        };
+        let slot = out
+            .entry(env.app_id.as_str())
+            .or_insert_with(|| Some(credits::Added::default()));
+        match (c, slot.as_mut()) {
+            (Charged::Counted, Some(a)) => {
+                let credits = u.credits.unwrap_or(0);
+                let period = mozaiks_store::credits::Period::containing(env.ts).key();
+                let p = a.periods.entry(period).or_default();
+                *p = p.saturating_add(credits);
+                let day = mozaiks_store::credits::day_key(env.ts);
+                let d = a.users.entry((day, env.user_id.clone())).or_default();
+                *d = d.saturating_add(credits);
+            }
+            (Charged::Duplicate, _) => *slot = None,
+            (Charged::Counted, None) => {}
+        }
+    }
+    out
 }
 
 /// Records what applying `env` did.

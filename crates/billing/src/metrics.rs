@@ -11,6 +11,7 @@ pub const WALLETS_WRITTEN: &str = "mozaiks_billing_wallets_written_total";
 pub const WALLET_CONFLICTS: &str = "mozaiks_billing_wallet_conflicts_total";
 pub const WALLET_FAILURES: &str = "mozaiks_billing_wallet_failures_total";
 pub const WALLET_SECONDS: &str = "mozaiks_billing_wallet_seconds";
+pub const WALLET_UPDATES: &str = "mozaiks_billing_wallet_updates_total";
 pub const GRANTS: &str = "mozaiks_billing_grants_total";
 pub const ALERTS: &str = "mozaiks_billing_alerts_total";
 
@@ -51,6 +52,12 @@ pub fn describe() {
         WALLET_SECONDS,
         metrics::Unit::Seconds,
         "Time to compute and write one wallet."
+    );
+    metrics::describe_counter!(
+        WALLET_UPDATES,
+        "Wallet updates after a batch of charges, by how: added (the batch's charges added to \
+         the inputs of the revision read before writing them, no Mongo read) or recomputed \
+         (from Mongo: a duplicate in the batch, another writer in between, no inputs known)."
     );
     metrics::describe_counter!(GRANTS, "Credit grants recorded, by app_id.");
     metrics::describe_counter!(
