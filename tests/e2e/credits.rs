@@ -583,6 +583,33 @@ async fn alerts(bus: &Bus, app: &str) -> (usize, Option<Value>, Option<Value>) {
     (n, Some(first), Some(last))
 }
 
+/// Reads a socket's frames in the background until a `notification` whose data is
+/// `{"marker": marker}`; answers the data of the notifications before it.
+fn notifications_until(
+    mut ws: crate::fleet::Ws,
+    marker: &'static str,
+) -> tokio::task::JoinHandle<Vec<Value>> {
+    tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(msg) = ws.next().await {
+            let Ok(Message::Text(t)) = msg else {
+                assert!(msg.is_ok(), "socket error: {msg:?}");
+                continue;
+            };
+            let f: Value = serde_json::from_str(t.as_str()).unwrap();
+            if f["type"] != "notification" {
+                continue;
+            }
+            assert!(f["seq"].is_null(), "{f}");
+            if f["data"]["marker"] == marker {
+                return got;
+            }
+            got.push(f["data"].clone());
+        }
+        panic!("socket ended before the marker: {got:?}");
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overage_allow_per_user_budgets_and_alerts_once_per_threshold() {
     let fleet = Fleet::start_with(2, 1, &[("MONETIZATION_ENABLED", "true")]).await;
@@ -600,6 +627,39 @@ async fn overage_allow_per_user_budgets_and_alerts_once_per_threshold() {
     .await;
     let admin = Fleet::token("ada", app, &["admin"]);
     let user = Fleet::token("ann", app, &["user"]);
+    // Two admins, each with a socket on another gateway, and a user's socket: the alerts reach
+    // the admins' sockets as notification frames, once per threshold, and not the user's.
+    let alan = Fleet::token("alan", app, &["admin"]);
+    let mut watchers = Vec::new();
+    for (gw, token) in [(0, &admin), (1, &alan), (1, &user)] {
+        let (s, ticket) = fleet
+            .post_session(gw, token, json!({"app_id": app, "workflow_name": "hello"}))
+            .await;
+        assert_eq!(s, 201, "{ticket}");
+        let ws = fleet.connect(gw, &ticket, 0).await;
+        watchers.push(notifications_until(ws, "end"));
+    }
+    // Both admins are recorded in MZ_ADMINS (which every gateway follows) before any credit is
+    // spent; the user is not.
+    let admins_kv = bus
+        .jetstream()
+        .get_key_value(bus.subjects().name("MZ_ADMINS"))
+        .await
+        .unwrap();
+    fleet
+        .eventually("both admins in MZ_ADMINS", || async {
+            let mut keys: Vec<String> = admins_kv
+                .keys()
+                .await
+                .ok()?
+                .filter_map(|k| async { k.ok() })
+                .collect()
+                .await;
+            keys.sort();
+            // {app}.{hex(user_id)}: "ada" and "alan".
+            (keys == [format!("{app}.616461"), format!("{app}.616c616e")]).then_some(())
+        })
+        .await;
     let (refusal, runs) = run_until_refused(&fleet, &user, app, 200).await;
     assert_eq!(refusal, (402, "credits_exhausted".to_string()));
     let w = fleet
@@ -627,6 +687,42 @@ async fn overage_allow_per_user_budgets_and_alerts_once_per_threshold() {
     assert_eq!(first["type"], "credits.low", "{first}");
     assert_eq!(last["type"], "credits.exhausted", "{last}");
     assert_eq!(last["app_id"], app);
+    // Once both alerts are on the log, a marker notification to the whole app ends the watch;
+    // each admin socket got each alert once, in order, and the user's socket none.
+    let (s, v, _) = fleet
+        .call(
+            0,
+            "POST",
+            "/api/notify",
+            &admin,
+            Some(json!({"data": {"marker": "end"}})),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let mut got = Vec::new();
+    for w in watchers {
+        got.push(
+            tokio::time::timeout(Duration::from_secs(30), w)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    for (who, notes) in [("ada", &got[0]), ("alan", &got[1])] {
+        let kinds: Vec<&str> = notes.iter().filter_map(|n| n["kind"].as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["credits.low", "credits.exhausted"],
+            "{who}: {notes:?}"
+        );
+        for n in notes.iter() {
+            assert_eq!(n["app_id"], app, "{n}");
+            assert_eq!(n["period"], first["period"], "{n}");
+        }
+        assert_eq!(notes[1]["consumed"], last["consumed"], "{who}: {notes:?}");
+        assert_eq!(notes[1]["balance"], last["balance"], "{who}: {notes:?}");
+    }
+    assert!(got[2].is_empty(), "the user's socket: {:?}", got[2]);
 
     // A per-user daily budget: ann is refused, bob is not.
     let app = "budgeted";

@@ -116,6 +116,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         include_str!("../../../streams/kv/MZ_CREDITS.json"),
     ),
     (
+        "kv/MZ_ADMINS.json",
+        include_str!("../../../streams/kv/MZ_ADMINS.json"),
+    ),
+    (
         "MZ_PLUGINS.json",
         include_str!("../../../streams/MZ_PLUGINS.json"),
     ),

@@ -4,6 +4,7 @@
 //! log, reads from the Mongo projections. Nothing is kept between requests but caches of shared
 //! state (the app registry). See [`ws`] for the WebSocket protocol.
 
+pub mod admins;
 pub mod agui;
 pub mod apps;
 pub mod authz;
@@ -105,6 +106,9 @@ pub struct Inner {
     pub keys: mozaiks_control::keys::ApiKeys,
     /// Every app's wallet (a watched copy of `MZ_CREDITS`) and whether it is enforced.
     pub wallets: mozaiks_control::credits::Wallets,
+    /// The apps' admins as the brokers saw them (a watched copy of `MZ_ADMINS`), who get the
+    /// credit alerts as `notification` frames ([`admins`]).
+    pub admins: admins::Admins,
     /// The other replicas' sockets and the workers' runs, for fleet-wide limits.
     pub presence: presence::Presence,
     /// The process's id: its presence key and the holder of the leases it takes (storage moves).
@@ -176,6 +180,8 @@ impl Gateway {
         let wallets = mozaiks_control::credits::Wallets::open(&parts.bus, opts.enforce_credits)
             .await
             .map_err(|e| mozaiks_bus::Error::kv("open the wallets", e))?;
+        let admins = admins::Admins::open(&parts.bus);
+        admins::listen(parts.bus.clone(), hub.clone(), admins.clone());
         let presence = presence::Presence::start(
             &parts.bus,
             parts.instance.clone(),
@@ -202,6 +208,7 @@ impl Gateway {
             hub,
             keys,
             wallets,
+            admins,
             presence,
             instance: parts.instance,
             admin,

@@ -273,6 +273,14 @@ pub async fn start(
         state
             .auth
             .mint_runtime(&req.app_id, &user_id, &chat_id, &req.workflow_name)?;
+    // An admin's own socket gets the app's credit alerts (crate::admins).
+    if let Caller::User(u) = &caller
+        && u.has_role(mozaiks_auth::ROLE_ADMIN)
+        && u.app_id == req.app_id
+        && u.sub == user_id
+    {
+        state.admins.note(&req.app_id, &user_id);
+    }
     // resolve_runtime: the app's own runtime when its tier has one, else the shared fleet.
     let base = match state.registry.resolve_runtime(&app) {
         Some(url) => url.trim_end_matches('/').to_string(),
