@@ -968,3 +968,134 @@ async fn usage_grouped_and_exported_as_csv_and_cloudevents_equal_the_log() {
         assert_eq!((s, code(&v)), (422, want), "{path}: {v}");
     }
 }
+
+/// Issue 15, item 6: plugin executions count in the app's usage, next to its charges:
+/// `GET /api/usage/{app_id}` counts them per plugin, `group_by=plugin` gives executions, failures,
+/// fuel and time per plugin in `[from, to)`, and the export lists them (`kind=plugins`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_executions_count_in_the_apps_usage_and_export() {
+    let fleet = Fleet::start(2).await;
+    let app = "plugged";
+    create_app(&fleet, app, json!({})).await;
+    let ann = Fleet::token("ann", app, &["user"]);
+    let admin = Fleet::token("ada", app, &["admin"]);
+    let before = chrono::Utc::now();
+    for i in 0..3 {
+        let (s, v, _) = fleet
+            .call(
+                i % 2,
+                "POST",
+                "/api/execute/echo",
+                &ann,
+                Some(json!({"n": i})),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let usage = fleet
+        .eventually("the executions in the usage", || async {
+            let (s, v) = fleet.get(1, &format!("/api/usage/{app}"), &admin).await;
+            assert_eq!(s, 200, "{v}");
+            (v["plugins"]["executions"] == 3).then_some(v)
+        })
+        .await;
+    assert_eq!(usage["plugins"]["by_plugin"], json!({"echo": 3}), "{usage}");
+    assert_eq!(usage["plugins"]["window_days"], 30, "{usage}");
+    // The charges' totals are still there (no model call: zero).
+    assert_eq!(usage["charges"], 0, "{usage}");
+
+    let grouped = |query: String| {
+        let (fleet, admin) = (&fleet, admin.clone());
+        async move {
+            let (s, v) = fleet
+                .get(0, &format!("/api/usage/{app}?{query}"), &admin)
+                .await;
+            assert_eq!(s, 200, "{query}: {v}");
+            v
+        }
+    };
+    let v = grouped("group_by=plugin".into()).await;
+    assert_eq!(v["group_by"], "plugin", "{v}");
+    let groups = v["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "{v}");
+    assert_eq!(groups[0]["key"], "echo");
+    assert_eq!(groups[0]["executions"], 3);
+    assert_eq!(groups[0]["failed"], 0);
+    assert!(groups[0]["fuel_used"].as_u64().unwrap() > 0, "{v}");
+    assert!(groups[0]["duration_ms"].as_f64().unwrap() > 0.0, "{v}");
+    // [from, to): a range after the executions, or before them, holds none.
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let v = grouped(format!("group_by=plugin&from={}", urlencode(&later))).await;
+    assert_eq!(v["groups"], json!([]), "{v}");
+    let earlier = (before - chrono::Duration::hours(1)).to_rfc3339();
+    let v = grouped(format!(
+        "group_by=plugin&from={}&to={}",
+        urlencode(&earlier),
+        urlencode(&before.to_rfc3339())
+    ))
+    .await;
+    assert_eq!(v["groups"], json!([]), "{v}");
+
+    // The export: CSV with its own columns, CloudEvents with the execution's event id as id.
+    let export = |query: &str| {
+        let url = format!("{}/api/usage/{app}/export?{query}", fleet.gateways[1]);
+        let (http, admin) = (fleet.http.clone(), admin.clone());
+        async move {
+            let r = http.get(url).bearer_auth(admin).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (s, csv) = export("format=csv&kind=plugins").await;
+    assert_eq!(s, 200, "{csv}");
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "event_id,ts,app_id,plugin,version,user_id,chat_id,outcome,fuel_used,duration_ms"
+    );
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    assert!(rows.iter().all(|r| r.contains(",plugged,echo,")), "{csv}");
+    let (s, ce) = export("format=cloudevents&kind=plugins").await;
+    assert_eq!(s, 200, "{ce}");
+    let events: Vec<Value> = ce
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3, "{ce}");
+    let ids: std::collections::BTreeSet<&str> =
+        events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 3, "distinct ids: {ce}");
+    for e in &events {
+        assert_eq!(e["type"], "mozaiks.plugin.executed", "{e}");
+        assert_eq!(e["data"]["plugin"], "echo", "{e}");
+        assert_eq!(e["data"]["user_id"], "ann", "{e}");
+    }
+    // The charges' export is unchanged (the default kind): a header and no charge.
+    let (s, csv) = export("format=csv").await;
+    assert_eq!(s, 200, "{csv}");
+    assert_eq!(csv.lines().count(), 1, "{csv}");
+
+    // Bad parameters get stable codes.
+    for (query, want) in [
+        ("format=csv&kind=tools", "invalid_kind"),
+        ("format=csv&kind=plugins&group_by=plugin", "unknown_field"),
+    ] {
+        let (s, body) = export(query).await;
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((s, code(&v)), (422, want), "{query}: {v}");
+    }
+    let (s, v) = fleet
+        .get(0, &format!("/api/usage/{app}?group_by=plugins"), &admin)
+        .await;
+    assert_eq!((s, code(&v)), (422, "invalid_group_by"), "{v}");
+    // Only the app's admins: its user is refused.
+    let (s, v) = fleet
+        .get(0, &format!("/api/usage/{app}?group_by=plugin"), &ann)
+        .await;
+    assert_eq!((s, code(&v)), (403, "admin_required"), "{v}");
+}
+
+/// `+` and `:` of an RFC 3339 time, escaped for a query string.
+fn urlencode(s: &str) -> String {
+    s.replace('+', "%2B").replace(':', "%3A")
+}

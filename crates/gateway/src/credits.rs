@@ -309,9 +309,30 @@ pub async fn grant(
 struct UsageQuery {
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
-    group_by: Option<GroupBy>,
+    group_by: Option<Grouping>,
     format: Option<ExportFormat>,
+    /// What an export lists.
+    kind: ExportKind,
 }
+
+/// How `GET /api/usage/{app_id}` groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Grouping {
+    /// The charges, by one of their fields.
+    Charges(GroupBy),
+    /// The plugin executions (`MZ_PLUGINS`, 30 days), by plugin.
+    Plugin,
+}
+
+/// What an export lists: the costed charges (the default) or the plugin executions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ExportKind {
+    Charges,
+    Plugins,
+}
+
+/// The most plugin executions one answer reads (a narrower `from`/`to` reads more).
+const MAX_PLUGIN_EXECUTIONS: usize = 100_000;
 
 /// What an export is written as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -327,7 +348,7 @@ fn parse_usage_query(
     export: bool,
 ) -> Result<UsageQuery, ApiError> {
     let known: &[&str] = if export {
-        &["from", "to", "format"]
+        &["from", "to", "format", "kind"]
     } else {
         &["from", "to", "group_by"]
     };
@@ -352,14 +373,20 @@ fn parse_usage_query(
     {
         return Err(invalid("invalid_range", "from must be before to"));
     }
-    let group_by = match q.get("group_by") {
+    let group_by = match q.get("group_by").map(String::as_str) {
         None => None,
-        Some(g) => Some(GroupBy::parse(g).ok_or_else(|| {
+        Some("plugin") => Some(Grouping::Plugin),
+        Some(g) => Some(Grouping::Charges(GroupBy::parse(g).ok_or_else(|| {
             invalid(
                 "invalid_group_by",
-                "group_by must be user, workflow, model or day",
+                "group_by must be user, workflow, model, day or plugin",
             )
-        })?),
+        })?)),
+    };
+    let kind = match q.get("kind").map(String::as_str) {
+        None | Some("charges") => ExportKind::Charges,
+        Some("plugins") => ExportKind::Plugins,
+        Some(_) => return Err(invalid("invalid_kind", "kind must be charges or plugins")),
     };
     let format = match q.get("format").map(String::as_str) {
         None if export => {
@@ -383,6 +410,7 @@ fn parse_usage_query(
         to,
         group_by,
         format,
+        kind,
     })
 }
 
@@ -411,14 +439,130 @@ pub async fn usage(
         "runs": u.runs,
         "storage_bytes": storage_bytes,
     });
-    if let Some(by) = q.group_by {
-        let groups = state.store.usage_grouped(&app_id, q.from, q.to, by).await?;
-        out["group_by"] = json!(format!("{by:?}").to_lowercase());
-        out["from"] = json!(q.from);
-        out["to"] = json!(q.to);
-        out["groups"] = json!(groups);
+    // Plugin executions count in the app's usage too (issue 15): per plugin, over what
+    // `MZ_PLUGINS` keeps (30 days).
+    if let Some(p) = &state.plugins {
+        let counts = p
+            .usage(&app_id)
+            .await
+            .map_err(|e| ApiError::unavailable_from("the plugin executions", e))?;
+        let total: u64 = counts.values().sum();
+        out["plugins"] = json!({"executions": total, "by_plugin": counts, "window_days": 30});
+    }
+    match q.group_by {
+        None => {}
+        Some(Grouping::Charges(by)) => {
+            let groups = state.store.usage_grouped(&app_id, q.from, q.to, by).await?;
+            out["group_by"] = json!(format!("{by:?}").to_lowercase());
+            out["from"] = json!(q.from);
+            out["to"] = json!(q.to);
+            out["groups"] = json!(groups);
+        }
+        Some(Grouping::Plugin) => {
+            let runs = plugin_executions(&state, &app_id, q.from, q.to).await?;
+            out["group_by"] = json!("plugin");
+            out["from"] = json!(q.from);
+            out["to"] = json!(q.to);
+            out["groups"] = json!(plugin_groups(&runs));
+        }
     }
     Ok(Json(out))
+}
+
+/// The app's plugin executions with `ts` in `[from, to)` (none without plugins).
+async fn plugin_executions(
+    state: &State,
+    app_id: &str,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+) -> Result<Vec<mozaiks_plugins::PluginExecuted>, ApiError> {
+    let Some(p) = &state.plugins else {
+        return Ok(Vec::new());
+    };
+    p.executions(app_id, from, to, MAX_PLUGIN_EXECUTIONS)
+        .await
+        .map_err(|e| match e {
+            mozaiks_plugins::Error::TooLarge(m) => invalid("range_too_large", m),
+            e => ApiError::unavailable_from("the plugin executions", e),
+        })
+}
+
+/// Executions, failures (any outcome but `ok`), fuel and time per plugin, sorted by plugin.
+fn plugin_groups(runs: &[mozaiks_plugins::PluginExecuted]) -> Vec<Value> {
+    let mut by: std::collections::BTreeMap<&str, (u64, u64, u64, f64)> = Default::default();
+    for r in runs {
+        let g = by.entry(r.plugin.as_str()).or_default();
+        g.0 += 1;
+        g.1 += u64::from(r.outcome != "ok");
+        g.2 = g.2.saturating_add(r.fuel_used);
+        g.3 += r.duration_ms;
+    }
+    by.into_iter()
+        .map(|(k, (n, failed, fuel, ms))| {
+            json!({"key": k, "executions": n, "failed": failed, "fuel_used": fuel,
+                   "duration_ms": (ms * 1000.0).round() / 1000.0})
+        })
+        .collect()
+}
+
+/// The CSV columns of a plugin export.
+const PLUGIN_CSV_COLUMNS: &[&str] = &[
+    "event_id",
+    "ts",
+    "app_id",
+    "plugin",
+    "version",
+    "user_id",
+    "chat_id",
+    "outcome",
+    "fuel_used",
+    "duration_ms",
+];
+
+/// One exported line of a plugin execution.
+fn plugin_line(r: &mozaiks_plugins::PluginExecuted, format: ExportFormat) -> String {
+    let ts = r.ts.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    match format {
+        ExportFormat::Csv => {
+            [
+                csv_field(&r.event_id),
+                ts,
+                csv_field(&r.app_id),
+                csv_field(&r.plugin),
+                csv_field(&r.version),
+                csv_field(&r.user_id),
+                csv_field(r.chat_id.as_deref().unwrap_or_default()),
+                csv_field(&r.outcome),
+                r.fuel_used.to_string(),
+                format!("{:.3}", r.duration_ms),
+            ]
+            .join(",")
+                + "\n"
+        }
+        ExportFormat::CloudEvents => {
+            json!({
+                "specversion": "1.0",
+                "id": r.event_id,
+                "source": format!("mozaiks/apps/{}", r.app_id),
+                "type": "mozaiks.plugin.executed",
+                "subject": r.user_id,
+                "time": ts,
+                "datacontenttype": "application/json",
+                "data": {
+                    "app_id": r.app_id,
+                    "plugin": r.plugin,
+                    "version": r.version,
+                    "user_id": r.user_id,
+                    "chat_id": r.chat_id,
+                    "outcome": r.outcome,
+                    "fuel_used": r.fuel_used,
+                    "duration_ms": r.duration_ms,
+                },
+            })
+            .to_string()
+                + "\n"
+        }
+    }
 }
 
 /// The CSV columns of an export.
@@ -525,6 +669,22 @@ pub async fn export(
     admin_for(&user, &app_id)?;
     let q = parse_usage_query(&q, true)?;
     let format = q.format.unwrap_or(ExportFormat::Csv);
+    let content_type = match format {
+        ExportFormat::Csv => "text/csv; charset=utf-8",
+        ExportFormat::CloudEvents => "application/cloudevents-batch+json; charset=utf-8",
+    };
+    if q.kind == ExportKind::Plugins {
+        let runs = plugin_executions(&state, &app_id, q.from, q.to).await?;
+        info!(app_id = %app_id, format = ?format, executions = runs.len(), "Plugin usage export.");
+        let mut body = match format {
+            ExportFormat::Csv => PLUGIN_CSV_COLUMNS.join(",") + "\n",
+            ExportFormat::CloudEvents => String::new(),
+        };
+        for r in &runs {
+            body.push_str(&plugin_line(r, format));
+        }
+        return Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response());
+    }
     let cursor = state.store.charges(&app_id, q.from, q.to).await?;
     info!(app_id = %app_id, format = ?format, "Usage export.");
     let header = match format {
@@ -536,10 +696,6 @@ pub async fn export(
         Err(e) => Err(std::io::Error::other(e.to_string())),
     });
     let body = futures::stream::iter(header.map(Ok)).chain(lines);
-    let content_type = match format {
-        ExportFormat::Csv => "text/csv; charset=utf-8",
-        ExportFormat::CloudEvents => "application/cloudevents-batch+json; charset=utf-8",
-    };
     Ok((
         [(axum::http::header::CONTENT_TYPE, content_type)],
         axum::body::Body::from_stream(body),
@@ -661,6 +817,53 @@ mod tests {
             q(&[("format", "csv"), ("group_by", "user")], true),
             "unknown_field"
         );
+        // Plugin executions: group_by=plugin, an export of kind plugins.
+        assert_eq!(q(&[("group_by", "plugin")], false), "ok");
+        assert_eq!(q(&[("group_by", "plugins")], false), "invalid_group_by");
+        assert_eq!(q(&[("format", "csv"), ("kind", "plugins")], true), "ok");
+        assert_eq!(q(&[("format", "csv"), ("kind", "charges")], true), "ok");
+        assert_eq!(
+            q(&[("format", "csv"), ("kind", "tools")], true),
+            "invalid_kind"
+        );
+        assert_eq!(q(&[("kind", "plugins")], false), "unknown_field");
+    }
+
+    #[test]
+    fn plugin_executions_are_grouped_and_exported() {
+        let run = |plugin: &str, outcome: &str, fuel: u64, ms: f64| {
+            serde_json::from_value::<mozaiks_plugins::PluginExecuted>(json!({
+                "type": "plugin.executed", "event_id": format!("e-{plugin}-{fuel}"),
+                "app_id": "a", "plugin": plugin, "version": "1.0.0", "source": "shipped",
+                "user_id": "=u", "request_id": "r", "via": "http", "duration_ms": ms,
+                "fuel_used": fuel, "outcome": outcome, "ts": "2026-12-07T10:00:00Z",
+            }))
+            .unwrap()
+        };
+        let runs = [
+            run("echo", "ok", 10, 0.5),
+            run("todo", "plugin_error", 7, 1.25),
+            run("echo", "ok", 5, 0.25),
+        ];
+        let groups = plugin_groups(&runs);
+        assert_eq!(
+            json!(groups),
+            json!([
+                {"key": "echo", "executions": 2, "failed": 0, "fuel_used": 15, "duration_ms": 0.75},
+                {"key": "todo", "executions": 1, "failed": 1, "fuel_used": 7, "duration_ms": 1.25},
+            ])
+        );
+        let csv = plugin_line(&runs[1], ExportFormat::Csv);
+        assert_eq!(
+            csv,
+            "e-todo-7,2026-12-07T10:00:00.000000Z,a,todo,1.0.0,'=u,,plugin_error,7,1.250\n"
+        );
+        assert_eq!(csv.split(',').count(), PLUGIN_CSV_COLUMNS.len());
+        let ce: Value =
+            serde_json::from_str(&plugin_line(&runs[0], ExportFormat::CloudEvents)).unwrap();
+        assert_eq!(ce["id"], "e-echo-10");
+        assert_eq!(ce["type"], "mozaiks.plugin.executed");
+        assert_eq!(ce["data"]["fuel_used"], 10);
     }
 
     #[test]

@@ -683,6 +683,71 @@ impl Plugins {
         Ok(counts)
     }
 
+    /// The app's executions with `ts` in `[from, to)` still in `MZ_PLUGINS` (30 days), oldest
+    /// first; `Err(TooLarge)` past `max` of them.
+    pub async fn executions(
+        &self,
+        app_id: &str,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        max: usize,
+    ) -> Result<Vec<PluginExecuted>, Error> {
+        use async_nats::jetstream::consumer;
+        use futures::StreamExt;
+        let stream = self.0.bus.stream("MZ_PLUGINS").await.map_err(unavailable)?;
+        let deliver_policy = match from.and_then(|f| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(f.timestamp()) * 1_000_000_000 + i128::from(f.timestamp_subsec_nanos()),
+            )
+            .ok()
+        }) {
+            Some(start_time) => consumer::DeliverPolicy::ByStartTime { start_time },
+            None => consumer::DeliverPolicy::All,
+        };
+        let mut c = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: format!(
+                    "{}mz.plugin.executed.{app_id}.*",
+                    self.0.bus.subjects().prefix()
+                ),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::new();
+        if c.info().await.map_err(unavailable)?.num_pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = c.messages().await.map_err(unavailable)?;
+        while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .map_err(|_| unavailable("MZ_PLUGINS did not answer within 10 s"))?
+        {
+            let msg = msg.map_err(unavailable)?;
+            let pending = msg.info().map(|i| i.pending).unwrap_or(0);
+            match serde_json::from_slice::<PluginExecuted>(&msg.payload) {
+                Ok(e) if to.is_some_and(|t| e.ts >= t) => break,
+                Ok(e) if from.is_none_or(|f| e.ts >= f) => {
+                    if out.len() == max {
+                        return Err(Error::TooLarge(format!(
+                            "more than {max} plugin executions in the range: narrow from and to"
+                        )));
+                    }
+                    out.push(e);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(subject = %msg.subject, error = %e, "A plugin.executed that does not parse; skipped.")
+                }
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// A user's settings of a plugin (`{}` when none).
     pub async fn settings(
         &self,
