@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use mozaiks_bus::Bus;
 use mozaiks_events::Event;
+use mozaiks_events::subjects::Subjects;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -28,7 +29,8 @@ const CATCH_UP: Duration = Duration::from_secs(15);
 
 /// The log's charges of an app: (prompt, completion, total, charges, distinct runs).
 async fn charges_on_the_log(bus: &Bus, app_id: &str) -> (u64, u64, u64, u64, u64) {
-    let filter = format!("mz.evt.{app_id}.*.usage.charged");
+    // `replay` takes the filter without the namespace and applies the bus's.
+    let filter = Subjects::default().app_charges(app_id);
     let (mut p, mut c, mut t, mut n) = (0, 0, 0, 0);
     let mut runs = HashSet::new();
     let mut from = 1;
