@@ -282,16 +282,31 @@ async fn post_session(
     Ok((s, r.json().await.unwrap_or(Value::Null)))
 }
 
+/// Where a run's time went, in ms, from the server's event timestamps (same host, same clock):
+/// POST → `session.started` (the start command reaching the chat's worker), `session.started`
+/// → `run.started` (mostly the wait for a slot), `run.started` → `run.completed` (the run),
+/// `run.completed` → received.
+#[derive(Clone, Copy, Default)]
+struct Split([f64; 4]);
+
+const SPLIT: [&str; 4] = [
+    "POST → session.started",
+    "session.started → run.started",
+    "run.started → run.completed",
+    "run.completed → received",
+];
+
 /// One run of `app`: POST /api/sessions, the ticket's WebSocket from `after=0`, frames until
-/// `run.completed`; the time from just before the POST.
+/// `run.completed`; the time from just before the POST, and where it went.
 async fn one_run(
     http: &reqwest::Client,
     base: &str,
     token: &str,
     app: &str,
     limit: Duration,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, Split)> {
     let t0 = Instant::now();
+    let w0 = Utc::now();
     let (s, ticket) = post_session(http, base, token, app, "sleep", "y").await?;
     ensure!(s == 201, "POST /api/sessions ({app}): {s} {ticket}");
     let url = format!(
@@ -301,6 +316,15 @@ async fn one_run(
     );
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
     let deadline = t0 + limit;
+    let ts = |f: &Value| {
+        f["ts"]
+            .as_str()
+            .and_then(|s| s.parse::<DateTime<Utc>>().ok())
+    };
+    let ms = |a: DateTime<Utc>, b: DateTime<Utc>| {
+        (b - a).num_microseconds().unwrap_or(0) as f64 / 1000.0
+    };
+    let (mut started, mut run_started) = (None, None);
     loop {
         let msg = tokio::time::timeout_at(deadline.into(), ws.next())
             .await
@@ -309,10 +333,17 @@ async fn one_run(
         let Message::Text(text) = msg else { continue };
         let frame: Value = serde_json::from_str(text.as_str())?;
         match frame["type"].as_str() {
+            Some("session.started") => started = ts(&frame),
+            Some("run.started") if run_started.is_none() => run_started = ts(&frame),
             Some("run.completed") if !frame["seq"].is_null() => {
                 let took = t0.elapsed();
+                let now = Utc::now();
                 let _ = ws.close(None).await;
-                return Ok(took);
+                let mut split = Split::default();
+                if let (Some(a), Some(b), Some(c)) = (started, run_started, ts(&frame)) {
+                    split = Split([ms(w0, a), ms(a, b), ms(b, c), ms(c, now)]);
+                }
+                return Ok((took, split));
             }
             Some(t @ ("run.failed" | "run.cancelled")) => bail!("{t}: {}", frame["data"]),
             _ => {}
@@ -329,6 +360,7 @@ struct IsoCfg {
 
 struct Phase {
     lat: Vec<f64>,
+    splits: Vec<Split>,
     unfinished: usize,
     x_statuses: BTreeMap<u16, u64>,
     load_start: String,
@@ -373,10 +405,14 @@ async fn phase(
         *x_statuses.entry(s.unwrap_or(0)).or_default() += 1;
     }
     let mut lat = Vec::new();
+    let mut splits = Vec::new();
     let mut unfinished = 0;
     while let Some(r) = ys.join_next().await {
         match r {
-            Ok(Ok(d)) => lat.push(d.as_secs_f64() * 1000.0),
+            Ok(Ok((d, split))) => {
+                lat.push(d.as_secs_f64() * 1000.0);
+                splits.push(split);
+            }
             Ok(Err(e)) => {
                 unfinished += 1;
                 if unfinished == 1 {
@@ -388,11 +424,30 @@ async fn phase(
     }
     Phase {
         lat: sorted(lat),
+        splits,
         unfinished,
         x_statuses,
         load_start,
         load_end: load(),
     }
+}
+
+/// Where Y's time went: p50 / p99 of each part.
+fn split_rows(name: &str, p: &Phase) -> Vec<String> {
+    (0..4)
+        .map(|i| {
+            let v = sorted(p.splits.iter().map(|s| s.0[i]).collect());
+            if v.is_empty() {
+                return format!("| {name} | {} | - | - |", SPLIT[i]);
+            }
+            format!(
+                "| {name} | {} | {:.1} | {:.1} |",
+                SPLIT[i],
+                pct(&v, 50.0),
+                pct(&v, 99.0)
+            )
+        })
+        .collect()
 }
 
 fn row(name: &str, p: &Phase, alone_p99: f64) {
@@ -422,7 +477,13 @@ fn row(name: &str, p: &Phase, alone_p99: f64) {
     );
 }
 
-async fn isolation(bin: &Path, workflows: &Path, fair: bool, cfg: &IsoCfg) -> anyhow::Result<()> {
+async fn isolation(
+    bin: &Path,
+    workflows: &Path,
+    fair: bool,
+    cfg: &IsoCfg,
+    splits: &mut Vec<String>,
+) -> anyhow::Result<()> {
     let mut fleet = Fleet::start(bin, workflows).await?;
     let slots = cfg.slots.to_string();
     let fair_s = fair.to_string();
@@ -447,6 +508,7 @@ async fn isolation(bin: &Path, workflows: &Path, fair: bool, cfg: &IsoCfg) -> an
     }
     let mode = if fair { "fair slots" } else { "FIFO" };
     let alone = phase(&fleet.http, &base, &y_token, &x_token, false, cfg).await;
+    splits.extend(split_rows(&format!("Y alone, {mode}"), &alone));
     let alone_p99 = if alone.lat.is_empty() {
         f64::NAN
     } else {
@@ -455,6 +517,7 @@ async fn isolation(bin: &Path, workflows: &Path, fair: bool, cfg: &IsoCfg) -> an
     row(&format!("Y alone, {mode}"), &alone, alone_p99);
     let flood = phase(&fleet.http, &base, &y_token, &x_token, true, cfg).await;
     row(&format!("Y with X flooding, {mode}"), &flood, alone_p99);
+    splits.extend(split_rows(&format!("Y with X flooding, {mode}"), &flood));
     fleet.finish();
     Ok(())
 }
@@ -679,6 +742,7 @@ async fn main() -> anyhow::Result<()> {
             "| scenario | Y runs | unfinished | p50 ms | p90 ms | p99 ms | max ms | p99 / alone | X's POSTs by status | load before → after |"
         );
         println!("|---|---:|---:|---:|---:|---:|---:|---:|---|---|");
+        let mut splits = Vec::new();
         for r in 0..rounds {
             // Alternate which mode goes first.
             let modes = if r % 2 == 0 {
@@ -687,8 +751,14 @@ async fn main() -> anyhow::Result<()> {
                 [false, true]
             };
             for fair in modes {
-                isolation(&bin, &workflows, fair, &cfg).await?;
+                isolation(&bin, &workflows, fair, &cfg, &mut splits).await?;
             }
+        }
+        println!("\nwhere Y's time went (server timestamps), ms:\n");
+        println!("| scenario | part | p50 | p99 |");
+        println!("|---|---|---:|---:|");
+        for s in splits {
+            println!("{s}");
         }
     }
     if only("detection") {
