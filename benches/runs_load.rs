@@ -16,7 +16,14 @@
 //!    `perf` can count syscall tracepoints, their `fsync`/`fdatasync` calls.
 //!
 //! It prints runs/s, latency percentiles, CPU milliseconds per completed run per process and
-//! fsyncs per run, with the load average. Loopback only; bounded by its settings. Without
+//! fsyncs per run, with the load average.
+//!
+//! Comparing builds: `BENCH_BINS=/tmp/mozaiks-before,/tmp/mozaiks-after` measures each binary in
+//! turn (interleaved: configuration by configuration, `BENCH_ROUNDS` rounds, default 1) so that
+//! both see the same neighbours on a shared machine; each row names its binary.
+//! `BENCH_CONFIGS=default` or `always` measures one configuration only. `BENCH_PERF=<dir>` also
+//! records a CPU profile of each measured `mozaiks` process during the concurrent phase
+//! (`perf record -g`, `<dir>/<binary>-<configuration>-<round>.data`; read it with `perf report`). Loopback only; bounded by its settings. Without
 //! `--bench` (`cargo test --benches`) it does a few runs of the default configuration as a
 //! smoke test.
 
@@ -193,6 +200,52 @@ impl FsyncCounter {
     }
 }
 
+/// `perf record -g` of one process until stopped (a CPU profile of the concurrent phase).
+struct Recorder {
+    child: Child,
+}
+
+impl Recorder {
+    fn start(pid: u32, out: &Path) -> Option<Recorder> {
+        let child = Command::new("perf")
+            .args(["record", "-g", "-F", "999", "-o"])
+            .arg(out)
+            .args(["-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(Recorder { child })
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Mongo-wire server's `serverStatus.opcounters` (insert, query, update, delete, getmore,
+/// command), to count its operations per run; `None` if it does not answer them.
+async fn mongo_ops(uri: &str) -> Option<Vec<(String, i64)>> {
+    let client = mongodb::Client::with_uri_str(uri).await.ok()?;
+    let status = client
+        .database("admin")
+        .run_command(mongodb::bson::doc! { "serverStatus": 1 })
+        .await
+        .ok()?;
+    let ops = status.get_document("opcounters").ok()?;
+    Some(
+        ops.iter()
+            .filter_map(|(k, v)| {
+                let n = v.as_i64().or_else(|| v.as_i32().map(i64::from))?;
+                Some((k.clone(), n))
+            })
+            .collect(),
+    )
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -208,6 +261,8 @@ struct Settings {
 
 struct Figures {
     config: &'static str,
+    /// The binary's file name (the rows of a comparison).
+    binary: String,
     seq_p50: f64,
     seq_p99: f64,
     runs: usize,
@@ -216,6 +271,8 @@ struct Figures {
     p99: f64,
     /// CPU milliseconds per completed run, per process, and their sum.
     cpu: Vec<(&'static str, f64)>,
+    /// Mongo-wire operations per completed run, by `opcounters` kind.
+    mongo_ops: Vec<(String, f64)>,
     fsyncs_per_run: Option<f64>,
     load: String,
 }
@@ -225,6 +282,7 @@ async fn measure(
     config: &'static str,
     sync_always: bool,
     s: &Settings,
+    profile: Option<std::path::PathBuf>,
 ) -> anyhow::Result<Figures> {
     let nats = NatsCluster::start_with(1, NatsOptions { sync_always })
         .await
@@ -281,7 +339,9 @@ async fn measure(
         .collect();
     let perf_out = std::env::temp_dir().join(format!("mozaiks-load-{}.perf", servers.namespace));
     let counter = FsyncCounter::start(&pids, &perf_out);
+    let recorder = profile.and_then(|out| Recorder::start(guard.child.id(), &out));
     tokio::time::sleep(Duration::from_millis(300)).await; // perf attaches
+    let mongo_before = mongo_ops(&servers.mongo_uri).await;
     let cpu_before = cpu_ticks(&roots);
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -310,7 +370,11 @@ async fn measure(
     }
     let wall = started.elapsed().as_secs_f64();
     let cpu_after = cpu_ticks(&roots);
+    let mongo_after = mongo_ops(&servers.mongo_uri).await;
     let fsyncs = counter.and_then(FsyncCounter::stop);
+    if let Some(r) = recorder {
+        r.stop();
+    }
     let _ = std::fs::remove_file(&perf_out);
     let load = load_average();
 
@@ -325,6 +389,16 @@ async fn measure(
         .collect();
     let total = cpu.iter().map(|(_, v)| v).sum();
     cpu.push(("total", total));
+    let mongo_ops: Vec<(String, f64)> = match (mongo_before, mongo_after) {
+        (Some(b), Some(a)) => a
+            .iter()
+            .map(|(k, n)| {
+                let before = b.iter().find(|(bk, _)| bk == k).map_or(0, |(_, v)| *v);
+                (k.clone(), (n - before) as f64 / runs as f64)
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     if let Some(status) = guard.child.try_wait()? {
         bail!("mozaiks exited with {status}:\n{}", guard.log_tail(40));
     }
@@ -334,6 +408,10 @@ async fn measure(
     drop(nats);
     Ok(Figures {
         config,
+        binary: bin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         seq_p50: pct(&seq, 50.0),
         seq_p99: pct(&seq, 99.0),
         runs,
@@ -341,6 +419,7 @@ async fn measure(
         p50: pct(&all, 50.0),
         p99: pct(&all, 99.0),
         cpu,
+        mongo_ops,
         fsyncs_per_run: fsyncs.map(|n| n as f64 / runs as f64),
         load,
     })
@@ -369,41 +448,92 @@ async fn run() -> anyhow::Result<()> {
             1
         },
     };
-    let bin = match binary() {
-        Ok(bin) => bin,
-        Err(e) if !bench_mode => {
-            println!("runs_load: skipped ({e:#})");
-            return Ok(());
+    let bins: Vec<std::path::PathBuf> = match std::env::var("BENCH_BINS") {
+        Ok(list) if !list.trim().is_empty() => {
+            let bins: Vec<std::path::PathBuf> = list
+                .split(',')
+                .map(|p| std::path::PathBuf::from(p.trim()))
+                .collect();
+            for b in &bins {
+                ensure!(b.is_file(), "BENCH_BINS: {} is not a file", b.display());
+            }
+            bins
         }
-        Err(e) => return Err(e),
+        _ => match binary() {
+            Ok(bin) => vec![bin],
+            Err(e) if !bench_mode => {
+                println!("runs_load: skipped ({e:#})");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        },
     };
+    let rounds = if bench_mode {
+        env_num("BENCH_ROUNDS", 1)?.max(1)
+    } else {
+        1
+    };
+    let profile_dir = std::env::var("BENCH_PERF")
+        .ok()
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from);
+    if let Some(dir) = &profile_dir {
+        std::fs::create_dir_all(dir)?;
+    }
     println!(
-        "binary: {}; workflow {}; {} sequential runs; concurrency {} for {} s",
-        bin.display(),
+        "binaries: {}; workflow {}; {} sequential runs; concurrency {} for {} s; {} round(s)",
+        bins.iter()
+            .map(|b| b.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         settings.workflow,
         settings.sequential,
         settings.concurrency,
-        settings.seconds
+        settings.seconds,
+        rounds
     );
-    let configs: &[(&'static str, bool)] = if bench_mode {
+    let all_configs: &[(&'static str, bool)] = if bench_mode {
         &[("default", false), ("sync_interval: always", true)]
     } else {
         &[("default", false)]
     };
+    let only = std::env::var("BENCH_CONFIGS").unwrap_or_default();
+    let configs: Vec<(&'static str, bool)> = all_configs
+        .iter()
+        .copied()
+        .filter(|(_, always)| match only.as_str() {
+            "default" => !always,
+            "always" => *always,
+            _ => true,
+        })
+        .collect();
     let mut figures = Vec::new();
-    for (name, sync_always) in configs {
-        let f = measure(&bin, name, *sync_always, &settings).await?;
-        eprintln!("{name}: {} runs, load average {}", f.runs, f.load);
-        figures.push(f);
+    for round in 1..=rounds {
+        for (name, sync_always) in &configs {
+            for bin in &bins {
+                let profile = profile_dir.as_ref().map(|d| {
+                    let label = bin.file_name().unwrap_or_default().to_string_lossy();
+                    let cfg = if *sync_always { "always" } else { "default" };
+                    d.join(format!("{label}-{cfg}-{round}.data"))
+                });
+                let f = measure(bin, name, *sync_always, &settings, profile).await?;
+                eprintln!(
+                    "{} / {name} (round {round}): {} runs, {:.0} runs/s, load average {}",
+                    f.binary, f.runs, f.runs_per_sec, f.load
+                );
+                figures.push(f);
+            }
+        }
     }
     println!(
-        "\n| configuration | runs/s (c={}) | p50 ms | p99 ms | sequential p50 ms | sequential p99 ms | fsyncs/run | load avg (1, 5, 15 min) |",
+        "\n| binary | configuration | runs/s (c={}) | p50 ms | p99 ms | sequential p50 ms | sequential p99 ms | fsyncs/run | load avg (1, 5, 15 min) |",
         settings.concurrency
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---|");
     for f in &figures {
         println!(
-            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+            f.binary,
             f.config,
             f.runs_per_sec,
             f.p50,
@@ -418,11 +548,22 @@ async fn run() -> anyhow::Result<()> {
     }
     println!("\nServer CPU per completed run (ms), concurrent phase:\n");
     let names: Vec<&str> = figures[0].cpu.iter().map(|(n, _)| *n).collect();
-    println!("| configuration | {} |", names.join(" | "));
-    println!("|---|{}", "---:|".repeat(names.len()));
+    println!("| binary | configuration | {} |", names.join(" | "));
+    println!("|---|---|{}", "---:|".repeat(names.len()));
     for f in &figures {
         let cells: Vec<String> = f.cpu.iter().map(|(_, v)| format!("{v:.2}")).collect();
-        println!("| {} | {} |", f.config, cells.join(" | "));
+        println!("| {} | {} | {} |", f.binary, f.config, cells.join(" | "));
+    }
+    println!(
+        "\nMongo-wire operations per completed run (serverStatus opcounters), concurrent phase:\n"
+    );
+    for f in &figures {
+        let cells: Vec<String> = f
+            .mongo_ops
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.2}"))
+            .collect();
+        println!("- {} / {}: {}", f.binary, f.config, cells.join(", "));
     }
     Ok(())
 }

@@ -5,7 +5,12 @@
 //! `cargo bench --bench wsload` (1,000 clients); `WSLOAD_CLIENTS=10000 cargo bench --bench wsload`
 //! needs about 2 file descriptors per client in this process and 1 per client in each gateway
 //! (`ulimit -n` ≥ 20,000 here). `WSLOAD_EVENTS` (default 300) events are published at
-//! `WSLOAD_RATE` per second (default 100) across 10 chats.
+//! `WSLOAD_RATE` per second (default 100) across `WSLOAD_CHATS` chats (default 10).
+//!
+//! Memory with one chat per socket, as in a chat app (issue 16):
+//! `WSLOAD_CLIENTS=10000 WSLOAD_CHATS=10000 WSLOAD_IDLE_ONLY=1 cargo bench --bench wsload` connects
+//! the clients, each to its own chat, reports the gateways' RSS per idle connection and stops
+//! (no fan-out or resume phase).
 
 mod common;
 
@@ -21,7 +26,6 @@ use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 
 const SECRET: &str = "wsload-secret-that-is-long-enough-0123456789";
-const CHATS: usize = 10;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -186,6 +190,8 @@ async fn main() {
     let clients = env_usize("WSLOAD_CLIENTS", 1000);
     let events = env_usize("WSLOAD_EVENTS", 300);
     let rate = env_usize("WSLOAD_RATE", 100).max(1);
+    let chat_count = env_usize("WSLOAD_CHATS", 10).clamp(1, clients.max(1));
+    let idle_only = std::env::var("WSLOAD_IDLE_ONLY").is_ok_and(|v| v == "1");
     let servers = mozaiks_testkit::TestServers::start()
         .await
         .expect("servers");
@@ -197,19 +203,25 @@ async fn main() {
         .await
         .unwrap();
     let auth = mozaiks_auth::Auth::new(mozaiks_auth::Config::hs256(SECRET, false)).unwrap();
-    let chats: Vec<String> = (0..CHATS).map(|i| format!("load{i}")).collect();
+    let chats: Vec<String> = (0..chat_count).map(|i| format!("load{i}")).collect();
     // One event per chat, so every client connects at the head and goes straight to live.
-    let mut heads = [(0u64, 0u64); CHATS];
-    for (i, c) in chats.iter().enumerate() {
-        let a = bus.append(&envelope(c, 1, "start"), 0).await.unwrap();
-        heads[i] = (1, a.stream_seq);
-    }
+    let mut heads: Vec<(u64, u64)> = futures::stream::iter(&chats)
+        .map(|c| {
+            let bus = bus.clone();
+            async move {
+                let a = bus.append(&envelope(c, 1, "start"), 0).await.unwrap();
+                (1, a.stream_seq)
+            }
+        })
+        .buffered(64)
+        .collect()
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before: Vec<u64> = gws.iter().map(|g| rss_kib(g.child.id())).collect();
 
     // Connect the clients, round robin over replicas and chats.
     let latencies = Arc::new(Mutex::new(Vec::<f64>::with_capacity(
-        clients * events / CHATS,
+        clients * events / chat_count,
     )));
     let started = Instant::now();
     let mut sockets = Vec::with_capacity(clients);
@@ -217,7 +229,7 @@ async fn main() {
         let url = ws_url(
             &auth,
             &gws[i % 2].base,
-            &chats[i % CHATS],
+            &chats[i % chat_count],
             &format!("u{i}"),
             1,
         );
@@ -235,12 +247,19 @@ async fn main() {
         .map(|(a, b)| (a.saturating_sub(*b)) as f64 * 2.0 / clients as f64)
         .collect();
     println!(
-        "connected {clients} clients in {connect_secs:.1} s; gateway RSS before {rss_before:?} KiB, idle {rss_idle:?} KiB => {:.1} / {:.1} KiB per idle connection",
-        per_conn[0], per_conn[1]
+        "connected {clients} clients to {chat_count} chats in {connect_secs:.1} s; gateway RSS before {rss_before:?} KiB, idle {rss_idle:?} KiB => {:.1} / {:.1} KiB per idle connection; load average {}",
+        per_conn[0],
+        per_conn[1],
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
+    if idle_only {
+        return;
+    }
 
     // Readers: latency = receive time - the event's ts (set just before its append).
-    let expected_per_client = events / CHATS;
+    let expected_per_client = events / chat_count;
     let mut readers = Vec::with_capacity(clients);
     for mut ws in sockets {
         let lat = latencies.clone();
@@ -300,7 +319,7 @@ async fn main() {
             tick.tick().await;
             let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
             client
-                .publish(subject(&chats[i % CHATS]), now.to_string().into())
+                .publish(subject(&chats[i % chat_count]), now.to_string().into())
                 .await
                 .unwrap();
         }
@@ -326,7 +345,7 @@ async fn main() {
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     for i in 0..events {
         tick.tick().await;
-        let c = i % CHATS;
+        let c = i % chat_count;
         let (seq, ss) = heads[c];
         let a = bus
             .append(&envelope(&chats[c], seq + 1, "fan-out"), ss)
