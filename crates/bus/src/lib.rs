@@ -6,6 +6,7 @@
 //! It also holds what the fleet shares about itself ([`fleet`]: the process's instance id, the
 //! workers' `MZ_PERF` snapshots and the one liveness rule) and the lease primitive ([`lease`]).
 
+mod append_batch;
 mod batch;
 pub mod commands;
 pub mod definitions;
