@@ -25,6 +25,8 @@ use bytes::Bytes;
 
 use crate::{Bus, Error};
 
+mod marks;
+
 /// The default share of the TTL a successful write keeps a lease valid locally.
 pub const DEFAULT_VALIDITY: f64 = 0.5;
 
@@ -32,6 +34,8 @@ pub const DEFAULT_VALIDITY: f64 = 0.5;
 #[derive(Clone)]
 pub struct LeaseBucket {
     kv: kv::Store,
+    /// For writes the KV API does not offer ([`marks`]).
+    js: async_nats::jetstream::Context,
     name: String,
     ttl: Duration,
     validity: f64,
@@ -105,6 +109,7 @@ impl LeaseBucket {
         };
         Ok(LeaseBucket {
             kv,
+            js: bus.jetstream().clone(),
             name,
             ttl,
             validity: DEFAULT_VALIDITY,

@@ -258,3 +258,52 @@ async fn the_workers_snapshots_are_followed_in_memory() {
     eventually("no worker", || workers.count() == 0).await;
     assert_eq!(workers.active_runs("acme"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_lease_is_taken_back_over_its_own_marker_and_only_if_still_free() {
+    let servers = TestServers::start_nats().await.unwrap();
+    let bus = bucket(&servers, "T_MARKS", Duration::from_secs(30)).await;
+    let leases = LeaseBucket::open(&bus, "T_MARKS", None).await.unwrap();
+    let me = Bytes::from_static(b"me");
+    let a = leases.create("chat", me.clone()).await.unwrap().unwrap();
+    let marker = leases.release_at("chat", a.revision).await.unwrap();
+    assert!(marker > a.revision);
+    assert_eq!(leases.current("chat").await.unwrap(), None);
+    // Over its own marker: taken back, and held like a created lease.
+    let b = leases
+        .create_over("chat", me.clone(), marker)
+        .await
+        .unwrap()
+        .expect("free: taken back");
+    assert!(b.is_valid() && b.revision > marker);
+    assert_eq!(leases.current("chat").await.unwrap().unwrap().value, me);
+    // Held by somebody: refused, whatever marker is given.
+    assert_eq!(
+        leases
+            .create_over("chat", Bytes::from_static(b"other"), marker)
+            .await
+            .unwrap(),
+        None
+    );
+    // Released, then taken and released by another holder: a stale marker still takes the key
+    // (through a plain create), because it is free.
+    let m2 = leases.release_at("chat", b.revision).await.unwrap();
+    let o = leases
+        .create_over("chat", Bytes::from_static(b"other"), m2)
+        .await
+        .unwrap()
+        .unwrap();
+    leases.release_at("chat", o.revision).await.unwrap();
+    let c = leases
+        .create_over("chat", me.clone(), m2)
+        .await
+        .unwrap()
+        .expect("free again: created");
+    assert_eq!(
+        leases.current("chat").await.unwrap().unwrap().revision,
+        c.revision
+    );
+    // A release at a stale revision is refused and deletes nothing.
+    assert!(leases.release_at("chat", b.revision).await.is_err());
+    assert_eq!(leases.current("chat").await.unwrap().unwrap().value, me);
+}

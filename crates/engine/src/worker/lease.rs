@@ -12,6 +12,12 @@
 //! the chat's log stays the safety net, so even two workers that both believe they own a chat
 //! cannot corrupt it.
 //!
+//! **Taking a chat back.** A release remembers the revision of the key's delete marker for the
+//! bucket's TTL (after which the server drops the marker); claiming the chat again within it is
+//! one write expecting that marker ([`LeaseBucket::create_over`](mozaiks_bus::lease::LeaseBucket::create_over)),
+//! not the three requests of a create over a deleted key. A chat that comes back to life (the
+//! user's next message, a child's `child.finished`) costs two KV operations per activation.
+//!
 //! **A local deadline.** A worker counts a lease as its own only until [`VALIDITY`] of its TTL
 //! after the start of the last claim or renewal that succeeded (monotonic clock), like the
 //! retention leader: cut off from NATS, it stops believing it owns its chats before the server
@@ -19,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -57,6 +63,8 @@ pub struct Owners {
     me: String,
     /// Key → the lease as this worker last wrote it.
     held: Mutex<HashMap<String, Held>>,
+    /// Key → the revision of the delete marker of this worker's last release of it, and when.
+    released: Mutex<HashMap<String, (u64, Instant)>>,
 }
 
 impl Owners {
@@ -69,6 +77,7 @@ impl Owners {
             bucket,
             me: me.to_string(),
             held: Mutex::new(HashMap::new()),
+            released: Mutex::new(HashMap::new()),
         })
     }
 
@@ -102,6 +111,16 @@ impl Owners {
         self.held().len()
     }
 
+    fn released(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Instant)>> {
+        self.released.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The marker of this worker's release of `key`, if the server may still hold it.
+    fn take_marker(&self, key: &str) -> Option<u64> {
+        let (marker, at) = self.released().remove(key)?;
+        (at.elapsed() < self.ttl()).then_some(marker)
+    }
+
     fn keep(&self, key: &str, lease: Held, event: &'static str) {
         let n = {
             let mut held = self.held();
@@ -120,8 +139,13 @@ impl Owners {
         }
         let event = if takeover { "taken_over" } else { "acquired" };
         let me = Bytes::from(self.me.clone());
+        let mut marker = self.take_marker(key);
         for _ in 0..4 {
-            if let Some(lease) = self.bucket.create(key, me.clone()).await? {
+            let created = match marker.take() {
+                Some(m) => self.bucket.create_over(key, me.clone(), m).await?,
+                None => self.bucket.create(key, me.clone()).await?,
+            };
+            if let Some(lease) = created {
                 self.keep(key, lease, event);
                 return Ok(Claim::Mine);
             }
@@ -159,8 +183,12 @@ impl Owners {
         };
         let Some(revision) = revision else { return };
         metrics::counter!(m::LEASES, "event" => "released").increment(1);
-        if let Err(e) = self.bucket.release(key, revision).await {
-            debug!(key, error = %e, "Lease release did not land; it ages out.");
+        match self.bucket.release_at(key, revision).await {
+            Ok(marker) => {
+                self.released()
+                    .insert(key.to_string(), (marker, Instant::now()));
+            }
+            Err(e) => debug!(key, error = %e, "Lease release did not land; it ages out."),
         }
     }
 
@@ -175,6 +203,9 @@ impl Owners {
     /// One renewal pass over every lease held; returns the keys lost (somebody else wrote them,
     /// or they aged out and were deleted).
     pub async fn renew(&self) -> Vec<String> {
+        // Markers the server has dropped by now are of no use.
+        let ttl = self.ttl();
+        self.released().retain(|_, (_, at)| at.elapsed() < ttl);
         let snapshot: Vec<(String, u64)> = self
             .held()
             .iter()
