@@ -79,8 +79,26 @@ async fn acknowledged_commands_survive_a_nats_restart_and_readiness_tells_the_tr
         .await;
     // Nothing is acknowledged meanwhile.
     let body = json!({"app_id": "default", "workflow_name": "hello", "message": "during"});
-    let (s, _) = fleet.post_session(0, &token, body).await;
+    let (s, refusal) = fleet.post_session(0, &token, body).await;
     assert!(s >= 500, "a session start acknowledged with NATS down: {s}");
+    // A 503 keeps its stable code and says what failed in general terms, never the internal
+    // error's text (the server's address, async-nats's message): that goes to the log.
+    assert_eq!(s, 503, "{refusal}");
+    assert_eq!(refusal["error"]["code"], "unavailable", "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.ends_with("is unavailable; retry"), "{refusal}");
+    for internal in [
+        "127.0.0.1",
+        "nats",
+        "timed out",
+        "connection",
+        "disconnected",
+    ] {
+        assert!(
+            !refusal.to_string().to_lowercase().contains(internal),
+            "{refusal}"
+        );
+    }
 
     // The server comes back with its file store, without its memory buckets.
     fleet.servers.restart_nats().await.unwrap();
