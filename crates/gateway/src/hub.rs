@@ -474,7 +474,8 @@ async fn run_feed(
                 backoff = Duration::from_millis(250);
             }
             _ = tokio::time::sleep_until(check_due.unwrap_or_else(tokio::time::Instant::now)), if check_due.is_some() => {
-                match recover(&ctx, &mut last).await {
+                // Boxed: the log reads' state would otherwise be part of every idle feed task.
+                match Box::pin(recover(&ctx, &mut last)).await {
                     Ok(()) => check_due = None,
                     Err(e) => {
                         debug!(chat_id = %ctx.chat_id, error = %e, "Cannot check the chat's log after a reconnect yet; retrying.");
