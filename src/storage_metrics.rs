@@ -1,33 +1,35 @@
 //! Storage per app, for the fleet dashboard's storage panels: every
-//! `MOZAIKS_METRICS_STORAGE_SECONDS` (300; 0 turns it off) a projector counts each live app's
-//! documents in its database (the app's placement) and sets
-//! `mozaiks_storage_documents{app_id, collection}` for `chat_sessions`, `chat_messages` and
-//! `usage_events`. The counts filter on `app_id`, the first field of each collection's indexes;
-//! `app_id` is bounded by the metrics layer like every other label (the rest sum as `other`).
+//! `MOZAIKS_METRICS_STORAGE_SECONDS` (300; 0 turns it off) a projector takes each live app's
+//! storage measure ([`mozaiks_store::storage_size`]: its documents and bytes in each read-model
+//! collection of its database, the app's placement) and sets
+//! `mozaiks_storage_documents{app_id, collection}` and `mozaiks_storage_bytes{app_id, collection}`.
+//! The measure is the one the usage endpoint's `storage_bytes` answers: recorded in Mongo and
+//! taken again only when none is recent enough (a gateway's measure of the last period is reused
+//! here, and this one there). `app_id` is bounded by the metrics layer like every other label
+//! (the rest sum as `other`).
 
 use std::time::Duration;
 
-use mongodb::bson::{Document, doc};
 use mozaiks_control::{AppStatus, Registry};
 use mozaiks_store::Store;
 
 pub const DOCUMENTS: &str = "mozaiks_storage_documents";
-
-/// The collections counted.
-const COLLECTIONS: [&str; 3] = [
-    mozaiks_store::SESSIONS,
-    mozaiks_store::MESSAGES,
-    mozaiks_store::USAGE_EVENTS,
-];
+pub const BYTES: &str = "mozaiks_storage_bytes";
 
 pub fn describe() {
     metrics::describe_gauge!(
         DOCUMENTS,
         "Documents of an app in its read-model database, by app_id and collection (sampled by projectors)."
     );
+    metrics::describe_gauge!(
+        BYTES,
+        "Bytes of an app's documents in its read-model database, by app_id and collection (sampled by projectors; their sum is the usage endpoint's storage_bytes)."
+    );
 }
 
-/// Samples every `every` until `stopped` resolves (nothing when `every` is zero).
+/// Samples every `every` until `stopped` resolves (nothing when `every` is zero). The first
+/// sample is one period after the start: a measure taken at start, of an app that has written
+/// nothing yet, would be answered by the usage endpoint meanwhile.
 pub fn spawn(
     store: Store,
     registry: Registry,
@@ -39,7 +41,7 @@ pub fn spawn(
     }
     tokio::spawn(async move {
         tokio::pin!(stopped);
-        let mut tick = tokio::time::interval(every);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tokio::select! {
                 _ = &mut stopped => return,
@@ -49,33 +51,24 @@ pub fn spawn(
                 if app.status == AppStatus::Deleted {
                     continue;
                 }
-                sample(&store, &app.app_id).await;
+                sample(&store, &app.app_id, every).await;
             }
         }
     });
 }
 
-async fn sample(store: &Store, app_id: &str) {
-    let db = match store.resolve_storage(app_id).await {
-        Ok(db) => db,
+/// Sets `app_id`'s gauges from a measure at most `every` old.
+async fn sample(store: &Store, app_id: &str, every: Duration) {
+    let m = match store.storage_measure(app_id, every).await {
+        Ok(m) => m,
         Err(e) => {
-            tracing::debug!(app_id, error = %e, "Cannot resolve the app's storage for its metrics.");
+            tracing::debug!(app_id, error = %e, "Cannot measure the app's storage.");
             return;
         }
     };
-    for coll in COLLECTIONS {
-        match db
-            .collection::<Document>(coll)
-            .count_documents(doc! { "app_id": app_id })
-            .await
-        {
-            Ok(n) => {
-                metrics::gauge!(DOCUMENTS, "app_id" => app_id.to_string(), "collection" => coll)
-                    .set(n as f64)
-            }
-            Err(e) => {
-                tracing::debug!(app_id, collection = coll, error = %e, "Cannot count the app's documents.")
-            }
-        }
+    for c in m.collections {
+        let labels = [("app_id", app_id.to_string()), ("collection", c.collection)];
+        metrics::gauge!(DOCUMENTS, &labels).set(c.documents as f64);
+        metrics::gauge!(BYTES, &labels).set(c.bytes as f64);
     }
 }

@@ -274,15 +274,9 @@ impl Store {
     }
 }
 
-/// How long a measure of an app's storage is answered before it is taken again.
+/// How old a recorded measure of an app's storage ([`crate::storage_size`]) the usage endpoint
+/// answers before it measures again.
 pub const STORAGE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
-
-type StorageCache = std::sync::Mutex<std::collections::HashMap<String, (Instant, u64)>>;
-
-fn storage_cache() -> &'static StorageCache {
-    static CACHE: std::sync::OnceLock<StorageCache> = std::sync::OnceLock::new();
-    CACHE.get_or_init(Default::default)
-}
 
 /// How `GET /api/usage/{app_id}` groups charges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -418,50 +412,11 @@ impl Store {
     }
 
     /// Bytes of `app_id`'s read models (its documents in the sessions, messages and usage
-    /// collections of its database), measured by reading them (the seeds' storage dashboard):
-    /// at most once per [`STORAGE_TTL`] per app and process, the last measure answered meanwhile.
+    /// collections of its database; the seeds' storage dashboard): the fleet's shared measure
+    /// ([`crate::storage_size`], the one the projectors' storage gauges show) while it is younger
+    /// than [`STORAGE_TTL`], else measured now.
     pub async fn storage_bytes(&self, app_id: &str) -> Result<u64, Error> {
-        let db = self.resolve_storage(app_id).await?;
-        let key = format!("{}/{app_id}", db.name());
-        if let Some((at, bytes)) = storage_cache()
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&key)
-            && at.elapsed() < STORAGE_TTL
-        {
-            return Ok(*bytes);
-        }
-        let bytes = self.measure_storage(&db, app_id).await?;
-        let mut cache = storage_cache()
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cache.len() > 10_000 {
-            cache.retain(|_, (at, _)| at.elapsed() < STORAGE_TTL);
-        }
-        cache.insert(key, (Instant::now(), bytes));
-        Ok(bytes)
-    }
-
-    async fn measure_storage(&self, db: &Database, app_id: &str) -> Result<u64, Error> {
-        let started = Instant::now();
-        let mut total = 0u64;
-        for coll in [
-            crate::SESSIONS,
-            crate::MESSAGES,
-            USAGE_EVENTS,
-            crate::RUNS,
-            LEDGER,
-        ] {
-            let mut cursor = db
-                .collection::<mongodb::bson::RawDocumentBuf>(coll)
-                .find(doc! { "app_id": app_id })
-                .await?;
-            while cursor.advance().await? {
-                total += cursor.current().as_bytes().len() as u64;
-            }
-        }
-        crate::record("storage_bytes", started);
-        Ok(total)
+        Ok(self.storage_measure(app_id, STORAGE_TTL).await?.bytes())
     }
 }
 

@@ -20,6 +20,7 @@ mod model;
 pub mod projection;
 pub mod retention;
 pub mod storage;
+pub mod storage_size;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
