@@ -14,6 +14,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;
+pub mod http_metrics;
 pub mod hub;
 pub mod keys;
 pub mod metrics;
@@ -374,6 +375,8 @@ pub fn router(state: State) -> Router {
             state.clone(),
             cors::guard,
         ))
+        // Outside the CORS guard: its refusals are counted too.
+        .layer(axum::middleware::from_fn(http_metrics::count))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
                 // The token query parameter never reaches a log line.

@@ -103,7 +103,10 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "POST /api/sessions latency."
     );
-    metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests, by status class.");
+    metrics::describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP answers of the gateway, by method, route (the route template; unmatched for unknown paths) and status class (2xx, 4xx, ...)."
+    );
     metrics::describe_counter!(
         RESUMES,
         "WebSockets opened with after > 0 (resumes), by app_id."
