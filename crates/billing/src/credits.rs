@@ -56,6 +56,8 @@ use crate::wallet::{self, Inputs};
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// How often every app's wallet is recomputed anyway.
 pub const FULL_EVERY: Duration = Duration::from_secs(60);
+/// How long a batch waits for its wallet's recomputation before leaving it to the refresher.
+const RECOMPUTE_INLINE: Duration = Duration::from_secs(3);
 /// Compare-and-set attempts of one wallet write.
 const CAS_ATTEMPTS: usize = 20;
 /// Readiness component.
@@ -181,9 +183,22 @@ impl Credits {
             }
         }
         ::metrics::counter!(m::WALLET_UPDATES, "how" => "recomputed").increment(1);
-        if let Err(e) = self.refresh(app_id).await {
-            warn!(app_id, error = %e, "Wallet not recomputed after a batch; retrying.");
-            self.touch(app_id);
+        // Bounded: a Mongo stall must not hold the batch's acknowledgements; the refresher
+        // goes on trying.
+        match tokio::time::timeout(RECOMPUTE_INLINE, self.refresh(app_id)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                warn!(app_id, error = %e, "Wallet not recomputed after a batch; retrying.");
+                self.touch(app_id);
+            }
+            Err(_) => {
+                warn!(
+                    app_id,
+                    "Wallet not recomputed within {} s after a batch; retrying.",
+                    RECOMPUTE_INLINE.as_secs()
+                );
+                self.touch(app_id);
+            }
         }
     }
 
