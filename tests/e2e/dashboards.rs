@@ -7,14 +7,24 @@
 //!
 //! Alert expressions are evaluated with their comparisons turned into `bool` comparisons
 //! (`sum(x) > 5000` becomes `sum(x) > bool 5000`), so that a quiet fleet still returns a series:
-//! what is checked is that every metric the rule names exists, not that it fires.
+//! what is checked is that every metric the rule names exists, not that it fires. Fallbacks of
+//! panels and rules (`or vector(0)`, for counters without a series yet) are left out, so each
+//! query must return a real series: the load includes a WebSocket that never reads while its
+//! chat's log grows by 2,500 events of 16 KiB, until the gateway closes it as a slow consumer
+//! (`mozaiks_ws_slow_consumer_closes_total`; its queue of 1,024 frames and the kernel's buffers
+//! are full). `mozaiks_http_requests_total` must be labelled by route template, never by a
+//! concrete path.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use futures::{SinkExt, StreamExt};
+use mozaiks_bus::Bus;
+use mozaiks_events::{AgentMessage, Envelope, Event};
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::fleet::{Fleet, Ws, free_port, next_frame, send_json};
 
@@ -150,16 +160,137 @@ fn panel_queries() -> Vec<(String, String, String)> {
         let name = f.file_name().unwrap().to_string_lossy().to_string();
         for p in d["panels"].as_array().unwrap() {
             for t in p["targets"].as_array().unwrap() {
-                let expr = t["expr"]
-                    .as_str()
-                    .unwrap()
-                    .replace("$__rate_interval", "30s")
-                    .replace("$app_id", ".*");
+                let expr = without_fallback(
+                    &t["expr"]
+                        .as_str()
+                        .unwrap()
+                        .replace("$__rate_interval", "30s")
+                        .replace("$app_id", ".*"),
+                );
                 out.push((name.clone(), p["title"].as_str().unwrap().to_string(), expr));
             }
         }
     }
     out
+}
+
+/// `expr` without its `or vector(0)` fallbacks: the series itself must exist.
+fn without_fallback(expr: &str) -> String {
+    expr.replace(" or vector(0)", "")
+}
+
+/// Makes gateway `gw` close a socket as a slow consumer, as tests/e2e/gateway.rs does: a quiet
+/// chat's WebSocket, once live, is never read while 2,500 agent messages of 16 KiB are appended to the chat's
+/// log (the way its worker appends), more than the socket's queue (1,024 frames) and the
+/// kernel's buffers hold. It sends a ping now and then, so the idle timeout does not close it
+/// first.
+async fn slow_consumer_close(fleet: &Fleet, token: &str, gw: usize) {
+    let bus = Bus::connect(&fleet.servers.nats_url, &fleet.servers.namespace, "e2e")
+        .await
+        .unwrap();
+    let ticket = fleet.session(gw, token, "hello", None).await;
+    let (app, chat) = (
+        ticket["app_id"].as_str().unwrap().to_string(),
+        ticket["chat_id"].as_str().unwrap().to_string(),
+    );
+    // Quiet: whatever the start command makes the worker append is in.
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = bus.chat_position(&app, &chat).await.unwrap().seq;
+        if now > 0 && now == last {
+            break;
+        }
+        last = now;
+    }
+    let (mut pings, mut never_read) = fleet.connect(gw, &ticket, last).await.split();
+    let text = "x".repeat(16 * 1024);
+    let mut failures = 0;
+    for step in 0..2501u32 {
+        if step == 1 {
+            // Live first: the socket reads the first appended event, and nothing after it. (A
+            // socket that falls behind while it is still catching up from the log is not closed:
+            // the catch-up waits for it.)
+            loop {
+                let f = match never_read.next().await {
+                    Some(Ok(Message::Text(t))) => serde_json::from_str::<Value>(&t).unwrap(),
+                    Some(Ok(_)) => continue,
+                    other => panic!("the socket ended before it was live: {other:?}"),
+                };
+                if f["seq"].as_u64() == Some(last + 1) {
+                    break;
+                }
+            }
+        }
+        if step % 250 == 0 {
+            let _ = pings
+                .send(Message::Text(json!({"type": "ping"}).to_string().into()))
+                .await;
+        }
+        loop {
+            let pos = bus.chat_position(&app, &chat).await.unwrap();
+            let env = Envelope {
+                v: 1,
+                event_id: uuid::Uuid::now_v7(),
+                app_id: app.clone(),
+                chat_id: chat.clone(),
+                user_id: "lou".into(),
+                workflow: "hello".into(),
+                seq: pos.seq + 1,
+                ts: chrono::Utc::now(),
+                parent_chat_id: None,
+                causation_id: None,
+                event: Event::AgentMessage(AgentMessage {
+                    run_id: uuid::Uuid::nil(),
+                    step,
+                    agent: "load".into(),
+                    text: text.clone(),
+                    structured: None,
+                }),
+            };
+            match bus.append(&env, pos.stream_seq).await {
+                Ok(_) => {
+                    // Paced: the socket's live feed must not lag (a lagging feed is caught up
+                    // from the log, and that catch-up waits for the socket instead of closing it).
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    break;
+                }
+                Err(mozaiks_bus::Error::Conflict { .. }) => continue,
+                // A loaded machine: an ack may be late (the event may have landed; the position
+                // is read again either way).
+                Err(e) => {
+                    failures += 1;
+                    assert!(failures < 20, "appends keep failing: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = fleet
+            .http
+            .get(format!("{}/metrics", fleet.gateways[gw]))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics
+            .lines()
+            .any(|l| l.starts_with("mozaiks_ws_slow_consumer_closes_total"))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no slow-consumer close on {}",
+            fleet.gateways[gw]
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Every `label_values(metric, label)` query of the dashboards' variables: (metric, label).
@@ -309,6 +440,9 @@ async fn every_panel_and_alert_returns_data_from_a_fleet_under_load() {
         chats += 1;
     }
 
+    // A slow consumer closed by gateway 0.
+    slow_consumer_close(&fleet, &user, 0).await;
+
     // Every panel's query and every alert rule's expression, until all return data.
     let http = reqwest::Client::new();
     let panels = panel_queries();
@@ -357,7 +491,9 @@ async fn every_panel_and_alert_returns_data_from_a_fleet_under_load() {
                     if rule["health"] == "err" {
                         missing.push(format!("alert {name}: {}", rule["lastError"]));
                     }
-                    let expr = comparisons_as_bool(rule["query"].as_str().unwrap_or_default());
+                    let expr = comparisons_as_bool(&without_fallback(
+                        rule["query"].as_str().unwrap_or_default(),
+                    ));
                     match query(&http, &prom.url, &expr).await {
                         Ok(r) if !r.is_empty() => {}
                         Ok(_) => missing.push(format!("alert {name}: no data for {expr}")),
@@ -366,6 +502,32 @@ async fn every_panel_and_alert_returns_data_from_a_fleet_under_load() {
                 }
             }
             Err(e) => missing.push(format!("rules: {e}")),
+        }
+        // HTTP requests by route template: never a concrete chat id or app id in the label.
+        match query(
+            &http,
+            &prom.url,
+            "count by (route) (mozaiks_http_requests_total)",
+        )
+        .await
+        {
+            Ok(series) => {
+                let routes: Vec<&str> = series
+                    .iter()
+                    .filter_map(|s| s["metric"]["route"].as_str())
+                    .collect();
+                if !routes.contains(&"/api/sessions") {
+                    missing.push(format!(
+                        "no POST /api/sessions in the HTTP routes: {routes:?}"
+                    ));
+                }
+                for r in &routes {
+                    if *r != "unmatched" && (!r.starts_with('/') || r.contains("default")) {
+                        missing.push(format!("an HTTP route label that is not a template: {r}"));
+                    }
+                }
+            }
+            Err(e) => missing.push(format!("HTTP routes: {e}")),
         }
         if missing.is_empty() || Instant::now() > deadline {
             break missing;
