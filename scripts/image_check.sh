@@ -106,7 +106,12 @@ git -C "$REPO" archive HEAD | tar -x -C "$WORK/context"
 log "building $IMAGE from the Dockerfile (commit $commit)"
 started=$SECONDS
 # Chroot isolation: no OCI runtime (crun refuses this machine's hybrid cgroups) and no cgroups.
+# The host's CA bundle is mounted over the build's during RUN steps: a TLS-inspecting egress
+# proxy's certificate is trusted by the host, not by Debian's ca-certificates (cargo's downloads
+# from crates.io fail with "self-signed certificate in certificate chain" otherwise).
+cabundle="${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}"
 buildah bud --isolation chroot --pull-never --network host --layers \
+    --volume "$cabundle:/etc/ssl/certs/ca-certificates.crt:ro" \
     --build-arg BUILD_IMAGE="$BUILD_BASE" \
     --build-arg RUNTIME_IMAGE="$RUNTIME_BASE" \
     --build-arg MOZAIKS_GIT_COMMIT="$commit" \
