@@ -424,7 +424,7 @@ mod tests {
         let d = Definitions::embedded().unwrap();
         assert_eq!(d.streams.len(), 8);
         assert_eq!(d.consumers.len(), 4);
-        assert_eq!(d.buckets.len(), 9);
+        assert_eq!(d.buckets.len(), 10);
         assert_eq!(d.objects.len(), 1);
         let evt = d.streams.iter().find(|s| s.name == "MZ_EVT").unwrap();
         assert_eq!(evt.duplicate_window, std::time::Duration::from_secs(120));
@@ -440,7 +440,7 @@ mod tests {
             "a new file in streams/ must be embedded too"
         );
         assert_eq!(from_dir.consumers.len(), 4);
-        assert_eq!(from_dir.buckets.len(), 9);
+        assert_eq!(from_dir.buckets.len(), 10);
         assert_eq!(from_dir.objects.len(), 1);
     }
 
