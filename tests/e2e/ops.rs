@@ -923,8 +923,9 @@ async fn a_workers_slots_go_round_robin_across_apps_so_a_backlog_does_not_starve
     assert!(!y_done().await, "Y waits: the slot is X's");
 
     // Three of X's runs end. Both apps are starters, weight 2 each (starter's 10 runs against
-    // horizons' 5): the slot went to X twice, then to Y, so Y's run is done while X's fourth run
-    // holds the slot and its fifth still waits (first come, first served: Y after all five).
+    // horizons' 5); Y, which started waiting behind X's backlog, takes the next released slot,
+    // so Y's run is done while X's fourth run holds the slot and its fifth still waits (first
+    // come, first served: Y after all five).
     gate.add_permits(3);
     fleet
         .eventually("Y's run completed after three of X's", || async {

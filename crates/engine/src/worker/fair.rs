@@ -160,17 +160,24 @@ impl FairSlots {
             let weight = weight.clamp(1, MAX_WEIGHT);
             let app_id = if st.fifo { "" } else { app_id };
             let fresh = !st.queues.contains_key(app_id);
+            // An app that starts waiting (nothing of it was waiting) joins with a turn of credit
+            // above the best of those waiting, so a light app's run takes the next released slot
+            // instead of waiting behind a turn of the busy app (FQ-CoDel's priority to new
+            // flows). A busy app always has runs waiting, so it never joins again: the long-run
+            // shares stay the weights'.
+            let best = st
+                .queues
+                .values()
+                .map(|q| q.current)
+                .max()
+                .unwrap_or(0)
+                .max(0);
             let q = st
                 .queues
                 .entry(app_id.to_string())
                 .or_insert_with(|| AppQueue {
                     weight,
-                    // An app that starts waiting (nothing of it was waiting) joins with one turn
-                    // of credit, so a light app's run takes the next released slot instead of
-                    // waiting behind a turn of the busy app (FQ-CoDel's priority to new flows).
-                    // A busy app always has runs waiting, so it never joins again: the shares
-                    // stay its weight's.
-                    current: weight as i64,
+                    current: best + weight as i64,
                     waiters: VecDeque::new(),
                 });
             q.weight = weight;
@@ -273,8 +280,9 @@ mod tests {
             settle().await;
         }
         let got = log.lock().unwrap().clone();
-        // First in first out would give Y its turn after X's 20; round robin alternates.
-        assert_eq!(got, ["x", "x", "y", "x", "y", "x"]);
+        // First in first out would give Y its turn after X's 20; Y, starting to wait, takes the
+        // next release, then the apps alternate.
+        assert_eq!(got, ["x", "y", "x", "y", "x", "x"]);
         release.add_permits(100);
         while set.join_next().await.is_some() {}
         assert_eq!(log.lock().unwrap().len(), 23);
@@ -302,8 +310,32 @@ mod tests {
         // interleaved (not three in a row each round).
         assert_eq!(
             got,
-            ["big", "big", "small", "big", "big", "big", "small", "big"]
+            ["big", "big", "big", "small", "big", "big", "big", "small"]
         );
+        release.add_permits(100);
+        while set.join_next().await.is_some() {}
+    }
+
+    #[tokio::test]
+    async fn a_light_app_takes_the_next_release_ahead_of_a_backlog() {
+        let slots = FairSlots::new(1);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut set = tokio::task::JoinSet::new();
+        queue(&slots, "x", 8, 1, &log, &mut set, &release);
+        settle().await;
+        queue(&slots, "x", 8, 10, &log, &mut set, &release);
+        settle().await;
+        // X has been served alone for a while.
+        for _ in 0..3 {
+            release.add_permits(1);
+            settle().await;
+        }
+        queue(&slots, "y", 8, 1, &log, &mut set, &release);
+        settle().await;
+        release.add_permits(1);
+        settle().await;
+        assert_eq!(log.lock().unwrap().last(), Some(&"y"));
         release.add_permits(100);
         while set.join_next().await.is_some() {}
     }
