@@ -159,8 +159,8 @@ pub struct WorkerArgs {
     /// Runs in progress at once per worker.
     #[arg(long, env = "MAX_CONCURRENT_WORKFLOWS", default_value_t = 50)]
     pub max_concurrent_workflows: usize,
-    /// Whether a worker hands its run slots out fairly across apps (deficit round robin by
-    /// app, weighted by tier) or, when false, first come first served (only to measure the
+    /// Whether a worker hands its run slots out fairly across apps (smooth weighted round
+    /// robin by app, weighted by tier) or, when false, first come first served (only to measure the
     /// difference: one app's backlog then delays every other app's runs).
     #[arg(
         long,
