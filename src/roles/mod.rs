@@ -239,6 +239,11 @@ pub async fn serve(g: Global, plan: Plan) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let prepared_ops = if has(Role::Ops) {
+        Some(ops::prepare(&g, &plan)?)
+    } else {
+        None
+    };
     // Model prices (config/prices.yaml or MOZAIKS_PRICES_FILE): a bad file stops the start.
     let prices = if any(Role::needs_prices) {
         let file = plan.prices.as_ref().and_then(|p| p.prices_file.as_deref());
@@ -338,6 +343,7 @@ pub async fn serve(g: Global, plan: Plan) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown(stop_rx);
     let mut tasks = tokio::task::JoinSet::new();
     let mut prepared_gateway = prepared_gateway;
+    let mut prepared_ops = prepared_ops;
     for role in &roles {
         let task: Task = match role {
             Role::Gateway => {
@@ -347,7 +353,10 @@ pub async fn serve(g: Global, plan: Plan) -> anyhow::Result<ExitCode> {
             Role::Worker => worker::start(&shared, &plan, shutdown.clone())?,
             Role::Projector => projector::start(&shared, &plan, shutdown.clone())?,
             Role::Billing => billing::start(&shared, shutdown.clone())?,
-            Role::Ops => ops::start(&shared, &plan, shutdown.clone())?,
+            Role::Ops => {
+                let prepared = prepared_ops.take().context("ops")?;
+                ops::start(&shared, &plan, prepared, shutdown.clone())?
+            }
         };
         let name = role.name();
         tasks.spawn(async move { task.await.context(name) });

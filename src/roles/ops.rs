@@ -7,7 +7,24 @@ use anyhow::Context;
 use super::{Shared, Shutdown, Task};
 use crate::config::{Global, Plan};
 
-pub fn start(shared: &Shared, plan: &Plan, shutdown: Shutdown) -> anyhow::Result<Task> {
+/// What the ops role checks before the process connects to anything: the fleets it polls (a bad
+/// `--poll` URL stops the start there).
+pub struct Prepared {
+    poll: Option<mozaiks_ops::poll::Poll>,
+}
+
+pub fn prepare(g: &Global, plan: &Plan) -> anyhow::Result<Prepared> {
+    Ok(Prepared {
+        poll: poll(g, plan)?,
+    })
+}
+
+pub fn start(
+    shared: &Shared,
+    plan: &Plan,
+    prepared: Prepared,
+    shutdown: Shutdown,
+) -> anyhow::Result<Task> {
     let args = plan.ops.as_ref().context("ops settings")?;
     let ops = mozaiks_ops::Ops::new(
         shared.bus.clone(),
@@ -18,7 +35,7 @@ pub fn start(shared: &Shared, plan: &Plan, shutdown: Shutdown) -> anyhow::Result
             model: Some(super::model(
                 plan.model.as_ref().context("model settings")?,
             )?),
-            poll: poll(&shared.global, plan)?,
+            poll: prepared.poll,
         },
     );
     Ok(Box::pin(async move {
