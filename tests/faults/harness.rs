@@ -208,6 +208,13 @@ impl Harness {
         self.wait_ready(i).await;
     }
 
+    /// Whether slot `i`'s process exited because its port was taken.
+    fn lost_its_port(&mut self, i: usize) -> bool {
+        !self.alive(i)
+            && std::fs::read_to_string(&self.slots[i].log)
+                .is_ok_and(|log| log.contains("Address already in use"))
+    }
+
     /// Whether slot `i`'s process runs.
     pub fn alive(&mut self, i: usize) -> bool {
         match self.slots[i].child.as_mut() {
@@ -248,13 +255,26 @@ impl Harness {
         }
     }
 
-    /// Waits (up to 60 s) until slot `i` is ready.
+    /// Waits (up to 60 s) until slot `i` is ready. A first start whose port another process took
+    /// between `free_port` and the bind (a race of the test machine, not of the fleet) is
+    /// started again on fresh ports, up to three times.
     pub async fn wait_ready(&mut self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut port_retries = 0;
         loop {
             let (ok, why) = self.readiness(i).await;
             if ok {
                 return;
+            }
+            if port_retries < 3 && self.slots[i].starts == 1 + port_retries && self.lost_its_port(i)
+            {
+                port_retries += 1;
+                let slot = &mut self.slots[i];
+                slot.child = None;
+                slot.port = slot.port.map(|_| free_port());
+                slot.health_port = slot.health_port.map(|_| free_port());
+                self.spawn(i);
+                continue;
             }
             if Instant::now() > deadline {
                 panic!(
