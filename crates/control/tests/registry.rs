@@ -269,13 +269,10 @@ async fn a_view_behind_the_log_is_repaired() {
         app.version,
     )
     .await;
-    assert_eq!(
-        reg.read_through("acme").await.unwrap().unwrap().tier,
-        "starter"
-    );
-
-    // The reconcile loop rewrites it from the log.
-    assert_eq!(reg.reconcile().await.unwrap(), 1);
+    // The reconcile loop rewrites it from the log. The registry's own background loop (its first
+    // pass starts with `open`) may get there first on a slow machine, so the view is checked, not
+    // which of the two passes repaired it.
+    assert!(reg.reconcile().await.unwrap() <= 1);
     let view = reg.read_through("acme").await.unwrap().unwrap();
     assert_eq!((view.tier.as_str(), view.version), ("business", seq));
     assert_eq!(reg.reconcile().await.unwrap(), 0, "nothing left to repair");
