@@ -56,12 +56,10 @@ pub fn command(servers: &TestServers, role: &str, log: &std::path::Path) -> Comm
     cmd
 }
 
+/// A loopback port for a role to listen on (the test kit's pick, below the ephemeral range, so
+/// an outgoing connection cannot take it before the role binds it).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    mozaiks_testkit::free_port().expect("a free loopback port")
 }
 
 impl Fleet {

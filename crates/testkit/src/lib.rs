@@ -65,6 +65,7 @@ mod tests;
 pub use cluster::{NatsCluster, NatsOptions};
 use probe::*;
 use process::*;
+pub use setup::free_port;
 use setup::*;
 
 impl TestServers {

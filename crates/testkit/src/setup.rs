@@ -78,12 +78,60 @@ rm -rf "$2""#;
         .ok()
 }
 
-/// A loopback port that was free a moment ago.
-pub(crate) fn free_port() -> Result<u16, Error> {
+/// A loopback port that was free a moment ago, for a server or role a test starts.
+///
+/// Picked at random *below* the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), not
+/// with a bind to port 0: a port-0 bind hands out an ephemeral port, the very range every
+/// outgoing connection of every process on the machine takes its local port from, so between
+/// this check and the server's own bind a client connection elsewhere could take it ("Address
+/// already in use" on loaded CI machines). Below the range only another listener can, and two
+/// picks at random out of ~20,000 ports rarely meet. Falls back to port 0 when no port in the
+/// range is free.
+pub fn free_port() -> Result<u16, Error> {
+    let (low, _) = ephemeral_range();
+    let floor: u16 = 10_000;
+    if low > floor + 1_000 {
+        let span = u64::from(low - floor);
+        let mut seed = random_u64();
+        for _ in 0..64 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let port = floor + ((seed >> 33) % span) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io_err("binding 127.0.0.1:0"))?;
     let port = listener
         .local_addr()
         .map_err(io_err("reading the bound port"))?
         .port();
     Ok(port)
+}
+
+/// The kernel's ephemeral port range (Linux's default when it cannot be read).
+pub(crate) fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((parts.next()??, parts.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
+}
+
+/// A random seed from the standard library's per-process hasher keys (no dependency for it).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish()
 }

@@ -323,3 +323,20 @@ async fn env_override_child() {
     assert!(n.mongo_uri.is_empty());
     println!("ENV_OVERRIDE_CHILD_OK");
 }
+
+#[test]
+fn a_free_port_is_below_the_ephemeral_range_and_bindable() {
+    let (low, _) = setup::ephemeral_range();
+    let ports: Vec<u16> = (0..20).map(|_| free_port().expect("a port")).collect();
+    for port in &ports {
+        if low > 11_000 {
+            assert!(
+                (10_000..low).contains(port),
+                "{port} is not below the ephemeral range starting at {low}"
+            );
+        }
+        std::net::TcpListener::bind(("127.0.0.1", *port)).expect("the port is free");
+    }
+    let distinct: std::collections::HashSet<_> = ports.iter().collect();
+    assert!(distinct.len() > 1, "twenty picks gave one port: {ports:?}");
+}
