@@ -8,10 +8,12 @@
 //!    `5 × run / slots` (a fifth of the worker), X twenty times as often (four times what the
 //!    worker can run). Y's latency is from just before its `POST /api/sessions` to the
 //!    `run.completed` frame on the ticket's WebSocket (`after=0`). For each mode of the worker
-//!    (`MOZAIKS_FAIR_SLOTS=true`, the default, and `false`: first come first served) a fresh
-//!    fleet measures Y alone for `BENCH_SECS` (15), then Y while X floods for as long; Y's runs
-//!    still waiting at the end are waited for up to `BENCH_DRAIN_SECS` (120) and counted as
-//!    unfinished after that. The modes alternate over `BENCH_ROUNDS` rounds (1) in one run.
+//!    in `BENCH_MODES` (`reserve,fair,fifo`: fair slots with the default reserve of one slot,
+//!    `MOZAIKS_RESERVE_SLOTS=1`; fair slots without it, `0`; first come first served,
+//!    `MOZAIKS_FAIR_SLOTS=false`) a fresh fleet measures Y alone for `BENCH_SECS` (15), then Y
+//!    while X floods for as long; Y's runs still waiting at the end are waited for up to
+//!    `BENCH_DRAIN_SECS` (120) and counted as unfinished after that. The modes run over
+//!    `BENCH_ROUNDS` rounds (1) in one run, in reverse order every other round.
 //! 2. **Detection.** Two gateways, a worker, a projector and two `mozaiks ops` replicas
 //!    (`BENCH_OPS_EVALUATE_MS`, 500); the policy's `noisy_neighbour` with `for_seconds` =
 //!    `BENCH_FOR_SECS` (2), `min_total` 4 and the action `disable_pack`. Each of
@@ -477,19 +479,51 @@ fn row(name: &str, p: &Phase, alone_p99: f64) {
     );
 }
 
+/// How the worker hands out its slots.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// First come, first served (`MOZAIKS_FAIR_SLOTS=false`).
+    Fifo,
+    /// Fair slots without a reserve (`MOZAIKS_RESERVE_SLOTS=0`).
+    Fair,
+    /// Fair slots with one slot kept for lingering apps (the default).
+    Reserve,
+}
+
+impl Mode {
+    fn parse(s: &str) -> anyhow::Result<Mode> {
+        Ok(match s.trim() {
+            "fifo" => Mode::Fifo,
+            "fair" => Mode::Fair,
+            "reserve" => Mode::Reserve,
+            other => bail!("BENCH_MODES: unknown mode {other:?} (fifo, fair, reserve)"),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Fifo => "FIFO",
+            Mode::Fair => "fair slots, no reserve",
+            Mode::Reserve => "fair slots + reserve 1",
+        }
+    }
+}
+
 async fn isolation(
     bin: &Path,
     workflows: &Path,
-    fair: bool,
+    mode: Mode,
     cfg: &IsoCfg,
     splits: &mut Vec<String>,
 ) -> anyhow::Result<()> {
     let mut fleet = Fleet::start(bin, workflows).await?;
     let slots = cfg.slots.to_string();
-    let fair_s = fair.to_string();
+    let fair_s = (mode != Mode::Fifo).to_string();
+    let reserve = if mode == Mode::Reserve { "1" } else { "0" };
     let env = [
         ("MAX_CONCURRENT_WORKFLOWS", slots.as_str()),
         ("MOZAIKS_FAIR_SLOTS", fair_s.as_str()),
+        ("MOZAIKS_RESERVE_SLOTS", reserve),
     ];
     fleet.spawn("worker", &env)?;
     fleet.spawn("projector", &env)?;
@@ -506,7 +540,7 @@ async fn isolation(
     for _ in 0..3 {
         one_run(&fleet.http, &base, &y_token, "y", limit).await?;
     }
-    let mode = if fair { "fair slots" } else { "FIFO" };
+    let mode = mode.name();
     let alone = phase(&fleet.http, &base, &y_token, &x_token, false, cfg).await;
     splits.extend(split_rows(&format!("Y alone, {mode}"), &alone));
     let alone_p99 = if alone.lat.is_empty() {
@@ -729,9 +763,14 @@ async fn main() -> anyhow::Result<()> {
         } else {
             env_num("BENCH_ROUNDS", 1)?
         };
+        let modes = std::env::var("BENCH_MODES")
+            .unwrap_or_else(|_| "reserve,fair,fifo".into())
+            .split(',')
+            .map(Mode::parse)
+            .collect::<anyhow::Result<Vec<Mode>>>()?;
         let y_every = cfg.run * 5 / cfg.slots as u32;
         println!(
-            "\nisolation: {} slots, runs of {} ms, Y every {} ms, X every {:.1} ms, {} s per phase, {rounds} round(s)\n",
+            "\nisolation: {modes:?}, {} slots, runs of {} ms, Y every {} ms, X every {:.1} ms, {} s per phase, {rounds} round(s)\n",
             cfg.slots,
             cfg.run.as_millis(),
             y_every.as_millis(),
@@ -745,13 +784,12 @@ async fn main() -> anyhow::Result<()> {
         let mut splits = Vec::new();
         for r in 0..rounds {
             // Alternate which mode goes first.
-            let modes = if r % 2 == 0 {
-                [true, false]
-            } else {
-                [false, true]
-            };
-            for fair in modes {
-                isolation(&bin, &workflows, fair, &cfg, &mut splits).await?;
+            let mut order = modes.clone();
+            if r % 2 == 1 {
+                order.reverse();
+            }
+            for mode in order {
+                isolation(&bin, &workflows, mode, &cfg, &mut splits).await?;
             }
         }
         println!("\nwhere Y's time went (server timestamps), ms:\n");

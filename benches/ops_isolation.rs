@@ -1,8 +1,9 @@
 //! Isolation between apps on one worker (issue 12, benchmark "Isolation"): app X submits runs at
 //! 20 times app Y's rate, more than the worker's slots can take; Y's latency from submission to
 //! its run's end, with and without X, with the worker's fair slots
-//! (`mozaiks_engine::worker::fair::FairSlots`, deficit round robin by app) and with a plain FIFO
-//! semaphore (what the worker used before), measured in the same run.
+//! (`mozaiks_engine::worker::fair::FairSlots`, by app), with them and a reserve of one slot for
+//! lingering apps (the worker's default), and with a plain FIFO semaphore (what the worker used
+//! before), measured in the same run.
 //!
 //! The runs are simulated (a run holds a slot for `BENCH_RUN_MS`, default 20 ms) so that the
 //! figure isolates the queueing policy from the model, the bus and the database: it is the
@@ -112,11 +113,13 @@ async fn main() {
     );
     let fifo = || Sched::Fifo(Arc::new(Semaphore::new(slots)));
     let fair = || Sched::Fair(FairSlots::new(slots));
+    let reserve = || Sched::Fair(FairSlots::with_policy(slots, true, 1));
     let rows = [
         ("Y alone (fair slots)", fair(), false),
         ("Y alone (FIFO)", fifo(), false),
         ("Y with X flooding, FIFO", fifo(), true),
         ("Y with X flooding, fair slots", fair(), true),
+        ("Y with X flooding, fair slots + reserve 1", reserve(), true),
     ];
     let mut alone_p99 = f64::NAN;
     println!("| scenario | Y runs | p50 ms | p99 ms | max ms | p99 / alone |");

@@ -170,6 +170,12 @@ pub struct WorkerArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub fair_slots: bool,
+    /// With fair slots, how many slots at most a worker keeps free for apps whose run ended a
+    /// moment ago (2 s) while another app holds the others, so that a light app's next run
+    /// starts at once instead of waiting for a busy app's run to end (one per such app; an app
+    /// that holds no slot may always take one). 0: none (every slot goes to whoever waits).
+    #[arg(long, env = "MOZAIKS_RESERVE_SLOTS", default_value_t = 1)]
+    pub reserve_slots: usize,
     /// A run that lasts longer fails with `timeout`.
     #[arg(long, env = "WORKFLOW_TIMEOUT_SECONDS", default_value_t = 300)]
     pub workflow_timeout_seconds: u64,

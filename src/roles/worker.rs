@@ -15,6 +15,7 @@ pub fn start(shared: &Shared, plan: &Plan, shutdown: Shutdown) -> anyhow::Result
         run_timeout: Duration::from_secs(args.workflow_timeout_seconds.max(1)),
         enforce_credits: plan.monetization_enabled(),
         fair_slots: args.fair_slots,
+        reserve_slots: args.reserve_slots,
         ..Default::default()
     };
     let worker = mozaiks_engine::Worker::new(

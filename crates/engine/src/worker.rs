@@ -46,6 +46,9 @@ pub struct Options {
     /// Hand run slots out fairly across apps ([`fair`]); false: first come, first served
     /// (`MOZAIKS_FAIR_SLOTS=false`, to measure against).
     pub fair_slots: bool,
+    /// Slots at most kept free for apps that ran a moment ago while another app holds the
+    /// others ([`fair`]'s reserve; 0: none) (`MOZAIKS_RESERVE_SLOTS`).
+    pub reserve_slots: usize,
 }
 
 impl Default for Options {
@@ -56,6 +59,7 @@ impl Default for Options {
             idle_evict: Duration::from_secs(60),
             enforce_credits: false,
             fair_slots: true,
+            reserve_slots: 1,
         }
     }
 }
@@ -178,6 +182,7 @@ impl Worker {
             runs: fair::FairSlots::with_policy(
                 self.opts.max_concurrent_runs.max(1),
                 self.opts.fair_slots,
+                self.opts.reserve_slots,
             ),
             bus: self.bus,
             registry: self.registry,
