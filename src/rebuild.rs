@@ -2,9 +2,11 @@
 //! log while the fleet keeps running (issue 14, item 6).
 //!
 //! - Without `--from`: the read models of the app (or of every app) are dropped first —
-//!   `chat_sessions`, `chat_messages`, the usage ledger (`usage_events`, `usage_runs`,
-//!   `usage_ledger`) and the credit grants (`credit_grants`) — then rebuilt from the start of the
-//!   logs. With `--from SEQ`: nothing is dropped; events from stream sequence `SEQ` on are applied
+//!   `chat_sessions`, `chat_messages`, the usage ledger (`usage_events`, `usage_runs`; the
+//!   `usage_ledger` totals are zeroed and held, so live billing rolls nothing into them meanwhile)
+//!   and the credit grants (`credit_grants`) — then rebuilt from the start of the logs; the
+//!   ledger is then released and rolled up to the end of `MZ_USAGE` that the rebuild read. Charges
+//!   carry their position in `MZ_USAGE` as live billing writes them (`mozaiks_store::ledger`). With `--from SEQ`: nothing is dropped; events from stream sequence `SEQ` on are applied
 //!   again (repairs a range).
 //! - Then each app's wallet (the KV bucket `MZ_CREDITS`: balance, consumption, state, the users
 //!   over budget) is recomputed from the rebuilt ledger and grants by billing's own code
@@ -163,12 +165,14 @@ pub async fn rebuild(
         let db = store.resolve_storage(app).await?;
         store.ensure_indexes(&db).await?;
         if args.from.is_none() {
+            // Held before its charges go: a live roll must not count them again as they come
+            // back (one that was under way fails on the held ledger's version).
+            store.hold_usage(&db, app).await?;
             for coll in [
                 mozaiks_store::SESSIONS,
                 mozaiks_store::MESSAGES,
                 mozaiks_store::USAGE_EVENTS,
                 mozaiks_store::RUNS,
-                mozaiks_store::LEDGER,
             ] {
                 let r = db
                     .collection::<Document>(coll)
@@ -219,22 +223,38 @@ pub async fn rebuild(
     }
     progress.done("events", report.events);
 
-    // The usage ledger: billing's exactly-once charges, to each app's database.
+    // The usage ledger: billing's exactly-once charges, to each app's database, marked with
+    // their position as billing marks them (the epoch of its durable consumer).
+    let epoch = match bus.durable("MZ_USAGE", "billing").await {
+        Ok(mut c) => c
+            .info()
+            .await
+            .map_err(|e| anyhow::anyhow!("billing's consumer: {e}"))?
+            .created
+            .unix_timestamp_nanos(),
+        Err(e) => bail!("billing's consumer of MZ_USAGE: {e}"),
+    };
     let end = last_sequence(bus, "MZ_USAGE").await?;
     let mut next = from;
     loop {
         let b = bus.replay("MZ_USAGE", &usage, next, BATCH).await?;
-        let mut by_app: std::collections::BTreeMap<String, Vec<_>> = Default::default();
-        for mut e in b.events.into_iter().filter(|e| wanted(&e.app_id)) {
+        let mut by_app: std::collections::BTreeMap<String, (Vec<_>, Vec<String>)> =
+            Default::default();
+        for (mut e, seq) in b.events.into_iter().zip(b.seqs) {
+            if !wanted(&e.app_id) {
+                continue;
+            }
             if let mozaiks_events::Event::UsageCharged(u) = &mut e.event {
                 // Billing's cost of a charge appended before prices existed.
                 credits.cost_charge(u);
             }
-            by_app.entry(e.app_id.clone()).or_default().push(e);
+            let app = by_app.entry(e.app_id.clone()).or_default();
+            app.0.push(e);
+            app.1.push(mozaiks_store::ledger::mark(epoch, seq));
         }
-        for (app, envs) in by_app {
+        for (app, (envs, marks)) in by_app {
             let db = store.resolve_storage(&app).await?;
-            store.charge_many(&db, &envs).await?;
+            store.charge_marked(&db, &envs, &marks).await?;
             report.charges += envs.len() as u64;
         }
         next = b.next;
@@ -248,6 +268,18 @@ pub async fn rebuild(
         }
     }
     progress.done("charges", report.charges);
+    if args.from.is_none() {
+        // Every charge up to `end` is written again: the ledgers roll up to it.
+        let floor = mozaiks_store::ledger::mark(epoch, end);
+        for app in &apps {
+            let db = store.resolve_storage(app).await?;
+            store.release_usage(&db, app).await?;
+            if let Err(e) = store.compact_usage(&db, app, &floor).await {
+                // Live billing rolls it later.
+                eprintln!("the usage ledger of {app} is not rolled yet: {e}");
+            }
+        }
+    }
 
     // Credit grants (JSON on MZ_BILLING), recorded once each by their id.
     for grant in read_grants(bus, &grants, from).await? {

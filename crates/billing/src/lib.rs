@@ -8,6 +8,13 @@
 //! `usage.charged` events exactly once each, even with several billing replicas, and a charge is
 //! acknowledged only once it is written.
 //!
+//! Each charge is written with its mark, its position in `MZ_USAGE` (the stream sequence and the
+//! durable consumer's creation time, read after the charges arrived), and after every
+//! [`COMPACT_EVERY`] charges of an app, or its first batch [`ROLL_AFTER`] after its last roll,
+//! billing rolls the app's ledger up to the consumer's acknowledgement floor
+//! ([`Store::compact_usage`]): a charge is acknowledged only once it is written, so none at or
+//! below the floor can be written later.
+//!
 //! When a batch cannot be written, billing keeps it and tries again (pausing a second at most)
 //! until Mongo answers, telling JetStream that it is still working on it, so a long Mongo stall spends
 //! no delivery attempt and loses nothing (the consumer has no `max_deliver` either), and the
@@ -22,6 +29,7 @@ pub mod wallet;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{AckKind, Message};
@@ -29,7 +37,7 @@ use futures::StreamExt;
 use mozaiks_bus::Bus;
 use mozaiks_events::{Envelope, Event, codec};
 use mozaiks_store::Store;
-use mozaiks_store::ledger::Charged;
+use mozaiks_store::ledger::{COMPACT_EVERY, Charged, UNPLACED};
 use mozaiks_store::mongodb::Database;
 use tracing::{debug, info, warn};
 
@@ -38,6 +46,9 @@ pub use metrics::describe;
 
 /// The most charges fetched and written at once.
 pub const BATCH: usize = 256;
+/// The longest an app's charges wait for a roll while more of them come (see the crate's
+/// documentation).
+pub const ROLL_AFTER: Duration = Duration::from_secs(1);
 /// How long billing waits for more of a pull's charges before writing what it has.
 const LINGER: Duration = Duration::from_millis(2);
 /// Readiness components of billing ([`Bus::report`]).
@@ -75,6 +86,100 @@ pub struct Billing {
     store: Store,
     /// Wallets ([`credits`]), when billing keeps them.
     credits: Option<credits::Credits>,
+    rolls: Arc<Rolls>,
+}
+
+type PullConsumer =
+    async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>;
+
+/// The ledger rolls billing starts: per app, the charges counted since the last one, when it
+/// started, and whether one runs.
+struct Rolls {
+    consumer: Mutex<Option<PullConsumer>>,
+    apps: Mutex<HashMap<(String, String), Roll>>,
+    every: u64,
+    after: Duration,
+}
+
+struct Roll {
+    counted: u64,
+    last: Instant,
+    running: bool,
+}
+
+impl Default for Rolls {
+    fn default() -> Rolls {
+        Rolls {
+            consumer: Mutex::default(),
+            apps: Mutex::default(),
+            every: COMPACT_EVERY,
+            after: ROLL_AFTER,
+        }
+    }
+}
+
+impl Rolls {
+    /// Counts `counted` charges of `app_id` in `db`; rolls its ledger in the background when
+    /// [`Rolls::every`] are waiting or the last roll is [`Rolls::after`] old, and no roll of it
+    /// runs.
+    fn note(self: &Arc<Self>, store: &Store, db: &Database, app_id: &str, counted: u64) {
+        let key = (db.name().to_string(), app_id.to_string());
+        {
+            let mut apps = self.apps.lock().unwrap_or_else(PoisonError::into_inner);
+            let e = apps.entry(key.clone()).or_insert_with(|| Roll {
+                counted: 0,
+                last: Instant::now(),
+                running: false,
+            });
+            e.counted += counted;
+            if e.running || (e.counted < self.every && e.last.elapsed() < self.after) {
+                return;
+            }
+            *e = Roll {
+                counted: 0,
+                last: Instant::now(),
+                running: true,
+            };
+        }
+        let (me, store, db, app_id) = (self.clone(), store.clone(), db.clone(), app_id.to_string());
+        tokio::spawn(async move {
+            match me.floor().await {
+                Ok(floor) => match store.compact_usage(&db, &app_id, &floor).await {
+                    Ok(c) => debug!(
+                        app_id,
+                        charges = c.charges,
+                        runs = c.runs,
+                        "Usage ledger rolled."
+                    ),
+                    Err(e) => {
+                        debug!(app_id, error = %e, "Usage ledger not rolled; a later roll will.")
+                    }
+                },
+                Err(e) => {
+                    debug!(app_id, error = %e, "No acknowledgement floor; a later roll will.")
+                }
+            }
+            let mut apps = me.apps.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(e) = apps.get_mut(&key) {
+                e.running = false;
+            }
+        });
+    }
+
+    /// The mark of the durable consumer's acknowledgement floor.
+    async fn floor(&self) -> Result<String, String> {
+        let consumer = self
+            .consumer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut consumer = consumer.ok_or("no consumer yet")?;
+        let info = consumer.info().await.map_err(|e| e.to_string())?;
+        Ok(mozaiks_store::ledger::mark(
+            info.created.unix_timestamp_nanos(),
+            info.ack_floor.stream_sequence,
+        ))
+    }
 }
 
 /// What applying a charge did.
@@ -88,6 +193,8 @@ pub enum Applied {
 struct Pending {
     msg: Message,
     env: Envelope,
+    /// Its position in `MZ_USAGE` ([`mozaiks_store::ledger::mark`]).
+    mark: String,
 }
 
 impl Billing {
@@ -97,7 +204,19 @@ impl Billing {
             bus,
             store,
             credits: None,
+            rolls: Arc::default(),
         }
+    }
+
+    /// Rolls an app's ledger after `charges` of its charges, or after `after` while it has more
+    /// (defaults: [`COMPACT_EVERY`], [`ROLL_AFTER`]; smaller in tests).
+    pub fn roll_every(mut self, charges: u64, after: Duration) -> Billing {
+        self.rolls = Arc::new(Rolls {
+            every: charges.max(1),
+            after,
+            ..Rolls::default()
+        });
+        self
     }
 
     /// Also keeps every app's wallet in `MZ_CREDITS` ([`credits`]), costing charges appended
@@ -125,7 +244,7 @@ impl Billing {
     async fn work(&mut self) -> Result<(), Error> {
         // Mongo or NATS down at start is a wait, not a failure of the process.
         let mut backoff = Duration::from_millis(200);
-        let consumer = loop {
+        let mut consumer = loop {
             let ready = async {
                 self.store.ensure_indexes(self.store.shared()).await?;
                 Ok::<_, Error>(self.bus.durable("MZ_USAGE", "billing").await?)
@@ -150,6 +269,11 @@ impl Billing {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+        *self
+            .rolls
+            .consumer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(consumer.clone());
         self.bus.report(FETCH, Ok(()));
         info!("Billing started.");
         loop {
@@ -189,6 +313,15 @@ impl Billing {
                         Err(_) => break,
                     }
                 }
+                // The consumer's creation time, read after the charges arrived: a stream or
+                // consumer created again since sorts after it (see `mozaiks_store::ledger`).
+                let epoch = match consumer.info().await {
+                    Ok(i) => Some(i.created.unix_timestamp_nanos()),
+                    Err(e) => {
+                        warn!(error = %e, "No consumer info; these charges are written unplaced.");
+                        None
+                    }
+                };
                 let mut charges = Vec::new();
                 for item in items {
                     let msg = match item {
@@ -207,7 +340,13 @@ impl Billing {
                                 // (its ledger document keeps this cost).
                                 c.prices.cost_charge(u);
                             }
-                            charges.push(Pending { msg, env })
+                            let mark = match (epoch, msg.info()) {
+                                (Some(epoch), Ok(i)) => {
+                                    mozaiks_store::ledger::mark(epoch, i.stream_sequence)
+                                }
+                                _ => UNPLACED.to_string(),
+                            };
+                            charges.push(Pending { msg, env, mark })
                         }
                         Err(e) => {
                             warn!(subject = %msg.subject, error = %e, "Charge does not decode; skipping it.");
@@ -309,6 +448,7 @@ impl Billing {
         for (db, group) in by_db.into_values() {
             let started = Instant::now();
             let envs: Vec<Envelope> = group.iter().map(|p| p.env.clone()).collect();
+            let marks: Vec<String> = group.iter().map(|p| p.mark.clone()).collect();
             // Each app's wallet revision before its charges are written ([`credits`]).
             let mut revisions: BTreeMap<&str, Option<u64>> = BTreeMap::new();
             if let Some(c) = &self.credits {
@@ -318,12 +458,15 @@ impl Billing {
                     }
                 }
             }
-            let result =
-                match tokio::time::timeout(APPLY_TIMEOUT, self.store.charge_many(&db, &envs)).await
-                {
-                    Ok(r) => r.map_err(Error::from),
-                    Err(_) => Err(Error::Timeout),
-                };
+            let result = match tokio::time::timeout(
+                APPLY_TIMEOUT,
+                self.store.charge_marked(&db, &envs, &marks),
+            )
+            .await
+            {
+                Ok(r) => r.map_err(Error::from),
+                Err(_) => Err(Error::Timeout),
+            };
             match result {
                 Ok(charged) => {
                     ::metrics::histogram!(m::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
@@ -336,12 +479,20 @@ impl Billing {
                                 .await;
                         }
                     }
+                    let mut counted: BTreeMap<String, u64> = BTreeMap::new();
                     for (p, c) in group.into_iter().zip(charged) {
                         count(&p.env, c);
+                        if c == Charged::Counted {
+                            *counted.entry(p.env.app_id.clone()).or_default() += 1;
+                        }
                         if let Err(e) = p.msg.ack().await {
                             // Redelivered later, and then a duplicate.
                             debug!(app_id = %p.env.app_id, error = %e, "Charge written, ack lost.");
                         }
+                    }
+                    // After the acknowledgements: the floor a roll reads may then pass them.
+                    for (app_id, n) in counted {
+                        self.rolls.note(&self.store, &db, &app_id, n);
                     }
                 }
                 Err(e) => {

@@ -14,6 +14,8 @@ use crate::{Bus, Error};
 #[derive(Debug, Default)]
 pub struct ReplayBatch {
     pub events: Vec<Envelope>,
+    /// The stream sequence of each event of `events`.
+    pub seqs: Vec<u64>,
     /// The stream sequence the next batch starts from.
     pub next: u64,
     /// Whether the replay reached the end it saw when the batch was read.
@@ -43,6 +45,7 @@ impl Bus {
             .last_sequence;
         let mut out = ReplayBatch {
             events: Vec::new(),
+            seqs: Vec::new(),
             next: from,
             done: true,
         };
@@ -85,7 +88,10 @@ impl Bus {
             })?;
             let (seq, pending) = (info.stream_sequence, info.pending);
             match codec::decode_event(&msg.payload) {
-                Ok(env) => out.events.push(env),
+                Ok(env) => {
+                    out.events.push(env);
+                    out.seqs.push(seq);
+                }
                 Err(e) => {
                     warn!(subject = %msg.subject, seq, error = %e, "Replay skips a message that does not decode.")
                 }

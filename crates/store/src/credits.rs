@@ -7,9 +7,9 @@
 //!   windows of that many seconds from the Unix epoch. Its key is its
 //!   start, `YYYYMMDDTHHMMSSZ`, so keys sort like periods.
 //! - Each charge document in `usage_events` carries its `credits`, its `period` key and its UTC
-//!   `day` (see [`crate::ledger`]); compactions add the credits to the app's `usage_ledger`
-//!   under `periods.{key}`. [`Store::consumption`] adds the unrolled charges to those totals,
-//!   re-reading when a compaction committed meanwhile, exactly like [`Store::usage_in`].
+//!   `day` (see [`crate::ledger`]); rolls add the credits to the app's `usage_ledger` under
+//!   `periods.{key}`. [`Store::consumption`] adds the charges above the ledger's watermark to
+//!   those totals, re-reading when a roll committed meanwhile, exactly like [`Store::usage_in`].
 //! - `credit_grants` (shared database): one document per grant, unique on `(app_id, grant_id)`,
 //!   written by billing from `MZ_BILLING` (a redelivered grant is a duplicate key: nothing
 //!   changes).
@@ -27,7 +27,7 @@ use mongodb::{IndexModel, error::ErrorKind};
 use mozaiks_events::credits::CreditGrant;
 
 use crate::metrics as m;
-use crate::{DUPLICATE_KEY, Error, LEDGER, Store, USAGE_EVENTS};
+use crate::{DUPLICATE_KEY, Error, LEDGER, Store, USAGE_EVENTS, ledger};
 
 /// Grants recorded by billing (shared database).
 pub const GRANTS: &str = "credit_grants";
@@ -131,11 +131,10 @@ impl Store {
                 .options(IndexOptions::builder().unique(unique).build())
                 .build()
         };
+        // `(app_id, ts)` serves exports, groups and a day's consumption per user alike: every
+        // index is written by every charge.
         db.collection::<Document>(USAGE_EVENTS)
-            .create_indexes([
-                idx(doc! { "app_id": 1, "day": 1 }, false),
-                idx(doc! { "app_id": 1, "ts": 1 }, false),
-            ])
+            .create_index(idx(doc! { "app_id": 1, "ts": 1 }, false))
             .await?;
         self.shared()
             .collection::<Document>(GRANTS)
@@ -152,20 +151,25 @@ impl Store {
     ) -> Result<BTreeMap<String, u64>, Error> {
         let started = Instant::now();
         let ledger = db.collection::<Document>(LEDGER);
+        let legacy = self.has_legacy(db).await?;
         for _ in 0..READ_ATTEMPTS {
             let before = ledger.find_one(doc! { "app_id": app_id }).await?;
-            let tail: Vec<Document> = db
-                .collection::<Document>(USAGE_EVENTS)
-                .aggregate([
-                    doc! { "$match": { "app_id": app_id, "rolled": false } },
-                    doc! { "$group": { "_id": "$period", "credits": { "$sum": "$credits" } } },
-                ])
-                .await?
-                .try_collect()
-                .await?;
+            let mut tail: Vec<Document> = Vec::new();
+            let w = ledger::watermark(before.as_ref());
+            for filter in ledger::unrolled_filters(app_id, &w, legacy) {
+                let rows: Vec<Document> = db
+                    .collection::<Document>(USAGE_EVENTS)
+                    .aggregate([
+                        doc! { "$match": filter },
+                        doc! { "$group": { "_id": "$period", "credits": { "$sum": "$credits" } } },
+                    ])
+                    .await?
+                    .try_collect()
+                    .await?;
+                tail.extend(rows);
+            }
             let after = ledger.find_one(doc! { "app_id": app_id }).await?;
-            let version = |d: &Option<Document>| d.as_ref().map(|d| int(d, "version"));
-            if version(&before) != version(&after) {
+            if ledger::version(before.as_ref()) != ledger::version(after.as_ref()) {
                 ::metrics::counter!(m::LEDGER_READ_RETRIES).increment(1);
                 continue;
             }
@@ -188,7 +192,8 @@ impl Store {
         )))
     }
 
-    /// Credits consumed by each user of `app_id` in `db` on `day` (`YYYYMMDD`).
+    /// Credits consumed by each user of `app_id` in `db` on `day` (`YYYYMMDD`, a UTC day: the
+    /// charges with `ts` in it).
     pub async fn consumption_by_user(
         &self,
         db: &Database,
@@ -196,10 +201,15 @@ impl Store {
         day: &str,
     ) -> Result<BTreeMap<String, u64>, Error> {
         let started = Instant::now();
+        let start = chrono::NaiveDate::parse_from_str(day, "%Y%m%d")
+            .map_err(|e| Error::Document(format!("not a day: {day}: {e}")))?
+            .and_time(chrono::NaiveTime::MIN)
+            .and_utc();
+        let filter = charges_filter(app_id, Some(start), Some(start + chrono::Duration::days(1)));
         let rows: Vec<Document> = db
             .collection::<Document>(USAGE_EVENTS)
             .aggregate([
-                doc! { "$match": { "app_id": app_id, "day": day } },
+                doc! { "$match": filter },
                 doc! { "$group": { "_id": "$user_id", "credits": { "$sum": "$credits" } } },
             ])
             .await?
@@ -407,7 +417,7 @@ impl Store {
             .collection::<Document>(USAGE_EVENTS)
             .find(charges_filter(app_id, from, to))
             .sort(doc! { "ts": 1 })
-            .projection(doc! { "_id": 0, "rolled": 0, "billed_at": 0 })
+            .projection(doc! { "_id": 0, "rolled": 0, "mark": 0, "billed_at": 0 })
             .await?)
     }
 

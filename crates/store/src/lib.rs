@@ -9,9 +9,9 @@
 //! - `chat_sessions`: unique `(app_id, chat_id)`, `(app_id, user_id, updated_at)`,
 //!   `(app_id, workflow_name, status, updated_at)`
 //! - `chat_messages`: unique `(app_id, chat_id, seq)`
-//! - `usage_ledger`: unique `(app_id)`; `usage_events`: unique `(app_id, event_id)`,
-//!   `(app_id, rolled)`; `usage_runs`: unique `(app_id, run_id)`, `(app_id, rolled)` (see
-//!   [`ledger`])
+//! - `usage_ledger`: unique `(app_id)`; `usage_events` (`_id` the event id) and `usage_runs`
+//!   (`_id` the run id): `(app_id, mark)` (see [`ledger`]); `usage_events` also `(app_id, ts)`
+//!   ([`credits`])
 
 pub mod credits;
 pub mod ledger;
@@ -145,18 +145,15 @@ impl Store {
         db.collection::<Document>(LEDGER)
             .create_index(idx(doc! { "app_id": 1 }, true))
             .await?;
-        db.collection::<Document>(USAGE_EVENTS)
-            .create_indexes([
-                idx(doc! { "app_id": 1, "event_id": 1 }, true),
-                idx(doc! { "app_id": 1, "rolled": 1 }, false),
-            ])
-            .await?;
-        db.collection::<Document>(RUNS)
-            .create_indexes([
-                idx(doc! { "app_id": 1, "run_id": 1 }, true),
-                idx(doc! { "app_id": 1, "rolled": 1 }, false),
-            ])
-            .await?;
+        // Charges and runs are unique by `_id` (event id, run id); every index is written by
+        // every charge, so there is one more only (`mark`: reads and rolls; see `ledger`).
+        // Databases of the previous shape keep their `(app_id, event_id)`, `(app_id, run_id)`
+        // and `(app_id, rolled)` indexes.
+        for coll in [USAGE_EVENTS, RUNS] {
+            db.collection::<Document>(coll)
+                .create_index(idx(doc! { "app_id": 1, "mark": 1 }, false))
+                .await?;
+        }
         Ok(())
     }
 
