@@ -49,12 +49,16 @@ use map::{Mapper, Out};
 /// How often an idle stream gets an SSE comment (keeps proxies from timing it out).
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct AguiQuery {
+    /// The runtime token from POST /api/sessions (or Authorization: Bearer with it).
     #[serde(default)]
     pub token: Option<String>,
+    /// Replay every event with seq > after, then live; the Last-Event-ID header wins.
     #[serde(default)]
     pub after: Option<u64>,
+    /// The log epoch from the ticket; a mismatch sends a CUSTOM resync event and replays from
+    /// the start.
     #[serde(default)]
     pub epoch: Option<String>,
 }

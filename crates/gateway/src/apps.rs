@@ -17,6 +17,7 @@ use axum::Json;
 use axum::extract::{Path, State as St};
 use axum::http::StatusCode;
 use mozaiks_control::{AppCommand, AppPatch, AppStatus, Limits};
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value, json};
 use tracing::info;
@@ -70,19 +71,26 @@ pub fn app_json(state: &State, app: &mozaiks_control::App) -> Value {
 }
 
 /// `POST /api/apps` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApp {
-    /// Chosen by the caller, or generated.
+    /// Chosen by the caller; generated when absent.
     #[serde(default)]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-]{1,64}$"))]
     pub app_id: Option<String>,
+    #[schemars(length(min = 1, max = 100))]
     pub name: String,
+    /// A tier of config/tiers.yaml (the shipped ones are listed).
+    #[schemars(extend("enum" = ["horizons", "starter", "business", "dedicated", "export"]))]
     pub tier: String,
     /// The allowlist; absent allows every shipped workflow.
     #[serde(default)]
     pub workflows: Option<Vec<String>>,
+    /// Overrides of the tier's limits ([`parse_limits`]).
     #[serde(default)]
+    #[schemars(with = "Option<crate::openapi::LimitsBody>")]
     pub limits: Option<Value>,
+    /// ws:// or wss:// base of a dedicated runtime (dedicated and export tiers).
     #[serde(default)]
     pub runtime_url: Option<String>,
 }
@@ -149,27 +157,34 @@ fn some<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
 }
 
 /// `PATCH /api/apps/{app_id}` body; absent fields stay as they are.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchApp {
     #[serde(default)]
+    #[schemars(length(min = 1, max = 100))]
     pub name: Option<String>,
+    /// superadmin only.
     #[serde(default)]
     pub tier: Option<String>,
-    /// Replaces the app's overrides; an absent field falls back to the tier.
+    /// Replaces the overrides (superadmin only); an absent field falls back to the tier.
     #[serde(default)]
+    #[schemars(with = "Option<crate::openapi::LimitsBody>")]
     pub limits: Option<Value>,
-    /// The allowlist; `null` allows every shipped workflow.
+    /// The allowlist; `null` allows every shipped workflow; unknown names are refused (422
+    /// unknown_workflow).
     #[serde(default, deserialize_with = "some")]
+    #[schemars(with = "Option<Vec<String>>")]
     pub workflows: Option<Option<Vec<String>>>,
-    /// Replaces the app's context variables.
+    /// Replaces the app's context variables (at most 64 KiB).
     #[serde(default)]
     pub context: Option<Map<String, Value>>,
-    /// `null` removes the dedicated runtime.
+    /// `null` removes the dedicated runtime (superadmin only).
     #[serde(default, deserialize_with = "some")]
+    #[schemars(with = "Option<String>")]
     pub runtime_url: Option<Option<String>>,
-    /// `active` or `suspended`.
+    /// `active` or `suspended` (superadmin only).
     #[serde(default)]
+    #[schemars(with = "Option<String>", extend("enum" = ["active", "suspended"]))]
     pub status: Option<AppStatus>,
 }
 

@@ -54,6 +54,10 @@ impl FromRequestParts<State> for User {
     }
 }
 
+// How each route authenticates is part of its documentation (`crate::openapi`).
+impl aide::OperationInput for User {}
+impl aide::OperationInput for Caller {}
+
 /// Who calls an endpoint that app back-ends may use: a user token or an app's API key
 /// (`Authorization: Bearer mzk_…` or `X-Api-Key: mzk_…`; see [`crate::keys`]).
 pub enum Caller {

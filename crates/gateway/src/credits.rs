@@ -135,11 +135,21 @@ fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
 }
 
-/// A grant's fields from a body, each checked with a stable code.
-struct GrantRequest {
+// Checked field by field with stable codes by `parse_grant`, not serde; the schema documents
+// `POST /api/apps/{app_id}/credits` in /openapi.json.
+/// `POST /api/apps/{app_id}/credits` body: a grant.
+#[derive(schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub(crate) struct GrantRequest {
+    /// Credits to grant.
+    #[schemars(range(min = 1, max = 1_000_000_000_000u64))]
     amount: u64,
+    #[schemars(length(max = 500))]
     reason: String,
+    /// When the grant's unspent credits expire (in the future).
     expires_at: Option<DateTime<Utc>>,
+    /// The same key twice grants once.
+    #[schemars(length(max = 200))]
     idempotency_key: String,
 }
 

@@ -262,6 +262,41 @@ pub struct Body<T>(pub T);
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct Query<T>(pub T);
 
+/// The error envelope's schema in `/openapi.json` (the body [`ApiError`] answers).
+#[derive(schemars::JsonSchema)]
+#[schemars(rename = "Error")]
+#[allow(dead_code)] // a schema only: the body is written by `IntoResponse for ApiError`
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(schemars::JsonSchema)]
+#[allow(dead_code)]
+struct ErrorDetail {
+    /// Stable, machine-readable.
+    code: String,
+    /// For humans.
+    message: String,
+}
+
+// The body and query string document themselves from their types (`/openapi.json`); a refusal's
+// status is listed by each route's documentation (`crate::openapi`), not inferred.
+impl<T: schemars::JsonSchema> aide::OperationInput for Body<T> {
+    fn operation_input(ctx: &mut aide::generate::GenContext, op: &mut aide::openapi::Operation) {
+        <axum::Json<T> as aide::OperationInput>::operation_input(ctx, op);
+    }
+}
+
+impl<T: schemars::JsonSchema> aide::OperationInput for Query<T> {
+    fn operation_input(ctx: &mut aide::generate::GenContext, op: &mut aide::openapi::Operation) {
+        <axum::extract::Query<T> as aide::OperationInput>::operation_input(ctx, op);
+    }
+}
+
+impl aide::OperationOutput for ApiError {
+    type Inner = ErrorBody;
+}
+
 #[cfg(test)]
 mod tests {
     use axum::body::to_bytes;

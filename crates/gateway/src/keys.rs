@@ -43,9 +43,11 @@ async fn key_admin(state: &State, user: &UserClaims, app_id: &str) -> Result<(),
 }
 
 /// `POST /api/apps/{app_id}/keys` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
+    /// What the key is for, e.g. "billing backend".
+    #[schemars(length(min = 1, max = 100))]
     pub name: String,
 }
 

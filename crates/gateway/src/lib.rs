@@ -34,9 +34,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aide::axum::ApiRouter;
+use aide::axum::routing::{delete_with, get_with, post_with, put_with};
 use axum::Router;
 use axum::http::HeaderMap;
-use axum::routing::{delete, get, post, put};
 use metrics_exporter_prometheus::PrometheusHandle;
 use mozaiks_auth::Auth;
 use mozaiks_bus::Bus;
@@ -288,84 +289,178 @@ impl Gateway {
     }
 }
 
-/// Every route of the gateway.
-pub fn router(state: State) -> Router {
-    Router::new()
-        .route("/api/health", get(health::live))
-        .route("/health", get(health::live))
-        .route("/health/live", get(health::live))
-        .route("/health/ready", get(health::ready))
-        .route("/metrics", get(health::metrics))
-        .route(
+/// The documented routes (all but the chat page's), each with its handler and its documentation
+/// ([`openapi`]).
+fn api_routes() -> ApiRouter<State> {
+    ApiRouter::new()
+        .api_route("/api/health", get_with(health::live, openapi::health_live))
+        .api_route("/health", get_with(health::live, openapi::health_live))
+        .api_route("/health/live", get_with(health::live, openapi::health_live))
+        .api_route(
+            "/health/ready",
+            get_with(health::ready, openapi::health_ready),
+        )
+        .api_route(
+            "/metrics",
+            get_with(health::metrics, openapi::health_metrics),
+        )
+        .api_route(
             "/api/sessions",
-            post(sessions::start).get(sessions::list_sessions),
+            post_with(sessions::start, openapi::sessions_start)
+                .get_with(sessions::list_sessions, openapi::sessions_list_sessions),
         )
-        .route("/api/sessions/{chat_id}", get(sessions::get_session))
-        .route("/api/sessions/{chat_id}/messages", get(sessions::messages))
-        .route("/api/workflows", get(sessions::workflows))
-        .route("/api/usage/{app_id}", get(credits::usage))
-        .route("/api/usage/{app_id}/export", get(credits::export))
-        .route("/api/notify", post(notify::notify))
-        .route("/api/apps", post(apps::create).get(apps::list))
-        .route(
+        .api_route(
+            "/api/sessions/{chat_id}",
+            get_with(sessions::get_session, openapi::sessions_get_session),
+        )
+        .api_route(
+            "/api/sessions/{chat_id}/messages",
+            get_with(sessions::messages, openapi::sessions_messages),
+        )
+        .api_route(
+            "/api/workflows",
+            get_with(sessions::workflows, openapi::sessions_workflows),
+        )
+        .api_route(
+            "/api/usage/{app_id}",
+            get_with(credits::usage, openapi::credits_usage),
+        )
+        .api_route(
+            "/api/usage/{app_id}/export",
+            get_with(credits::export, openapi::credits_export),
+        )
+        .api_route(
+            "/api/notify",
+            post_with(notify::notify, openapi::notify_notify),
+        )
+        .api_route(
+            "/api/apps",
+            post_with(apps::create, openapi::apps_create).get_with(apps::list, openapi::apps_list),
+        )
+        .api_route(
             "/api/apps/{app_id}",
-            get(apps::get_app).patch(apps::patch).delete(apps::delete),
+            get_with(apps::get_app, openapi::apps_get_app)
+                .patch_with(apps::patch, openapi::apps_patch)
+                .delete_with(apps::delete, openapi::apps_delete),
         )
-        .route(
+        .api_route(
             "/api/apps/{app_id}/storage",
-            post(storage::move_storage).get(storage::get_storage),
+            post_with(storage::move_storage, openapi::storage_move_storage)
+                .get_with(storage::get_storage, openapi::storage_get_storage),
         )
-        .route(
+        .api_route(
             "/api/apps/{app_id}/keys",
-            post(keys::create).get(keys::list),
+            post_with(keys::create, openapi::keys_create).get_with(keys::list, openapi::keys_list),
         )
-        .route("/api/apps/{app_id}/keys/{key_id}", delete(keys::revoke))
-        .route(
+        .api_route(
+            "/api/apps/{app_id}/keys/{key_id}",
+            delete_with(keys::revoke, openapi::keys_revoke),
+        )
+        .api_route(
             "/api/apps/{app_id}/credits",
-            get(credits::get_credits).post(credits::grant),
+            get_with(credits::get_credits, openapi::credits_get_credits)
+                .post_with(credits::grant, openapi::credits_grant),
         )
-        .route("/health/active-runs", get(ops::active_runs))
-        .route("/metrics/perf/aggregate", get(ops::perf_aggregate))
-        .route("/metrics/perf/chats", get(ops::perf_chats))
-        .route(
+        .api_route(
+            "/health/active-runs",
+            get_with(ops::active_runs, openapi::ops_active_runs),
+        )
+        .api_route(
+            "/metrics/perf/aggregate",
+            get_with(ops::perf_aggregate, openapi::ops_perf_aggregate),
+        )
+        .api_route(
+            "/metrics/perf/chats",
+            get_with(ops::perf_chats, openapi::ops_perf_chats),
+        )
+        .api_route(
             "/api/ops/policy",
-            put(ops_api::put_policy).get(ops_api::get_policy),
+            put_with(ops_api::put_policy, openapi::ops_api_put_policy)
+                .get_with(ops_api::get_policy, openapi::ops_api_get_policy),
         )
-        .route(
+        .api_route(
             "/api/ops/policy/{app_id}",
-            put(ops_api::put_app_policy).get(ops_api::get_app_policy),
+            put_with(ops_api::put_app_policy, openapi::ops_api_put_app_policy)
+                .get_with(ops_api::get_app_policy, openapi::ops_api_get_app_policy),
         )
-        .route("/api/ops/incidents", get(ops_api::list_incidents))
-        .route("/api/ops/incidents/{id}", get(ops_api::get_incident))
-        .route("/api/ops/actions", get(ops_api::list_actions))
-        .route("/api/ops/actions/{id}/revert", post(ops_api::revert_action))
-        .route("/api/ops/approvals", get(ops_api::list_approvals))
-        .route("/api/ops/approvals/{id}/approve", post(ops_api::approve))
-        .route("/api/ops/approvals/{id}/reject", post(ops_api::reject))
-        .route("/openapi.json", get(openapi::serve))
-        .route(
+        .api_route(
+            "/api/ops/incidents",
+            get_with(ops_api::list_incidents, openapi::ops_api_list_incidents),
+        )
+        .api_route(
+            "/api/ops/incidents/{id}",
+            get_with(ops_api::get_incident, openapi::ops_api_get_incident),
+        )
+        .api_route(
+            "/api/ops/actions",
+            get_with(ops_api::list_actions, openapi::ops_api_list_actions),
+        )
+        .api_route(
+            "/api/ops/actions/{id}/revert",
+            post_with(ops_api::revert_action, openapi::ops_api_revert_action),
+        )
+        .api_route(
+            "/api/ops/approvals",
+            get_with(ops_api::list_approvals, openapi::ops_api_list_approvals),
+        )
+        .api_route(
+            "/api/ops/approvals/{id}/approve",
+            post_with(ops_api::approve, openapi::ops_api_approve),
+        )
+        .api_route(
+            "/api/ops/approvals/{id}/reject",
+            post_with(ops_api::reject, openapi::ops_api_reject),
+        )
+        .api_route(
+            "/openapi.json",
+            get_with(openapi::serve, openapi::openapi_serve),
+        )
+        .api_route(
             "/ws/{workflow}/{app_id}/{chat_id}/{user_id}",
-            get(ws::upgrade),
+            get_with(ws::upgrade, openapi::ws_upgrade),
         )
-        .route("/api/agui/{app_id}/{chat_id}", get(agui::stream))
-        .route("/api/execute/{plugin}", post(plugins::execute))
-        .route(
+        .api_route(
+            "/api/agui/{app_id}/{chat_id}",
+            get_with(agui::stream, openapi::agui_stream),
+        )
+        .api_route(
+            "/api/execute/{plugin}",
+            post_with(plugins::execute, openapi::plugins_execute),
+        )
+        .api_route(
             "/api/plugins/{plugin}/settings",
-            get(plugins::get_settings).put(plugins::put_settings),
+            get_with(plugins::get_settings, openapi::plugins_get_settings)
+                .put_with(plugins::put_settings, openapi::plugins_put_settings),
         )
-        .route(
+        .api_route(
             "/api/apps/{app_id}/plugins",
-            get(plugins::list)
-                .post(plugins::upload)
+            get_with(plugins::list, openapi::plugins_list)
+                .post_with(plugins::upload, openapi::plugins_upload)
                 .layer(axum::extract::DefaultBodyLimit::max(
                     plugins::MAX_UPLOAD_BODY,
                 )),
         )
-        .route(
+        .api_route(
             "/api/apps/{app_id}/plugins/enabled",
-            get(plugins::get_enabled).put(plugins::put_enabled),
+            get_with(plugins::get_enabled, openapi::plugins_get_enabled)
+                .put_with(plugins::put_enabled, openapi::plugins_put_enabled),
         )
-        .route("/api/apps/{app_id}/plugins/usage", get(plugins::usage))
+        .api_route(
+            "/api/apps/{app_id}/plugins/usage",
+            get_with(plugins::usage, openapi::plugins_usage),
+        )
+}
+
+/// `GET /openapi.json`'s document, as [`router`] generates it.
+pub fn openapi_document() -> serde_json::Value {
+    openapi::document(api_routes()).1.as_ref().clone()
+}
+
+/// Every route of the gateway.
+pub fn router(state: State) -> Router {
+    let (routes, doc) = openapi::document(api_routes());
+    routes
+        .layer(axum::Extension(doc))
         .merge(page::routes())
         .fallback(|| async { error::ApiError::not_found("not_found", "no such endpoint") })
         .method_not_allowed_fallback(error::method_not_allowed)

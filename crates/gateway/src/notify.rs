@@ -30,7 +30,7 @@ pub const MAX_DATA_BYTES: usize = 16 * 1024;
 pub const MAX_USER_ID: usize = 128;
 
 /// `POST /api/notify` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NotifyRequest {
     /// The user to notify; without it, every user of the app.

@@ -34,9 +34,10 @@ use crate::error::{ApiError, Query};
 use crate::metrics as m;
 
 /// `?app_id=` (superadmin only; others always get their own app).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Scope {
+    /// Only this app (superadmin); an app's admin always sees only its own app.
     #[serde(default)]
     pub app_id: Option<String>,
 }

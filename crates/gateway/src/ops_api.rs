@@ -128,11 +128,14 @@ pub async fn put_app_policy(
 // ---- incidents ----
 
 /// `?status=&app_id=` of the lists.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Only the entries of this status (approvals: approval_required, approved, rejected or
+    /// expired).
     #[serde(default)]
     pub status: Option<String>,
+    /// Only this app (superadmin); an app's admin always sees only its own app.
     #[serde(default)]
     pub app_id: Option<String>,
 }
@@ -296,13 +299,15 @@ pub async fn list_approvals(
 
 /// `POST /api/ops/approvals/{id}/approve` body: what the action needs that the agent could not
 /// know (`limits` for raise_limits, `db_name` for move_storage), and a comment.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Decision {
     #[serde(default)]
+    #[schemars(length(max = 1000))]
     pub comment: Option<String>,
     /// raise_limits: the limits to set (merged over the app's overrides).
     #[serde(default)]
+    #[schemars(with = "Option<crate::openapi::LimitsBody>")]
     pub limits: Option<Value>,
     /// move_storage: the target database.
     #[serde(default)]

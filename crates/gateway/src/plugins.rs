@@ -192,21 +192,26 @@ pub async fn list(
 }
 
 /// `POST /api/apps/{app_id}/plugins` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UploadRequest {
+    #[schemars(regex(pattern = r"^[a-z0-9_-]{1,64}$"))]
     pub name: String,
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._+-]{1,32}$"))]
     pub version: String,
     #[serde(default)]
+    #[schemars(length(max = 1024))]
     pub description: String,
     #[serde(default)]
+    #[schemars(schema_with = "crate::openapi::plugin_limits")]
     pub limits: Option<Limits>,
     #[serde(default)]
+    #[schemars(length(max = 32))]
     pub http_allowlist: Vec<String>,
-    /// The module, base64 (WebAssembly binary or WAT text).
+    /// The module (binary or text), base64, up to 4 MiB.
     #[serde(default)]
     pub module_base64: Option<String>,
-    /// The module as WAT text.
+    /// The module as WebAssembly text (or module_base64).
     #[serde(default)]
     pub wat: Option<String>,
 }
@@ -312,9 +317,11 @@ pub async fn usage(
 }
 
 /// `PUT /api/apps/{app_id}/plugins/enabled` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnabledRequest {
+    /// The plugins that may run (within the tier's); `null` clears the list.
+    #[schemars(required, length(max = 256), extend("items" = {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"}))]
     pub plugins: Option<Vec<String>>,
 }
 

@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use mozaiks_events::{Command, CommandEnvelope, ids};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::info;
@@ -54,6 +55,10 @@ impl From<mozaiks_auth::Error> for BrokerError {
     }
 }
 
+impl aide::OperationOutput for BrokerError {
+    type Inner = crate::error::ErrorBody;
+}
+
 impl IntoResponse for BrokerError {
     fn into_response(self) -> Response {
         let (e, retry_after) = match self {
@@ -97,12 +102,13 @@ impl IntoResponse for BrokerError {
 }
 
 /// `POST /api/sessions` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartSession {
+    /// Must be the token's app.
     pub app_id: String,
     pub workflow_name: String,
-    /// Resume this chat (or start one with this id).
+    /// Resume this chat (owner only), or start one with this id.
     #[serde(default)]
     pub chat_id: Option<String>,
     /// Context variables for a new chat.
@@ -110,15 +116,16 @@ pub struct StartSession {
     pub context: Option<serde_json::Map<String, Value>>,
     /// A first message, answered right away (new chats only).
     #[serde(default)]
+    #[schemars(length(max = 32768))]
     pub message: Option<String>,
-    /// The user the session is for: required with an app's API key (which acts for any user of
-    /// its app); with a user token it may only repeat the token's own `sub`.
+    /// Required with an API key (the user the app's back-end starts the session for; 422
+    /// user_id_required); with a user token only the token's own sub (else 403 user_mismatch).
     #[serde(default)]
     pub user_id: Option<String>,
 }
 
 /// `POST /api/sessions` answer.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct SessionTicket {
     pub chat_id: String,
     /// WebSocket URL; append `?token=<runtime_token>&after=<last seq seen>`.
@@ -366,12 +373,16 @@ pub async fn get_session(
     Ok(Json(session_json(&s)))
 }
 
-#[derive(Debug, Deserialize)]
+/// `GET /api/sessions` query.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// The token's app.
     pub app_id: String,
+    /// Another user's sessions (admins only).
     #[serde(default)]
     pub user_id: Option<String>,
+    /// 1 to 200, default 50.
     #[serde(default)]
     pub limit: Option<i64>,
 }
@@ -405,11 +416,14 @@ pub async fn list_sessions(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+/// `GET /api/sessions/{chat_id}/messages` query.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MessagesQuery {
+    /// Only messages with seq > after.
     #[serde(default)]
     pub after: Option<u64>,
+    /// 1 to 1000, default 500.
     #[serde(default)]
     pub limit: Option<i64>,
 }

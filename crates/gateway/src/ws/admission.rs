@@ -15,12 +15,15 @@ use crate::error::{ApiError, Query};
 use crate::hub::{Admission, Refused};
 use crate::metrics as m;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct WsQuery {
-    #[serde(default)]
+    /// The runtime token from POST /api/sessions (its absence is answered 401 token_missing).
+    #[schemars(required)]
     pub token: Option<String>,
+    /// Replay every event with seq > after, then live.
     #[serde(default)]
     pub after: Option<u64>,
+    /// The log epoch from the ticket; a mismatch answers resync.
     #[serde(default)]
     pub epoch: Option<String>,
 }
@@ -80,7 +83,9 @@ pub async fn upgrade(
     Ok(ws
         .max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(4 * 1024)
+        // Allocated with the socket and kept while it lives; client frames are small, and a
+        // larger one gets its own room (tungstenite reserves a frame's length as it reads it).
+        .read_buffer_size(1024)
         .write_buffer_size(4 * 1024)
         .on_upgrade(move |socket| {
             let span = info_span!("ws", app_id = %claims.app_id, chat_id = %claims.chat_id);
