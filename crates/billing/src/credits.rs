@@ -81,6 +81,30 @@ struct Running {
     cache: std::sync::Mutex<HashMap<String, Cached>>,
 }
 
+impl Running {
+    /// What writing wallets needs, billing's and a tool's alike: `MZ_CREDITS` (billing writes
+    /// wallets; it refuses nothing itself) and the credit indexes of the shared database.
+    async fn open(
+        bus: &Bus,
+        store: &Store,
+        refresh: mpsc::UnboundedSender<String>,
+    ) -> Result<Running, String> {
+        let wallets = Wallets::open(bus, false).await.map_err(|e| e.to_string())?;
+        store
+            .ensure_credit_indexes(store.shared())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Running {
+            bus: bus.clone(),
+            store: store.clone(),
+            wallets,
+            refresh,
+            indexed: Default::default(),
+            cache: Default::default(),
+        })
+    }
+}
+
 /// What the wallet at `revision` of `MZ_CREDITS` was computed from (written, or found current, by
 /// this process).
 #[derive(Clone)]
@@ -113,22 +137,8 @@ impl Credits {
 
     /// Opens the wallets and starts the refresher, the grant consumer and the sweep.
     pub(crate) async fn start(&mut self, bus: &Bus, store: &Store) -> Result<(), String> {
-        // Billing writes wallets; it refuses nothing itself.
-        let wallets = Wallets::open(bus, false).await.map_err(|e| e.to_string())?;
-        store
-            .ensure_credit_indexes(store.shared())
-            .await
-            .map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let running = Arc::new(Running {
-            bus: bus.clone(),
-            store: store.clone(),
-            wallets,
-            refresh: tx,
-            indexed: Default::default(),
-            cache: Default::default(),
-        });
-        self.inner = Some(running.clone());
+        self.inner = Some(Arc::new(Running::open(bus, store, tx).await?));
         let me = self.clone();
         tokio::spawn(me.clone().refresher(rx).instrument(info_span!("wallets")));
         tokio::spawn(me.clone().grants().instrument(info_span!("grants")));
@@ -681,24 +691,12 @@ impl Credits {
         bus: &Bus,
         store: &Store,
     ) -> Result<Credits, String> {
-        let wallets = Wallets::open(bus, false).await.map_err(|e| e.to_string())?;
-        store
-            .ensure_credit_indexes(store.shared())
-            .await
-            .map_err(|e| e.to_string())?;
         // Nobody listens: `touch` is a no-op, every recomputation is an explicit `refresh`.
         let (refresh, _) = mpsc::unbounded_channel();
         Ok(Credits {
             registry,
             prices: Arc::new(prices),
-            inner: Some(Arc::new(Running {
-                bus: bus.clone(),
-                store: store.clone(),
-                wallets,
-                refresh,
-                indexed: Default::default(),
-                cache: Default::default(),
-            })),
+            inner: Some(Arc::new(Running::open(bus, store, refresh).await?)),
         })
     }
 
