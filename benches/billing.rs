@@ -5,7 +5,9 @@
 //!    and the ledger is polled (`GET /api/usage`) until it counts them all. Reported: charges per
 //!    second from the first charge counted to the last, next to the Mongo-wire server's own
 //!    ceiling for the same documents measured in the same run (`insert_many` of ledger-shaped
-//!    documents in batches of 256, billing's batch, with the same unique index).
+//!    documents in batches of 256, billing's batch, with the same unique index). `BENCH_PER_RUN`
+//!    charges per run (default 1: every charge its own run). `MOZAIKS_BIN` picks the binary, so
+//!    two builds can be compared run after run on the same machine.
 //! 2. **Enforcement delay**: with `MONETIZATION_ENABLED=true`, a charge that spends the app's
 //!    whole balance is appended; a client polls the *other* gateway with `POST /api/sessions`
 //!    every 2 ms until it answers 402 `credits_exhausted`. Reported: append acknowledged → first
@@ -79,8 +81,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// A `usage.charged` of `credits` credits, alone in a fresh chat of `app`.
-fn charge(app: &str, credits: u64) -> Envelope {
+/// A `usage.charged` of `credits` credits, alone in a fresh chat of `app`, for run `run_id`.
+fn charge(app: &str, credits: u64, run_id: Uuid) -> Envelope {
     Envelope {
         v: ENVELOPE_VERSION,
         event_id: Uuid::now_v7(),
@@ -93,7 +95,7 @@ fn charge(app: &str, credits: u64) -> Envelope {
         parent_chat_id: None,
         causation_id: None,
         event: Event::UsageCharged(UsageCharged {
-            run_id: Uuid::now_v7(),
+            run_id,
             step: 1,
             agent: "assistant".into(),
             model: "mozaiks-offline-1".into(),
@@ -250,14 +252,20 @@ async fn main() -> anyhow::Result<()> {
     ensure!(r.status() == 201, "create app: {}", r.text().await?);
     let bus = Bus::connect(&servers.nats_url, &servers.namespace, "bench").await?;
 
-    // 1. Throughput: the charges wait on the log, then billing starts.
+    // 1. Throughput: the charges wait on the log, then billing starts. `BENCH_PER_RUN` charges
+    // per run (1: every charge its own run, so billing writes a run per charge).
+    let per_run = env_num("BENCH_PER_RUN", 1).max(1);
     let t = Instant::now();
     let mut appends = tokio::task::JoinSet::new();
     for chunk in 0..16u64 {
         let (bus, n) = (bus.clone(), charges / 16 + u64::from(chunk < charges % 16));
         appends.spawn(async move {
-            for _ in 0..n {
-                bus.append(&charge(APP, 10), 0).await?;
+            let mut run = Uuid::now_v7();
+            for i in 0..n {
+                if i % per_run == 0 {
+                    run = Uuid::now_v7();
+                }
+                bus.append(&charge(APP, 10, run), 0).await?;
             }
             Ok::<_, mozaiks_bus::Error>(())
         });
@@ -266,7 +274,7 @@ async fn main() -> anyhow::Result<()> {
         r??;
     }
     println!(
-        "billing: {charges} charges appended in {:.1} s",
+        "billing: {charges} charges ({per_run} per run) appended in {:.1} s",
         t.elapsed().as_secs_f64()
     );
     let mongo = mozaiks_store::mongodb::Client::with_uri_str(&servers.mongo_uri).await?;
@@ -373,7 +381,8 @@ async fn main() -> anyhow::Result<()> {
         };
         ensure!(balance > 0, "balance {balance}");
         let appended = Instant::now();
-        bus.append(&charge(APP, balance as u64), 0).await?;
+        bus.append(&charge(APP, balance as u64, Uuid::now_v7()), 0)
+            .await?;
         let acked = Instant::now();
         let deadline = acked + Duration::from_secs(30);
         loop {
