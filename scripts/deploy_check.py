@@ -82,10 +82,28 @@ def check_dockerfile():
         fail("Dockerfile: the entrypoint is not the mozaiks binary")
     if not any(l.startswith("ARG MOZAIKS_GIT_COMMIT") for l in lines):
         fail("Dockerfile: no MOZAIKS_GIT_COMMIT build argument (mozaiks --version, mozaiks_build_info)")
-    ignored = (REPO / ".dockerignore").read_text().split()
+    ignored = [l for l in (REPO / ".dockerignore").read_text().split() if not l.startswith("#")]
     for need in ("target", ".git"):
         if need not in ignored:
             fail(f".dockerignore: {need} is sent to the build")
+    # What the runtime stage copies out of the build context (/src) must exist in the repository
+    # and must not be kept out of the context by .dockerignore.
+    workdir = next((l.split()[1] for l in lines if l.upper().startswith("WORKDIR ")), "/")
+    for l in lines:
+        if not l.upper().startswith("COPY --FROM=BUILD "):
+            continue
+        src = [w for w in l.split()[1:] if not w.startswith("--")][0]
+        if not src.startswith(workdir.rstrip("/") + "/"):
+            continue  # made in the build stage (the binary, /var/lib/mozaiks)
+        rel = src[len(workdir.rstrip("/")) + 1 :]
+        if not (REPO / rel).exists():
+            fail(f"Dockerfile: copies {src}, but {rel} is not in the repository")
+        if rel.split("/")[0] in ignored:
+            fail(f"Dockerfile: copies {src}, but .dockerignore keeps {rel} out of the context")
+    cmd = next((l for l in reversed(lines) if l.upper().startswith("CMD ")), "")
+    roles = ("all", "gateway", "worker", "projector", "billing", "ops")
+    if not any(f'"{r}"' in cmd for r in roles):
+        fail(f"Dockerfile: the default command ({cmd or 'none'}) is not a role")
     print("deploy_check: ok Dockerfile")
 
 
