@@ -39,7 +39,13 @@ impl Answer {
 }
 
 impl Gw {
+    /// Without plugins (their endpoints answer 503 `plugins_disabled`).
     pub async fn start() -> Gw {
+        Gw::start_with(false).await
+    }
+
+    /// With the repository's plugins (`plugins/`) when `plugins`.
+    pub async fn start_with(plugins: bool) -> Gw {
         let servers = TestServers::start().await.expect("test servers");
         let bus = mozaiks_bus::Bus::connect(&servers.nats_url, &servers.namespace, "gateway-test")
             .await
@@ -61,6 +67,14 @@ impl Gw {
             .with_resolver(mozaiks_admin::storage::resolver(&registry));
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let catalog = mozaiks_packs::Catalog::load_dir(&root.join("workflows")).unwrap();
+        let plugins = match plugins {
+            true => Some(
+                mozaiks_plugins::Plugins::open(&bus, &root.join("plugins"))
+                    .await
+                    .expect("plugins"),
+            ),
+            false => None,
+        };
         let gateway = Gateway::new(
             Parts {
                 bus,
@@ -70,7 +84,7 @@ impl Gw {
                 catalog,
                 prometheus: None,
                 instance: mozaiks_bus::fleet::InstanceId::new("gateway-test"),
-                plugins: None,
+                plugins,
             },
             Options::default(),
         )
@@ -143,6 +157,11 @@ pub fn auth() -> Auth {
 
 pub fn auth_with(secret: &str) -> Auth {
     Auth::new(Config::hs256(secret, false)).unwrap()
+}
+
+/// The operator: a superadmin.
+pub fn root() -> String {
+    token("root", "default", &["superadmin"])
 }
 
 /// A user token of `app` for an hour.
