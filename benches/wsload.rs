@@ -11,6 +11,9 @@
 //! `WSLOAD_CLIENTS=10000 WSLOAD_CHATS=10000 WSLOAD_IDLE_ONLY=1 cargo bench --bench wsload` connects
 //! the clients, each to its own chat, reports the gateways' RSS per idle connection and stops
 //! (no fan-out or resume phase).
+//!
+//! `WSLOAD_BINS=/path/a,/path/b` runs gateway 1 from binary `a` and gateway 2 from `b` (an A/B of
+//! two builds in one run: each replica gets half the clients and chats, round robin).
 
 mod common;
 
@@ -124,9 +127,25 @@ impl Drop for Gw {
     }
 }
 
-fn spawn_gateway(servers: &mozaiks_testkit::TestServers) -> Gw {
+/// The binary of gateway `i` (0 or 1): the `i`th of `WSLOAD_BINS` (two paths, comma-separated:
+/// an A/B of two builds in one run, each replica getting the same load), else [`binary`].
+fn gateway_binary(i: usize) -> std::path::PathBuf {
+    match std::env::var("WSLOAD_BINS") {
+        Ok(list) if !list.is_empty() => {
+            let bins: Vec<&str> = list.split(',').collect();
+            assert_eq!(bins.len(), 2, "WSLOAD_BINS takes two binaries");
+            let p = std::path::PathBuf::from(bins[i]);
+            assert!(p.is_file(), "WSLOAD_BINS: {} is not a file", p.display());
+            p
+        }
+        _ => binary().expect("the mozaiks binary"),
+    }
+}
+
+fn spawn_gateway(servers: &mozaiks_testkit::TestServers, i: usize) -> Gw {
     let port = free_port();
-    let bin = binary().expect("the mozaiks binary");
+    let bin = gateway_binary(i);
+    println!("gateway {}: {}", i + 1, bin.display());
     let child = common::mozaiks(&bin, servers)
         .arg("gateway")
         .env("JWT_SECRET", SECRET)
@@ -195,7 +214,7 @@ async fn main() {
     let servers = mozaiks_testkit::TestServers::start()
         .await
         .expect("servers");
-    let gws = [spawn_gateway(&servers), spawn_gateway(&servers)];
+    let gws = [spawn_gateway(&servers, 0), spawn_gateway(&servers, 1)];
     for g in &gws {
         wait_ready(&g.base).await;
     }

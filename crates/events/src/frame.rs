@@ -93,8 +93,9 @@ fn one() -> u32 {
 /// Longest `text` of one delta on the bus, in bytes.
 pub const MAX_DELTA_BYTES: usize = 64 * 1024;
 
-/// A delta on the bus: core NATS subject `mz.dlt.{app_id}.{chat_id}`, MessagePack with field
-/// names. Not stored anywhere.
+/// A delta on the bus: core NATS subject `mz.live.{app_id}.{chat_id}.delta` (and, for consumers
+/// outside the runtime, `mz.dlt.{app_id}.{chat_id}`), MessagePack with field names. Not stored
+/// anywhere.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct DeltaMessage {
     /// Envelope version.

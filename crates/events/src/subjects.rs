@@ -8,7 +8,8 @@
 //! | `{ns}mz.evt.{app_id}.*.usage.charged` | `{NS}MZ_USAGE` (sourced from `MZ_EVT`) | token charges for billing |
 //! | `{ns}mz.ops.>` | `{NS}MZ_OPS` | incidents and ops actions |
 //! | `{ns}mz.live.{app_id}.{chat_id}.{type}` | core NATS (republished by `MZ_EVT`) | every *stored* event, with its stream sequence; gateways' live feed |
-//! | `{ns}mz.dlt.{app_id}.{chat_id}` | core NATS (not stored) | token deltas while an agent streams text (`agent.delta` frames) |
+//! | `{ns}mz.live.{app_id}.{chat_id}.delta` | core NATS (not stored, no `Nats-Sequence`) | token deltas while an agent streams text (`agent.delta` frames); under the chat's live subject so a gateway follows a chat with one subscription (one token after the chat: never an event type, which has two) |
+//! | `{ns}mz.dlt.{app_id}.{chat_id}` | core NATS (not stored) | the same deltas on their first subject, still published for consumers outside the runtime |
 //! | `{ns}mz.ntf.{app_id}` | core NATS | notifications to one user or the whole app, on every gateway replica |
 //! | `{ns}mz.ctl.app.{app_id}` | `{NS}MZ_CTL` | the control plane's app events |
 //! | `{ns}mz.dlq.cmd.{app_id}.{chat_id}` | `{NS}MZ_DLQ` | dead letters: commands that can never apply |
@@ -92,8 +93,15 @@ impl Subjects {
         format!("{}mz.cmd.>", self.prefix)
     }
 
-    /// Token deltas of one chat (core NATS, not stored).
+    /// Token deltas of one chat (core NATS, not stored), under the chat's live subject: the
+    /// gateways' one subscription per chat ([`Subjects::chat_live`]) gets them.
     pub fn deltas(&self, app_id: &str, chat_id: &str) -> String {
+        format!("{}mz.live.{app_id}.{chat_id}.delta", self.prefix)
+    }
+
+    /// The first subject of a chat's token deltas, still published alongside
+    /// [`Subjects::deltas`] for consumers outside the runtime; the gateways no longer read it.
+    pub fn legacy_deltas(&self, app_id: &str, chat_id: &str) -> String {
         format!("{}mz.dlt.{app_id}.{chat_id}", self.prefix)
     }
 
@@ -210,7 +218,8 @@ mod tests {
         assert_eq!(s.command("a", "c"), "t1.mz.cmd.a.c");
         assert_eq!(s.name("MZ_EVT"), "t1_MZ_EVT");
         assert_eq!(s.usage_filter(), "t1.mz.evt.*.*.usage.charged");
-        assert_eq!(s.deltas("a", "c"), "t1.mz.dlt.a.c");
+        assert_eq!(s.deltas("a", "c"), "t1.mz.live.a.c.delta");
+        assert_eq!(s.legacy_deltas("a", "c"), "t1.mz.dlt.a.c");
     }
 
     #[test]

@@ -8,11 +8,13 @@
 //! (see [`crate::ws`]). Because only stored events are republished, an append refused by the
 //! concurrency check never reaches a client.
 //!
-//! **Token deltas.** The same feed subscribes to the chat's delta subject
-//! (`mz.dlt.{app_id}.{chat_id}`, core NATS, published by the worker while a model streams): each
-//! delta is validated, rendered once as an `agent.delta` frame (`"seq": null`) and handed to the
-//! chat's sockets on a channel of its own, so deltas never push durable events out of the feed's
-//! buffer. Sockets merge or drop deltas when they fall behind ([`crate::ws`]).
+//! **Token deltas.** The worker publishes them under the chat's live subject
+//! (`mz.live.{app_id}.{chat_id}.delta`, core NATS, never stored, no `Nats-Sequence`), so the one
+//! subscription of the chat gets both, in the order the server routed them (a step's deltas
+//! before its stored `agent.message`). Each delta is validated, rendered once as an
+//! `agent.delta` frame (`"seq": null`) and handed to the chat's sockets on a channel of its own,
+//! so deltas never push durable events out of the feed's buffer. Sockets merge or drop deltas
+//! when they fall behind ([`crate::ws`]).
 //!
 //! **After a NATS reconnect.** Core subscriptions miss what is published while the connection is
 //! down. The hub watches the connection ([`watch_reconnects`]); after a reconnect (once the
@@ -42,12 +44,16 @@ use uuid::Uuid;
 use crate::metrics as m;
 
 /// Live events buffered per chat for sockets that are busy (catching up, or writing). A socket
-/// that falls further behind refetches the gap from JetStream.
-pub const FEED_CAPACITY: usize = 64;
+/// that falls further behind refetches the gap from JetStream. A ring's slots are allocated with
+/// the chat's feed (≈ 34 bytes each), so this is per-chat memory on every replica: 32 holds two
+/// whole `triage_handoff` runs.
+pub const FEED_CAPACITY: usize = 32;
 
 /// Token deltas buffered per chat for sockets that are busy; a socket that falls further behind
-/// misses some (deltas are not durable; the step's `agent.message` has the whole text).
-pub const DELTA_CAPACITY: usize = 64;
+/// misses some (deltas are not durable; the step's `agent.message` has the whole text). The
+/// worker publishes a delta per 30 ms of a streaming answer at most, and a socket's pump reads
+/// them as they come (it merges them when its client is slow), so 16 is half a second of lag.
+pub const DELTA_CAPACITY: usize = 16;
 
 /// At most this many events missed during a NATS outage are read by the feed itself and handed
 /// to the sockets; past it, the feed hands over the last one and each socket refetches its gap.
@@ -338,7 +344,7 @@ impl Hub {
         }
     }
 
-    /// Joins a chat's live events and token deltas. The subscriptions are registered with the
+    /// Joins a chat's live events and token deltas. The subscription is registered with the
     /// server before this returns, so every event stored after it reaches the returned receiver.
     pub async fn follow(&self, app_id: &str, chat_id: &str) -> Result<Follow, mozaiks_bus::Error> {
         let key = format!("{app_id}.{chat_id}");
@@ -346,21 +352,17 @@ impl Hub {
             return Ok(f);
         }
         let bus = &self.0.bus;
+        // One subscription: the stored events' republished copies and the token deltas.
         let subject = bus.subjects().chat_live(app_id, chat_id);
         let sub = bus
             .client()
             .subscribe(subject)
             .await
             .map_err(|e| mozaiks_bus::Error::nats("subscribe to the chat's live events", e))?;
-        let delta_sub = bus
-            .client()
-            .subscribe(bus.subjects().deltas(app_id, chat_id))
-            .await
-            .map_err(|e| mozaiks_bus::Error::nats("subscribe to the chat's token deltas", e))?;
         bus.client()
             .flush()
             .await
-            .map_err(|e| mozaiks_bus::Error::nats("flush the chat's subscriptions", e))?;
+            .map_err(|e| mozaiks_bus::Error::nats("flush the chat's subscription", e))?;
         let mut feeds = self.0.feeds.lock().unwrap_or_else(|p| p.into_inner());
         // Another socket of the chat may have won the race; ours is dropped (unsubscribed).
         if let Some(f) = feeds.get(&key).and_then(Weak::upgrade) {
@@ -378,7 +380,6 @@ impl Hub {
                 recovering: self.0.recovering.clone(),
             },
             sub,
-            delta_sub,
             self.0.reconnects.subscribe(),
         ));
         let feed = Arc::new(Feed {
@@ -447,9 +448,9 @@ struct FeedCtx {
 async fn run_feed(
     ctx: FeedCtx,
     mut live: async_nats::Subscriber,
-    mut deltas: async_nats::Subscriber,
     mut reconnects: watch::Receiver<u64>,
 ) {
+    let deltas_subject = ctx.bus.subjects().deltas(&ctx.app_id, &ctx.chat_id);
     // The last event handed to the sockets (0: none yet).
     let mut last = ChatPosition::default();
     // A reconnect happened and the chat's log has not been checked yet.
@@ -457,11 +458,10 @@ async fn run_feed(
     let mut backoff = Duration::from_millis(250);
     loop {
         tokio::select! {
-            // Deltas first: a step's deltas were published before its `agent.message` was stored,
-            // so when both wait, the deltas go out first.
-            biased;
-            Some(msg) = deltas.next() => on_delta(&ctx, &msg),
             msg = live.next() => match msg {
+                // A step's deltas reach the server before its `agent.message` is stored, so
+                // they arrive first on this one subscription.
+                Some(msg) if msg.subject.as_str() == deltas_subject => on_delta(&ctx, &msg),
                 Some(msg) => {
                     if let Some(pos) = on_live(&ctx, &msg) {
                         last = pos;

@@ -3,7 +3,9 @@
 //! A model call gets an optional [`Sink`]; the provider pushes each piece of content into it in
 //! order (the OpenAI client per SSE content delta, the offline model in a few chunks). The
 //! worker drains the sink with [`publish`]: pieces are batched for a moment (up to
-//! [`FLUSH_EVERY`] or [`FLUSH_BYTES`]) and published on core NATS (`mz.dlt.{app_id}.{chat_id}`),
+//! [`FLUSH_EVERY`] or [`FLUSH_BYTES`]) and published on core NATS under the chat's live subject
+//! (`mz.live.{app_id}.{chat_id}.delta`, where the gateways' one subscription per chat gets them)
+//! and on their first subject (`mz.dlt.{app_id}.{chat_id}`, for consumers outside the runtime),
 //! never in JetStream. They are ephemeral: the step's durable `agent.message` carries the
 //! whole text, and a delta that cannot be published is dropped, never failing the run.
 
@@ -71,7 +73,11 @@ pub struct Target {
 
 /// Publishes what arrives on `rx` until every [`Sink`] is dropped, then flushes the rest.
 pub async fn publish(bus: Bus, target: Target, mut rx: mpsc::UnboundedReceiver<Piece>) {
-    let subject = bus.subjects().deltas(&target.app_id, &target.chat_id);
+    let subjects = [
+        bus.subjects().deltas(&target.app_id, &target.chat_id),
+        bus.subjects()
+            .legacy_deltas(&target.app_id, &target.chat_id),
+    ];
     let mut offset: u64 = 0;
     let mut pending = String::new();
     let mut due = tokio::time::Instant::now();
@@ -79,7 +85,7 @@ pub async fn publish(bus: Bus, target: Target, mut rx: mpsc::UnboundedReceiver<P
         let piece = tokio::select! {
             p = rx.recv() => p,
             _ = tokio::time::sleep_until(due), if !pending.is_empty() => {
-                send(&bus, &subject, &target, &mut offset, &mut pending).await;
+                send(&bus, &subjects, &target, &mut offset, &mut pending).await;
                 continue;
             }
         };
@@ -90,15 +96,15 @@ pub async fn publish(bus: Bus, target: Target, mut rx: mpsc::UnboundedReceiver<P
                 }
                 pending.push_str(&t);
                 if pending.len() >= FLUSH_BYTES {
-                    send(&bus, &subject, &target, &mut offset, &mut pending).await;
+                    send(&bus, &subjects, &target, &mut offset, &mut pending).await;
                 }
             }
             Some(Piece::Restart) => {
-                send(&bus, &subject, &target, &mut offset, &mut pending).await;
+                send(&bus, &subjects, &target, &mut offset, &mut pending).await;
                 offset = 0;
             }
             None => {
-                send(&bus, &subject, &target, &mut offset, &mut pending).await;
+                send(&bus, &subjects, &target, &mut offset, &mut pending).await;
                 return;
             }
         }
@@ -107,7 +113,13 @@ pub async fn publish(bus: Bus, target: Target, mut rx: mpsc::UnboundedReceiver<P
 
 /// Publishes `pending` (split at char boundaries to fit [`MAX_DELTA_BYTES`]) and advances
 /// `offset`. A failure is counted and forgotten.
-async fn send(bus: &Bus, subject: &str, target: &Target, offset: &mut u64, pending: &mut String) {
+async fn send(
+    bus: &Bus,
+    subjects: &[String; 2],
+    target: &Target,
+    offset: &mut u64,
+    pending: &mut String,
+) {
     let mut rest = std::mem::take(pending);
     while !rest.is_empty() {
         let mut cut = rest.len().min(MAX_DELTA_BYTES);
@@ -135,7 +147,15 @@ async fn send(bus: &Bus, subject: &str, target: &Target, offset: &mut u64, pendi
         *offset += len;
         let outcome = match msg.encode() {
             Ok(payload) => {
-                let publish = bus.client().publish(subject.to_string(), payload.into());
+                let payload = bytes::Bytes::from(payload);
+                let publish = async {
+                    for subject in subjects {
+                        bus.client()
+                            .publish(subject.clone(), payload.clone())
+                            .await?;
+                    }
+                    Ok::<_, async_nats::PublishError>(())
+                };
                 match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
                     Ok(Ok(())) => "ok",
                     Ok(Err(e)) => {
