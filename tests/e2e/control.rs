@@ -21,12 +21,12 @@ fn start(app: &str, workflow: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn apps_lifecycle_bad_input_and_live_limits_on_every_replica() {
+async fn apps_lifecycle_and_live_limits_on_every_replica() {
     let fleet = Fleet::start(2).await;
     let admin = Fleet::token("ann", "acme", &["admin"]);
     let user = Fleet::token("uma", "acme", &["user"]);
 
-    // Create (superadmin only), with every refusal a test of its own code.
+    // Create (superadmin only).
     let app = create_app(
         &fleet,
         json!({"app_id": "acme", "name": "Acme", "tier": "starter", "workflows": ["hello"]}),
@@ -37,150 +37,12 @@ async fn apps_lifecycle_bad_input_and_live_limits_on_every_replica() {
     assert_eq!(app["runtime"], "shared");
     assert_eq!(app["effective_limits"]["requests_per_minute"], 600);
     assert!(app["version"].as_u64().unwrap() > 0);
-    let bad_creates = [
-        (
-            json!({"app_id": "acme", "name": "Again", "tier": "starter"}),
-            409,
-            "app_exists",
-        ),
-        (
-            json!({"app_id": "bad id!", "name": "X", "tier": "starter"}),
-            422,
-            "invalid_id",
-        ),
-        (
-            json!({"app_id": "x", "name": "X", "tier": "platinum"}),
-            422,
-            "unknown_tier",
-        ),
-        (
-            json!({"app_id": "x", "name": "X", "tier": "starter", "workflows": ["ghost"]}),
-            422,
-            "unknown_workflow",
-        ),
-        (
-            json!({"app_id": "x", "name": "", "tier": "starter"}),
-            422,
-            "invalid_name",
-        ),
-        (
-            json!({"app_id": "x", "name": "X", "tier": "starter", "runtime_url": "wss://x.example.com"}),
-            422,
-            "invalid_runtime_url",
-        ),
-        (
-            json!({"app_id": "x", "name": "X", "tier": "starter", "limits": {"speed": 1}}),
-            422,
-            "unknown_limit",
-        ),
-        (
-            json!({"app_id": "x", "name": "X", "tier": "starter", "colour": "red"}),
-            422,
-            "invalid_body",
-        ),
-        (json!({"app_id": "x", "name": "X"}), 422, "invalid_body"),
-    ];
-    for (body, status, want) in bad_creates {
-        let (s, v, _) = fleet
-            .call(0, "POST", "/api/apps", &root(), Some(body.clone()))
-            .await;
-        assert_eq!((s, code(&v)), (status, want), "{body}");
-    }
-    let (s, v, _) = fleet
-        .call(
-            0,
-            "POST",
-            "/api/apps",
-            &admin,
-            Some(json!({"name": "Mine", "tier": "starter"})),
-        )
-        .await;
-    assert_eq!((s, code(&v)), (403, "superadmin_required"));
-    // A generated app_id.
-    let generated = create_app(&fleet, json!({"name": "No id", "tier": "horizons"})).await;
-    assert!(generated["app_id"].as_str().unwrap().starts_with("app-"));
-
-    // Read and patch: the app's admin may change its own settings, not its entitlements.
+    // The app, created on replica 0, read on replica 1. Its refusals (creation, reading,
+    // patching, the broker's allowlist), each a test of its own code, run in process:
+    // crates/gateway/tests/apps.rs.
     let (s, v, _) = fleet.call(1, "GET", "/api/apps/acme", &admin, None).await;
     assert_eq!((s, v["name"].as_str()), (200, Some("Acme")), "{v}");
-    let (s, v, _) = fleet.call(1, "GET", "/api/apps/acme", &user, None).await;
-    assert_eq!((s, code(&v)), (403, "admin_required"));
-    let (s, v, _) = fleet
-        .call(
-            0,
-            "PATCH",
-            "/api/apps/acme",
-            &admin,
-            Some(json!({"name": "Acme Inc", "context": {"brand": "acme"}})),
-        )
-        .await;
-    assert_eq!((s, v["name"].as_str()), (200, Some("Acme Inc")), "{v}");
     let root = root();
-    let bad_patches = [
-        (
-            &admin,
-            json!({"tier": "business"}),
-            403,
-            "superadmin_required",
-        ),
-        (
-            &admin,
-            json!({"limits": {"requests_per_minute": 1}}),
-            403,
-            "superadmin_required",
-        ),
-        (
-            &admin,
-            json!({"status": "suspended"}),
-            403,
-            "superadmin_required",
-        ),
-        (
-            &admin,
-            json!({"workflows": ["ghost"]}),
-            422,
-            "unknown_workflow",
-        ),
-        (&admin, json!({"favourite": 1}), 422, "invalid_body"),
-        (&root, json!({"tier": "gold"}), 422, "unknown_tier"),
-        (&root, json!({"limits": {"rpm": 1}}), 422, "unknown_limit"),
-        (
-            &root,
-            json!({"limits": {"requests_per_minute": 0}}),
-            422,
-            "invalid_limits",
-        ),
-        (&root, json!({"status": "deleted"}), 422, "invalid_status"),
-    ];
-    for (token, body, status, want) in bad_patches {
-        let (s, v, _) = fleet
-            .call(0, "PATCH", "/api/apps/acme", token, Some(body.clone()))
-            .await;
-        assert_eq!((s, code(&v)), (status, want), "{body}");
-    }
-    let (s, v, _) = fleet
-        .call(
-            0,
-            "PATCH",
-            "/api/apps/nope",
-            &root,
-            Some(json!({"name": "N"})),
-        )
-        .await;
-    assert_eq!((s, code(&v)), (404, "app_not_found"));
-
-    // The broker: allowlist, unknown app.
-    let (s, _) = fleet.post_session(0, &user, start("acme", "hello")).await;
-    assert_eq!(s, 201);
-    let (s, v) = fleet
-        .post_session(0, &user, start("acme", "triage_handoff"))
-        .await;
-    assert_eq!((s, code(&v)), (403, "workflow_not_allowed"));
-    let stranger = Fleet::token("sam", "nope", &["user"]);
-    let (s, v) = fleet
-        .post_session(0, &stranger, start("nope", "hello"))
-        .await;
-    assert_eq!((s, code(&v)), (404, "app_not_found"));
 
     // An allowlist change on replica 0 reaches replica 1 without a restart.
     let (s, _, _) = fleet
