@@ -144,6 +144,17 @@ impl Fleet {
         }
     }
 
+    /// Starts one more gateway (with `env`) on a free port, waits until it is ready, and adds it
+    /// to `gateways`; returns its base URL.
+    pub async fn add_gateway(&mut self, env: &[(&str, &str)]) -> String {
+        let port = free_port();
+        self.spawn_with("gateway", Some(port), env);
+        let base = format!("http://127.0.0.1:{port}");
+        self.wait_ready(&base).await;
+        self.gateways.push(base.clone());
+        base
+    }
+
     pub fn logs(&self) -> String {
         self.procs
             .iter()

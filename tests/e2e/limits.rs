@@ -207,11 +207,7 @@ agents:
         fleet.spawn_with("worker", None, &env);
     }
     for _ in 0..2 {
-        let port = free_port();
-        fleet.spawn_with("gateway", Some(port), &env);
-        let base = format!("http://127.0.0.1:{port}");
-        fleet.wait_ready(&base).await;
-        fleet.gateways.push(base);
+        fleet.add_gateway(&env).await;
     }
     create_app(&fleet, "busy", json!({"max_concurrent_runs": 2})).await;
     let user = Fleet::token("bea", "busy", &["user"]);

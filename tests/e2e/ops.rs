@@ -955,18 +955,12 @@ async fn an_ops_agent_that_polls_a_fleet_over_http_sees_its_noisy_neighbour() {
         .await;
     }
     let ns = format!("{}o", fleet.servers.namespace);
-    let port = crate::fleet::free_port();
-    fleet.spawn_with(
-        "gateway",
-        Some(port),
-        &[
+    fleet
+        .add_gateway(&[
             ("MOZAIKS_NAMESPACE", ns.as_str()),
             ("MOZAIKS_WORKFLOWS_DIR", workflows.as_str()),
-        ],
-    );
-    let ops_gw = format!("http://127.0.0.1:{port}");
-    fleet.wait_ready(&ops_gw).await;
-    fleet.gateways.push(ops_gw);
+        ])
+        .await;
     let mut rules = quiet_rules();
     rules["noisy_neighbour"] = json!({"enabled": true, "threshold": 0.4, "min_total": 3,
                                       "for_seconds": 1, "actions": ["notify"]});
