@@ -515,6 +515,7 @@ async fn isolation(
     mode: Mode,
     cfg: &IsoCfg,
     splits: &mut Vec<String>,
+    kv: &mut Vec<String>,
 ) -> anyhow::Result<()> {
     let mut fleet = Fleet::start(bin, workflows).await?;
     let slots = cfg.slots.to_string();
@@ -541,7 +542,22 @@ async fn isolation(
         one_run(&fleet.http, &base, &y_token, "y", limit).await?;
     }
     let mode = mode.name();
+    let nats = async_nats::connect(&fleet.servers.nats_url).await?;
+    let owners = format!(
+        "KV_{}",
+        mozaiks_events::subjects::Subjects::new(&fleet.servers.namespace).name("MZ_OWNERS")
+    );
+    let js = async_nats::jetstream::new(nats);
+    let writes = || {
+        let (js, owners) = (js.clone(), owners.clone());
+        async move {
+            let mut s = js.get_stream(&owners).await?;
+            anyhow::Ok(s.info().await?.state.last_sequence)
+        }
+    };
+    let (w0, t0) = (writes().await?, Instant::now());
     let alone = phase(&fleet.http, &base, &y_token, &x_token, false, cfg).await;
+    let (w1, t1) = (writes().await?, Instant::now());
     splits.extend(split_rows(&format!("Y alone, {mode}"), &alone));
     let alone_p99 = if alone.lat.is_empty() {
         f64::NAN
@@ -550,7 +566,18 @@ async fn isolation(
     };
     row(&format!("Y alone, {mode}"), &alone, alone_p99);
     let flood = phase(&fleet.http, &base, &y_token, &x_token, true, cfg).await;
+    let (w2, t2) = (writes().await?, Instant::now());
     row(&format!("Y with X flooding, {mode}"), &flood, alone_p99);
+    for (name, w, t) in [
+        ("Y alone", w1 - w0, t1 - t0),
+        ("Y with X flooding", w2 - w1, t2 - t1),
+    ] {
+        kv.push(format!(
+            "| {name}, {mode} | {w} | {:.1} | {:.0} |",
+            t.as_secs_f64(),
+            w as f64 / t.as_secs_f64()
+        ));
+    }
     splits.extend(split_rows(&format!("Y with X flooding, {mode}"), &flood));
     fleet.finish();
     Ok(())
@@ -782,6 +809,7 @@ async fn main() -> anyhow::Result<()> {
         );
         println!("|---|---:|---:|---:|---:|---:|---:|---:|---|---|");
         let mut splits = Vec::new();
+        let mut kv = Vec::new();
         for r in 0..rounds {
             // Alternate which mode goes first.
             let mut order = modes.clone();
@@ -789,13 +817,21 @@ async fn main() -> anyhow::Result<()> {
                 order.reverse();
             }
             for mode in order {
-                isolation(&bin, &workflows, mode, &cfg, &mut splits).await?;
+                isolation(&bin, &workflows, mode, &cfg, &mut splits, &mut kv).await?;
             }
         }
         println!("\nwhere Y's time went (server timestamps), ms:\n");
         println!("| scenario | part | p50 | p99 |");
         println!("|---|---|---:|---:|");
         for s in splits {
+            println!("{s}");
+        }
+        println!(
+            "\nchat lease writes (MZ_OWNERS: claims, renewals, releases) per phase, Y's drain included:\n"
+        );
+        println!("| scenario | writes | s | writes/s |");
+        println!("|---|---:|---:|---:|");
+        for s in kv {
             println!("{s}");
         }
     }
