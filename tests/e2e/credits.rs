@@ -240,75 +240,10 @@ async fn spent_credits_stop_every_replica_before_the_next_model_call_and_a_grant
     };
     assert_eq!(err["data"]["code"], "credits_exhausted");
 
-    // Bad grants get stable codes; only the operator may grant, only to an app that exists.
+    // Bad grants' codes, an admin's grant (403) and a grant to no app (404) are checked in
+    // process: crates/gateway/tests/credits.rs.
     let grant_path = format!("/api/apps/{APP}/credits");
-    for (body, status, want) in [
-        (
-            json!({"amount": -5, "reason": "r", "idempotency_key": "k"}),
-            422,
-            "invalid_amount",
-        ),
-        (
-            json!({"amount": 0, "reason": "r", "idempotency_key": "k"}),
-            422,
-            "invalid_amount",
-        ),
-        (
-            json!({"amount": 2.5, "reason": "r", "idempotency_key": "k"}),
-            422,
-            "invalid_amount",
-        ),
-        (
-            json!({"amount": "100", "reason": "r", "idempotency_key": "k"}),
-            422,
-            "invalid_amount",
-        ),
-        (
-            json!({"amount": 1e30, "reason": "r", "idempotency_key": "k"}),
-            422,
-            "amount_too_large",
-        ),
-        (
-            json!({"amount": 1, "reason": "r", "idempotency_key": "k", "bonus": 1}),
-            422,
-            "unknown_field",
-        ),
-        (
-            json!({"amount": 1, "reason": "r", "idempotency_key": "k", "expires_at": "2020-01-01T00:00:00Z"}),
-            422,
-            "expires_at_in_past",
-        ),
-        (
-            json!({"amount": 1, "idempotency_key": "k"}),
-            422,
-            "invalid_reason",
-        ),
-        (
-            json!({"amount": 1, "reason": "r"}),
-            422,
-            "invalid_idempotency_key",
-        ),
-    ] {
-        let (s, v, _) = fleet
-            .call(0, "POST", &grant_path, &root(), Some(body.clone()))
-            .await;
-        assert_eq!((s, code(&v)), (status, want), "{body}: {v}");
-    }
     let ok = json!({"amount": 100000, "reason": "top-up", "idempotency_key": "order-1"});
-    let (s, v, _) = fleet
-        .call(0, "POST", &grant_path, &admin, Some(ok.clone()))
-        .await;
-    assert_eq!((s, code(&v)), (403, "superadmin_required"), "{v}");
-    let (s, v, _) = fleet
-        .call(
-            0,
-            "POST",
-            "/api/apps/no-such-app/credits",
-            &root(),
-            Some(ok.clone()),
-        )
-        .await;
-    assert_eq!((s, code(&v)), (404, "app_not_found"), "{v}");
 
     // A grant restores service on every replica; the same key twice grants once.
     let (s, first, _) = fleet
@@ -953,20 +888,7 @@ async fn usage_grouped_and_exported_as_csv_and_cloudevents_equal_the_log() {
     log_ids.sort();
     assert_eq!(ids, log_ids);
 
-    // Bad queries: stable codes.
-    for (path, want) in [
-        ("/api/usage/default?group_by=tenant", "invalid_group_by"),
-        ("/api/usage/default?from=yesterday", "invalid_from"),
-        ("/api/usage/default/export", "invalid_format"),
-        ("/api/usage/default/export?format=xml", "invalid_format"),
-        (
-            "/api/usage/default/export?format=csv&page=2",
-            "unknown_field",
-        ),
-    ] {
-        let (s, v) = fleet.get(0, path, &admin).await;
-        assert_eq!((s, code(&v)), (422, want), "{path}: {v}");
-    }
+    // Bad queries' codes are checked in process: crates/gateway/tests/credits.rs.
 }
 
 /// Issue 15, item 6: plugin executions count in the app's usage, next to its charges:
