@@ -66,8 +66,8 @@ struct State {
     order: VecDeque<String>,
     /// Slots held, by app (apps holding none are not kept).
     held: HashMap<String, usize>,
-    /// Apps that hold no slot and wait for none, by when their last slot was released (within
-    /// the linger; older entries are dropped).
+    /// Apps that hold no slot, by when their last slot was released (within the linger; older
+    /// entries are dropped). One of them that waits again stays here until it takes a slot.
     lingering: HashMap<String, Instant>,
     /// When the timer that hands out slots held back for a reserve fires, if armed.
     timer: Option<Instant>,
