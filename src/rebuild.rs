@@ -189,17 +189,15 @@ pub async fn rebuild(
         }
     }
     store.ensure_credit_indexes(store.shared()).await?;
+    // The filters without the namespace: `Bus::replay` and `read_grants` apply it.
+    let s = mozaiks_events::subjects::Subjects::new("");
     let (evt, usage, grants) = match &args.app {
         Some(app) => (
-            format!("mz.evt.{app}.>"),
-            format!("mz.evt.{app}.*.usage.charged"),
-            format!("mz.billing.grant.{app}.>"),
+            s.app_events(app),
+            s.app_charges(app),
+            s.app_credit_grants(app),
         ),
-        None => (
-            "mz.evt.>".to_string(),
-            "mz.evt.*.*.usage.charged".to_string(),
-            "mz.billing.grant.>".to_string(),
-        ),
+        None => (s.all_events(), s.usage_filter(), s.all_credit_grants()),
     };
     let wanted = |app: &str| apps.iter().any(|a| a == app);
 

@@ -22,7 +22,8 @@ const INCLUDED: u64 = 300;
 /// Σ credits and the number of charges of `app_id` on the log, in the period `period` (the
 /// wallet's key), and whether every charge carries its cost.
 async fn credits_on_the_log(bus: &Bus, app_id: &str, period: &str) -> (u64, u64, bool) {
-    let filter = format!("mz.evt.{app_id}.*.usage.charged");
+    // Without the namespace: `Bus::replay` applies it.
+    let filter = mozaiks_events::subjects::Subjects::new("").app_charges(app_id);
     let (mut credits, mut n, mut all_costed) = (0, 0, true);
     let mut from = 1;
     loop {

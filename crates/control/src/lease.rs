@@ -73,7 +73,7 @@ pub struct Leases {
 }
 
 fn unavailable(e: mozaiks_bus::Error) -> Error {
-    Error::Unavailable(e.to_string())
+    Error::Bus(e)
 }
 
 impl Leases {
@@ -319,6 +319,22 @@ impl Leader {
             if rx.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bus_failure_under_a_lease_keeps_its_source_and_kind() {
+        let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, "flush timed out");
+        let e = unavailable(mozaiks_bus::Error::nats("flush", timed_out));
+        assert!(std::error::Error::source(&e).is_some(), "{e:?}");
+        match &e {
+            Error::Bus(b) => assert!(b.is_retryable(), "{b:?}"),
+            other => panic!("flattened: {other:?}"),
         }
     }
 }

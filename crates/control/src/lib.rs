@@ -52,6 +52,10 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 pub enum Error {
     #[error("app registry unavailable: {0}")]
     Unavailable(String),
+    /// The bus failed under a lease (NATS, JetStream, the `MZ_LEASES` bucket): the error keeps
+    /// its source and its kind ([`mozaiks_bus::Error::kind`]: whether a retry makes sense).
+    #[error("control plane unavailable: {0}")]
+    Bus(#[from] mozaiks_bus::Error),
     #[error("invalid app record {app_id}: {reason}")]
     Corrupt { app_id: String, reason: String },
     #[error("invalid tiers file {file}: {reason}")]

@@ -205,7 +205,7 @@ impl From<mozaiks_control::Error> for ApiError {
             E::Conflict { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "concurrent_update", e.to_string())
             }
-            E::Unavailable(_) => ApiError::unavailable_from("the app registry", e),
+            E::Unavailable(_) | E::Bus(_) => ApiError::unavailable_from("the app registry", e),
             E::Corrupt { .. } | E::Tiers { .. } => ApiError::internal(e.to_string()),
         }
     }
