@@ -5,9 +5,11 @@
 //!   `chat_sessions`, `chat_messages`, the usage ledger (`usage_events`, `usage_runs`; the
 //!   `usage_ledger` totals are zeroed and held, so live billing rolls nothing into them meanwhile)
 //!   and the credit grants (`credit_grants`) — then rebuilt from the start of the logs; the
-//!   ledger is then released and rolled up to the end of `MZ_USAGE` that the rebuild read. Charges
-//!   carry their position in `MZ_USAGE` as live billing writes them (`mozaiks_store::ledger`). With `--from SEQ`: nothing is dropped; events from stream sequence `SEQ` on are applied
-//!   again (repairs a range).
+//!   ledger is then released and rolled up to the end of `MZ_USAGE` that the rebuild read (a
+//!   rebuild that fails before leaves it held: reads stay exact, counting every document, until a
+//!   rebuild completes). Charges carry their position in `MZ_USAGE` as live billing writes them
+//!   (`mozaiks_store::ledger`). With `--from SEQ`: nothing is dropped; events from stream
+//!   sequence `SEQ` on are applied again (repairs a range).
 //! - Then each app's wallet (the KV bucket `MZ_CREDITS`: balance, consumption, state, the users
 //!   over budget) is recomputed from the rebuilt ledger and grants by billing's own code
 //!   ([`mozaiks_billing::credits::Credits::refresh`]), so it equals what live billing writes. It is

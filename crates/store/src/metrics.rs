@@ -25,15 +25,15 @@ pub fn describe() {
     );
     metrics::describe_counter!(
         LEDGER_COMPACTIONS,
-        "Usage ledger compaction transactions, by outcome (ok, conflict, timeout, error)."
+        "Usage ledger rolls (compare-and-sets of the watermark, and transactions of the previous shape), by outcome (ok, conflict, timeout, error)."
     );
     metrics::describe_counter!(
         LEDGER_COMPACTED,
-        "Charges rolled into an app's usage_ledger totals by compactions."
+        "Charges rolled into an app's usage_ledger totals."
     );
     metrics::describe_counter!(
         LEDGER_READ_RETRIES,
-        "Usage reads repeated because a compaction committed while they ran."
+        "Usage reads repeated because a roll committed while they ran."
     );
     metrics::describe_counter!(
         LEDGER_SESSIONS_KILLED,
