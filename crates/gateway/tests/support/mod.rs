@@ -36,6 +36,11 @@ impl Answer {
     pub fn code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
     }
+
+    /// `(status, body)`.
+    pub fn pair(self) -> (u16, Value) {
+        (self.status, self.body)
+    }
 }
 
 impl Gw {
@@ -128,6 +133,11 @@ impl Gw {
                 .unwrap(),
             None => req.body(Body::empty()).unwrap(),
         };
+        self.send(req).await
+    }
+
+    /// A request as built.
+    pub async fn send(&self, req: Request<Body>) -> Answer {
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
@@ -157,6 +167,11 @@ pub fn auth() -> Auth {
 
 pub fn auth_with(secret: &str) -> Auth {
     Auth::new(Config::hs256(secret, false)).unwrap()
+}
+
+/// The error code of an answer's body (`""` when none).
+pub fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
 }
 
 /// The operator: a superadmin.
