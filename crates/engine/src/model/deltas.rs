@@ -210,6 +210,69 @@ mod tests {
         assert_eq!(chunks("abcdefgh", 4), vec!["ab", "cd", "ef", "gh"]);
     }
 
+    /// Against a real nats-server: a delta goes out under the chat's live subject, where the
+    /// gateways' one subscription per chat gets it, and, the same message, on its first subject,
+    /// for consumers outside the runtime.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deltas_go_out_under_the_live_subject_and_on_their_first_subject() {
+        use futures::StreamExt;
+        let servers = mozaiks_testkit::TestServers::start_nats().await.unwrap();
+        let bus = Bus::connect(&servers.nats_url, &servers.namespace, "deltas")
+            .await
+            .unwrap();
+        let s = bus.subjects().clone();
+        let mut live = bus
+            .client()
+            .subscribe(s.chat_live("app1", "chat1"))
+            .await
+            .unwrap();
+        let mut first = bus
+            .client()
+            .subscribe(s.legacy_deltas("app1", "chat1"))
+            .await
+            .unwrap();
+        bus.client().flush().await.unwrap();
+        let (sink, rx) = Sink::channel();
+        sink.text("hello ");
+        sink.text("world");
+        drop(sink);
+        let target = Target {
+            app_id: "app1".into(),
+            chat_id: "chat1".into(),
+            run_id: Uuid::now_v7(),
+            step: 1,
+            round: 1,
+            agent: "a".into(),
+        };
+        publish(bus.clone(), target, rx).await;
+        let wait = std::time::Duration::from_secs(5);
+        let on_live = tokio::time::timeout(wait, live.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let on_first = tokio::time::timeout(wait, first.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(on_live.subject.as_str(), s.deltas("app1", "chat1"));
+        assert_eq!(
+            on_live.subject.as_str(),
+            s.apply("mz.live.app1.chat1.delta")
+        );
+        assert_eq!(on_first.subject.as_str(), s.apply("mz.dlt.app1.chat1"));
+        assert!(
+            on_live.headers.is_none(),
+            "no Nats-Sequence: never taken for a stored event"
+        );
+        assert_eq!(on_live.payload, on_first.payload);
+        let dm = DeltaMessage::decode(&on_live.payload).unwrap();
+        assert_eq!((dm.app_id.as_str(), dm.chat_id.as_str()), ("app1", "chat1"));
+        assert_eq!(
+            (dm.delta.offset, dm.delta.text.as_str()),
+            (0, "hello world")
+        );
+    }
+
     #[test]
     fn the_sink_keeps_order_and_ignores_empty_pieces() {
         let (sink, mut rx) = Sink::channel();
